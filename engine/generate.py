@@ -1,0 +1,265 @@
+"""VQGAN+CLIP: optimise a VQGAN latent so CLIP scores random cutouts of its decode as the prompt.
+
+This is the algorithm of the classic notebook: the latent (batch, C, H/16, W/16) starts as
+sin(0.5·randn) and AdamW moves it directly (optionally through straight-through quantisation);
+each step decodes it, maps to [0, 1], makes noisy augmented cutouts and minimises
+−w·cos(cutout, prompt) + negative_weight·cos(cutout, negative), averaged over cutouts.
+
+`generate` is a plain function of a request and loaded models. Progress goes to `callback` every
+step; it knows nothing of who listens (the CLI's progress bar, the Discord bot).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine import output
+from engine.cutouts import make_cutouts
+from engine.models import Models
+from engine.output import GenerationState
+from engine.request import GenerationRequest
+
+
+class GenerationError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message is meant for the user."""
+
+
+@dataclass
+class StepInfo:
+    """What the callback receives each step.
+
+    `loss` and `similarity` are 0-dim device tensors: reading them (`float(info.loss)`) waits for
+    the device, so listeners that only care at previews stay off the hot path.
+    """
+
+    step: int
+    total: int
+    loss: torch.Tensor
+    similarity: torch.Tensor
+    elapsed: float
+    preview: Image.Image | None = None  # set every `preview_every` steps and at the last step
+    latent: torch.Tensor | None = None
+    state: GenerationState | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latent: torch.Tensor
+    state: GenerationState
+    recipe: dict
+    losses: list[float]
+    similarities: list[float]
+    seconds: float
+    steps_done: int
+    cancelled: bool = False
+    preview_times: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, len(self.losses))
+
+
+Callback = Callable[[StepInfo], None]
+
+
+def encode_text(models: Models, text: str) -> torch.Tensor:
+    """CLIP's raw (unnormalised) text embedding, as the notebook combines raw embeddings."""
+    tokens = models.tokenizer([text]).to(models.device)
+    with torch.no_grad():
+        return models.clip.encode_text(tokens).float()[0]
+
+
+def prompt_targets(models: Models, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit text targets (P, D) for each weighted prompt mixed with the style, and their weights."""
+    style = encode_text(models, request.style) if request.style else None
+    targets, weights = [], []
+    for prompt in request.prompts:
+        target = encode_text(models, prompt.text)
+        if style is not None:
+            target = request.w1 * target + request.w2 * style
+        targets.append(F.normalize(target, dim=-1))
+        weights.append(prompt.weight)
+    return torch.stack(targets), torch.tensor(weights, device=models.device)
+
+
+def decode(models: Models, latent: torch.Tensor) -> torch.Tensor:
+    """Latent to images in [0, 1], as the notebook's (clip(-1, 1) + 1) / 2."""
+    return (models.vqgan.decode(latent).clamp(-1, 1) + 1) / 2
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    array = array.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def from_pil(image: Image.Image, device: torch.device) -> torch.Tensor:
+    """A PIL image to a (1, 3, H, W) tensor in [0, 1]."""
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).to(device)
+    return pixels.permute(2, 0, 1)[None].float() / 255
+
+
+def image_similarity(models: Models, image: Image.Image, text: str) -> float:
+    """CLIP cosine similarity of a whole image (resized, no augmentation) to a text."""
+    pixels = F.interpolate(from_pil(image, models.device), size=(models.clip_size,) * 2,
+                           mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        embedding = _embed_images(models, pixels)[0]
+    return float(embedding @ F.normalize(encode_text(models, text), dim=-1))
+
+
+def _embed_images(models: Models, images: torch.Tensor) -> torch.Tensor:
+    """Unit CLIP embeddings of images in [0, 1] at CLIP's input size."""
+    mean = torch.tensor(models.image_mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(models.image_std, device=images.device).view(1, -1, 1, 1)
+    with models.autocast():
+        embeddings = models.clip.encode_image((images - mean) / std)
+    return F.normalize(embeddings.float(), dim=-1)
+
+
+def initial_latent(models: Models, request: GenerationRequest, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, dict | None]:
+    """The starting latent and, when continuing an earlier run, that run's optimiser state."""
+    rows, cols = request.latent_shape
+    if request.continue_from is not None:
+        earlier = output.load_state(request.continue_from)
+        latent = earlier.latent.to(models.device)
+        if latent.shape[-2:] != (rows, cols) or latent.shape[0] != request.batch_size:
+            raise GenerationError(
+                f"the saved state is for {latent.shape[-1] * 16}x{latent.shape[-2] * 16} with batch "
+                f"{latent.shape[0]}; continue with that size and batch size")
+        return latent, earlier.optimizer
+    if request.init_image is not None:
+        image = Image.open(request.init_image).convert("RGB")
+        image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+        with torch.no_grad():
+            latent = models.vqgan.encode(from_pil(image, models.device) * 2 - 1).float()
+        return latent.repeat(request.batch_size, 1, 1, 1), None
+    shape = (request.batch_size, models.vqgan.embed_dim, rows, cols)
+    noise = torch.randn(shape, generator=generator, device=models.device)
+    return torch.sin(0.5 * noise), None
+
+
+def _codebook_bounds(models: Models) -> tuple[torch.Tensor, torch.Tensor]:
+    codebook = models.vqgan.quantize.embedding.weight
+    return codebook.min(dim=0).values.view(1, -1, 1, 1), codebook.max(dim=0).values.view(1, -1, 1, 1)
+
+
+def generate(request: GenerationRequest, models: Models, callback: Callback | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             resume: GenerationState | None = None) -> GenerationResult:
+    """Run the optimisation; `resume` continues an interrupted run exactly from its saved state.
+
+    `should_stop()` is checked before every step; a stopped run returns what it has, with
+    `cancelled=True`. Raises GenerationError if the loss stops being finite.
+    """
+    device = models.device
+    recipe = output.recipe(request, models)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(request.seed)
+    targets, weights = prompt_targets(models, request)
+    negative = F.normalize(encode_text(models, request.negative), dim=-1) if request.negative else None
+
+    optimizer_state = None
+    if resume is not None:
+        latent, optimizer_state, start = resume.latent.to(device), resume.optimizer, resume.step
+        generator.set_state(resume.rng)
+    else:
+        latent, optimizer_state = initial_latent(models, request, generator)
+        start = 0
+    latent = latent.detach().clone().float().requires_grad_(True)
+    optimizer = torch.optim.AdamW([latent], lr=request.learning_rate, weight_decay=request.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # the request's values win over the saved ones
+            group.update(lr=request.learning_rate, weight_decay=request.weight_decay)
+    low, high = _codebook_bounds(models) if request.quantize else (None, None)
+
+    losses = torch.zeros(request.steps, device=device)
+    similarities = torch.zeros(request.steps, device=device)
+    preview_times: list[tuple[int, float]] = []
+    cancelled = False
+    step = start
+    began = time.perf_counter()
+    for step in range(start + 1, request.steps + 1):
+        if should_stop is not None and should_stop():
+            cancelled, step = True, step - 1
+            break
+        with models.autocast():
+            source = models.vqgan.quantize(latent)[0] if request.quantize else latent
+            images = decode(models, source)
+        cutouts = make_cutouts(images, request.cutn, models.clip_size, generator,
+                               request.cut_pow, request.noise_factor)
+        embeddings = _embed_images(models, cutouts)
+        cosines = embeddings @ targets.T  # (cutouts, prompts)
+        loss = -(cosines.mean(0) * weights).sum()
+        if negative is not None:
+            loss = loss + request.negative_weight * (embeddings @ negative).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if request.quantize:
+            with torch.no_grad():  # keep the latent inside the codebook's range
+                latent.copy_(torch.maximum(torch.minimum(latent, high), low))
+
+        losses[step - 1] = loss.detach()
+        similarities[step - 1] = (cosines.detach().mean(0) * weights).sum() / weights.abs().sum()
+        info = StepInfo(step=step, total=request.steps, loss=losses[step - 1],
+                        similarity=similarities[step - 1], elapsed=time.perf_counter() - began)
+        if step % request.preview_every == 0 or step == request.steps:
+            value = float(losses[step - 1])  # the one host sync, only at previews
+            if not math.isfinite(value):
+                raise GenerationError(
+                    f"the loss became {value} at step {step}; try a lower learning rate")
+            info.latent = latent.detach()
+            info.preview = _decode_pil(models, latent, request.quantize)[0]
+            info.state = _snapshot(step, latent, optimizer, generator, recipe)
+            preview_times.append((step, time.perf_counter() - began))
+        if callback is not None:
+            callback(info)
+
+    images = _decode_pil(models, latent, request.quantize)
+    return GenerationResult(
+        images=images,
+        latent=latent.detach().cpu(),
+        state=_snapshot(step, latent, optimizer, generator, recipe),
+        recipe=recipe,
+        losses=losses[start:step].tolist(),
+        similarities=similarities[start:step].tolist(),
+        seconds=time.perf_counter() - began,
+        steps_done=step - start,
+        cancelled=cancelled,
+        preview_times=preview_times,
+    )
+
+
+def _decode_pil(models: Models, latent: torch.Tensor, quantize: bool) -> list[Image.Image]:
+    with torch.no_grad(), models.autocast():
+        source = models.vqgan.quantize(latent)[0] if quantize else latent
+        return to_pil(decode(models, source))
+
+
+def _snapshot(step: int, latent: torch.Tensor, optimizer: torch.optim.Optimizer,
+              generator: torch.Generator, recipe: dict) -> GenerationState:
+    def to_cpu(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().clone()
+        if isinstance(value, dict):
+            return {k: to_cpu(v) for k, v in value.items()}
+        return value
+
+    return GenerationState(step=step, latent=to_cpu(latent), optimizer=to_cpu(optimizer.state_dict()),
+                           rng=generator.get_state(), recipe=recipe)

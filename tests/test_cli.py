@@ -1,0 +1,130 @@
+"""The engine's command line, end to end in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import output, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_engine(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
+                          timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_imagine_writes_png_state_timelapse_and_previews(tmp_path: Path) -> None:
+    out = tmp_path / "dog.png"
+    done = run_engine("imagine", "a dog on the beach:1 | blurry:-0.5", "--preset", "tiny",
+                      "--size", "64x80", "--steps", "6", "--preview-every", "2", "--seed", "5",
+                      "--cutn", "8", "-o", str(out), "--timelapse", str(tmp_path / "dog.gif"),
+                      "--previews-dir", str(tmp_path / "previews"))
+    assert done.returncode == 0, done.stderr
+    assert "random weights" in done.stderr
+    assert "6/6" in done.stderr  # the progress bar reached the end
+    recipe = output.read_recipe(out)
+    assert recipe["request"]["prompt"] == "a dog on the beach:1 | blurry:-0.5"
+    assert (recipe["request"]["width"], recipe["request"]["height"], recipe["request"]["seed"]) == (64, 80, 5)
+    assert output.load_state(tmp_path / "dog.state.pt").step == 6
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [
+        "checkpoint.state.pt", "step-00002.png", "step-00004.png", "step-00006.png"]
+    from PIL import Image
+    with Image.open(tmp_path / "dog.gif") as animation:
+        assert animation.n_frames == 3
+
+
+def test_ctrl_c_saves_a_state_that_resume_finishes_identically(tmp_path: Path) -> None:
+    base = ["--preset", "tiny", "--size", "64x64", "--seed", "3", "--cutn", "4", "--preview-every", "2",
+            "--steps", "150"]
+    whole = run_engine("imagine", "a cat", *base, "-o", str(tmp_path / "whole.png"), "-q")
+    assert whole.returncode == 0, whole.stderr
+
+    previews = tmp_path / "previews"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "imagine", "a cat", *base, "-o", str(tmp_path / "part.png"),
+         "--previews-dir", str(previews), "-q"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (previews / "step-00002.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"--resume {tmp_path / 'part.state.pt'}" in stderr
+    stopped_at = output.load_state(tmp_path / "part.state.pt").step
+    assert 2 <= stopped_at < 150
+
+    resumed = run_engine("imagine", "--resume", str(tmp_path / "part.state.pt"), "--preset", "tiny",
+                         "-o", str(tmp_path / "again.png"), "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "0"], "error: steps: must be from 1 to 10000 (got '0')"),
+    (["--size", "100x64"], "error: width: must be a multiple of 16 (got '100')"),
+    (["--size", "big"], "error: --size must look like 512x384, not 'big'"),
+    (["--learning-rate", "-1"], "error: learning_rate: must be above 0.0 and at most 10.0 (got '-1')"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
+    done = run_engine("imagine", "a dog", "--preset", "tiny", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip() == message
+    assert "Traceback" not in done.stderr
+
+
+def test_weights_download_offline_fails_fast_naming_each_file(tmp_path: Path) -> None:
+    # Every request goes to a closed port on loopback: no network, an immediate refusal.
+    proxy = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    started = time.monotonic()
+    done = run_engine("weights", "download", "--weights-dir", str(tmp_path), env=proxy)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    known = (weights.VQGAN_F16_16384_CONFIG, weights.VQGAN_F16_16384_CHECKPOINT, weights.CLIP_VIT_B_32_OPENAI)
+    for file in known:
+        assert file.url in done.stderr
+        assert f"put it at: {tmp_path / file.filename}" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial files left behind
+
+    status = run_engine("weights", "status", "--weights-dir", str(tmp_path))
+    assert status.returncode == 1 and status.stdout.count("MISSING") == 3
+
+
+def test_download_is_atomic_with_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    payload = os.urandom(3 * 2**20 + 17)
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "model.ckpt").write_bytes(payload)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "served"), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        good = weights.WeightFile("vqgan_checkpoint", "model.ckpt", f"{base}/model.ckpt", "test file", 3)
+        paths = weights.ensure([good], tmp_path / "w")
+        assert paths["vqgan_checkpoint"].read_bytes() == payload
+        assert "model.ckpt: 100%" in capsys.readouterr().err
+
+        absent = weights.WeightFile("clip_checkpoint", "clip.pt", f"{base}/missing.pt", "absent file", 1)
+        with pytest.raises(weights.WeightsMissingError, match=r"download failed \(File not found\)"):
+            weights.ensure([absent], tmp_path / "w", progress=False)
+        assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["model.ckpt"]
+    finally:
+        server.shutdown()

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import output
+from engine.generate import GenerationError, StepInfo, generate, image_similarity
+from engine.models import Models
+from engine.output import GenerationState
+from engine.request import GenerationRequest
+from tests.tiny_models import colour_prompt
+
+
+def small(**fields) -> GenerationRequest:
+    defaults = {"prompt": colour_prompt("yellow"), "width": 64, "height": 64, "steps": 30,
+                "seed": 1, "preview_every": 10}
+    return GenerationRequest(**{**defaults, **fields})
+
+
+def png_bytes(result, path: Path) -> bytes:
+    return output.save_png(result.image, path, result.recipe).read_bytes()
+
+
+def test_similarity_to_the_prompt_rises(tiny_models: Models) -> None:
+    previews: list[float] = []
+
+    def on_step(info: StepInfo) -> None:
+        if info.preview is not None:
+            previews.append(image_similarity(tiny_models, info.preview, colour_prompt("yellow")))
+
+    result = generate(small(), tiny_models, callback=on_step)
+
+    start = torch.tensor(result.similarities[:5]).mean()
+    end = torch.tensor(result.similarities[-10:]).mean()
+    assert end > start + 0.15, f"cutout similarity {start:.3f} -> {end:.3f}"
+    assert len(result.losses) == 30
+    assert result.losses[-1] < result.losses[0]
+    # The whole image, seen without augmentation, moved toward the prompt too.
+    initial = generate(small(steps=1), tiny_models).image
+    assert previews[-1] > image_similarity(tiny_models, initial, colour_prompt("yellow")) + 0.1
+
+
+def test_negative_prompt_lowers_similarity_to_its_text(tiny_models: Models) -> None:
+    green = colour_prompt("green")
+
+    def late_similarity(request: GenerationRequest) -> float:
+        seen: list[float] = []
+        generate(request, tiny_models, callback=lambda info: seen.append(
+            image_similarity(tiny_models, info.preview, green)) if info.preview else None)
+        return sum(seen[-3:]) / 3
+
+    plain = late_similarity(small(steps=30, preview_every=5))
+    avoided = late_similarity(small(steps=30, preview_every=5, negative=green, negative_weight=2.0))
+    assert avoided < plain - 0.03, f"similarity to the negative: {plain:.3f} without, {avoided:.3f} with"
+
+
+def test_same_seed_gives_identical_png_and_other_seed_differs(tiny_models: Models, tmp_path: Path) -> None:
+    first = png_bytes(generate(small(steps=6), tiny_models), tmp_path / "a.png")
+    again = png_bytes(generate(small(steps=6), tiny_models), tmp_path / "b.png")
+    other = png_bytes(generate(small(steps=6, seed=2), tiny_models), tmp_path / "c.png")
+    assert first == again
+    assert first != other
+
+
+def test_interrupted_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path) -> None:
+    request = small(steps=12, preview_every=4)
+    whole = generate(request, tiny_models)
+
+    saved: list[GenerationState] = []
+    stop_after = 8
+
+    def on_step(info: StepInfo) -> None:
+        if info.state is not None:
+            output.save_state(info.state, tmp_path / "checkpoint.state.pt")
+            saved.append(info.state)
+
+    partial = generate(request, tiny_models, callback=on_step,
+                       should_stop=lambda: len(saved) * 4 >= stop_after)
+    assert partial.cancelled and partial.steps_done == stop_after
+
+    checkpoint = output.load_state(tmp_path / "checkpoint.state.pt")
+    assert checkpoint.step == stop_after
+    resumed = generate(request, tiny_models, resume=checkpoint)
+    assert resumed.steps_done == 4
+    assert png_bytes(resumed, tmp_path / "resumed.png") == png_bytes(whole, tmp_path / "whole.png")
+    assert torch.equal(resumed.latent, whole.latent)
+
+
+def test_continue_starts_from_the_saved_latent_and_links_the_recipe(tiny_models: Models,
+                                                                   tmp_path: Path) -> None:
+    first = generate(small(steps=5), tiny_models)
+    state_path = output.save_state(first.state, tmp_path / "first.state.pt")
+
+    seen: list[torch.Tensor] = []
+    more = small(steps=3, preview_every=1, continue_from=state_path, seed=9)
+    continued = generate(more, tiny_models, callback=lambda info: seen.append(info.latent.clone()))
+
+    assert continued.recipe["continued_from"] == first.recipe
+    # The first step moves away from the earlier run's final latent by one optimiser step only.
+    fresh = generate(small(steps=1, preview_every=1, seed=9), tiny_models)
+    assert (seen[0] - first.latent).abs().mean() < (fresh.latent - first.latent).abs().mean()
+    assert continued.steps_done == 3
+
+
+def test_should_stop_cancels_within_one_step(tiny_models: Models) -> None:
+    steps_seen: list[int] = []
+    result = generate(small(steps=50), tiny_models, callback=lambda info: steps_seen.append(info.step),
+                      should_stop=lambda: len(steps_seen) >= 3)
+    assert result.cancelled
+    assert steps_seen == [1, 2, 3]
+    assert result.steps_done == 3 and result.state.step == 3
+    assert result.image.size == (64, 64)
+
+
+def test_callback_runs_every_step_with_previews_at_the_cadence(tiny_models: Models) -> None:
+    infos: list[StepInfo] = []
+    generate(small(steps=11, preview_every=4), tiny_models, callback=infos.append)
+    assert [i.step for i in infos] == list(range(1, 12))
+    assert all(i.total == 11 for i in infos)
+    assert [i.step for i in infos if i.preview is not None] == [4, 8, 11]
+    assert all(i.state is not None and i.latent is not None for i in infos if i.preview is not None)
+    assert all(i.preview is None and i.state is None for i in infos if i.step not in (4, 8, 11))
+    assert infos[3].preview.size == (64, 64)
+
+
+def test_non_finite_loss_fails_with_a_clear_error(tiny_models: Models, tmp_path: Path) -> None:
+    broken = generate(small(steps=1), tiny_models).state
+    broken.latent[:] = float("nan")
+    path = output.save_state(broken, tmp_path / "broken.state.pt")
+    with pytest.raises(GenerationError, match="loss became nan at step 2"):
+        generate(small(steps=3, preview_every=2, continue_from=path), tiny_models)
+
+
+def test_quantize_keeps_the_latent_inside_the_codebook(tiny_models: Models) -> None:
+    result = generate(small(steps=4, quantize=True), tiny_models)
+    codebook = tiny_models.vqgan.quantize.embedding.weight
+    low = codebook.min(0).values.view(1, -1, 1, 1)
+    high = codebook.max(0).values.view(1, -1, 1, 1)
+    assert ((result.latent >= low - 1e-6) & (result.latent <= high + 1e-6)).all()
+    assert result.recipe["request"]["quantize"] is True
+
+
+def test_init_image_starts_every_image_of_the_batch_from_its_encoding(tiny_models: Models,
+                                                                     tmp_path: Path) -> None:
+    from PIL import Image
+
+    from engine.generate import from_pil
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (100, 80), (255, 0, 0)).save(init)
+    request = small(steps=1, init_image=init, batch_size=2, width=80, height=64, learning_rate=1e-4,
+                    weight_decay=0)
+    result = generate(request, tiny_models)
+
+    resized = Image.open(init).resize((80, 64), Image.Resampling.LANCZOS)
+    encoded = tiny_models.vqgan.encode(from_pil(resized, tiny_models.device) * 2 - 1)
+    assert len(result.images) == 2 and result.images[1].size == (80, 64)
+    assert result.latent.shape == (2, tiny_models.vqgan.embed_dim, 4, 5)
+    # One AdamW step of lr 1e-4 moves each latent value by about 1e-4 at most.
+    assert (result.latent - encoded).abs().max() < 3e-4
+
+
+def test_bf16_autocast_keeps_latent_and_optimiser_in_fp32(tiny_weights: dict[str, Path]) -> None:
+    from engine.models import TINY_CLIP_ARCH, load_models
+
+    models = load_models(TINY_CLIP_ARCH, tiny_weights["clip_checkpoint"], tiny_weights["vqgan_config"],
+                         tiny_weights["vqgan_checkpoint"], device="cpu", precision="bf16")
+    result = generate(small(steps=2), models)
+    assert result.latent.dtype == torch.float32
+    assert result.state.optimizer["state"][0]["exp_avg"].dtype == torch.float32
+    assert result.recipe["precision"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(result.losses)))

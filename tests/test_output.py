@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from engine import output
+from engine.generate import generate
+from engine.models import Models
+from engine.request import GenerationRequest
+
+
+def test_png_carries_the_whole_recipe(tiny_models: Models, tmp_path: Path) -> None:
+    request = GenerationRequest(prompt="a dog on the beach:1 | blurry:-0.5", negative="text",
+                                width=64, height=64, steps=2, seed=42, cutn=4)
+    result = generate(request, tiny_models)
+    path = output.save_png(result.image, tmp_path / "dog.png", result.recipe)
+
+    recipe = output.read_recipe(path)
+    assert GenerationRequest(**recipe["request"]) == request
+    assert recipe["models"] == tiny_models.ids
+    assert recipe["precision"] == "fp32"
+    assert recipe["engine"].startswith("vqgan-clip-bot ")
+    with Image.open(path) as image:
+        assert image.text["Description"] == "a dog on the beach:1 | blurry:-0.5"
+
+
+def test_random_weights_are_named_in_the_recipe() -> None:
+    from engine.models import load_preset
+
+    models = load_preset("tiny", device="cpu", precision="fp32")
+    recipe = output.recipe(GenerationRequest(prompt="x"), models)
+    assert "random model weights" in recipe["note"]
+
+
+def test_state_round_trip(tiny_models: Models, tmp_path: Path) -> None:
+    result = generate(GenerationRequest(prompt="x", width=64, height=64, steps=2, seed=1), tiny_models)
+    path = output.save_state(result.state, tmp_path / "x.state.pt")
+    loaded = output.load_state(path)
+    assert loaded.step == 2 and loaded.recipe == result.recipe
+    assert loaded.latent.equal(result.state.latent) and loaded.rng.equal(result.state.rng)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert output.state_path_for(tmp_path / "dog.png") == tmp_path / "dog.state.pt"
+
+
+def test_timelapse_has_one_frame_per_preview(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(5)]
+    for suffix in (".gif", ".webp"):
+        path = output.save_timelapse(frames, tmp_path / f"t{suffix}")
+        with Image.open(path) as animation:
+            assert animation.n_frames == 5

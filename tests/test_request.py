@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.request import GenerationRequest, WeightedPrompt, describe_validation_error, parse_prompts
+
+
+def test_weighted_prompts_are_split_and_parsed() -> None:
+    assert parse_prompts("a dog on the beach:1 | blurry:-0.5 | sunset") == [
+        WeightedPrompt(text="a dog on the beach", weight=1.0),
+        WeightedPrompt(text="blurry", weight=-0.5),
+        WeightedPrompt(text="sunset", weight=1.0),
+    ]
+
+
+def test_a_colon_without_a_number_belongs_to_the_text() -> None:
+    assert parse_prompts("photo: a cat at 10:30 pm") == [WeightedPrompt(text="photo: a cat at 10:30 pm")]
+    assert parse_prompts("style:2.5e-1") == [WeightedPrompt(text="style", weight=0.25)]
+    assert parse_prompts(" | a | ") == [WeightedPrompt(text="a")]
+
+
+def test_defaults_follow_the_notebook() -> None:
+    request = GenerationRequest(prompt="a dog")
+    assert (request.learning_rate, request.weight_decay, request.noise_factor) == (0.5, 0.15, 0.22)
+    assert (request.w1, request.w2, request.cutn, request.batch_size) == (1.0, 0.1, 32, 1)
+    assert (request.width, request.height) == (448, 448)
+    assert request.latent_shape == (28, 28)
+    assert request.steps == 300
+    assert GenerationRequest(prompt="x", steps=8000).steps == 8000
+
+
+def test_a_missing_seed_is_drawn_and_then_fixed_in_the_recipe() -> None:
+    seeds = {GenerationRequest(prompt="a dog").seed for _ in range(5)}
+    assert len(seeds) > 1
+    request = GenerationRequest(prompt="a dog")
+    assert request.model_dump()["seed"] == request.seed
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"steps": 0}, "steps: must be from 1 to 10000 (got 0)"),
+    ({"steps": 20000}, "steps: must be from 1 to 10000 (got 20000)"),
+    ({"width": 100}, "width: must be a multiple of 16 (got 100)"),
+    ({"height": 32}, "height: must be from 64 to 4096 (got 32)"),
+    ({"learning_rate": 0}, "learning_rate: must be above 0.0 and at most 10.0 (got 0)"),
+    ({"cutn": "many"}, "cutn: input should be a valid integer"),
+    ({"prompt": " | "}, "prompt: it has no text"),
+    ({"prompt": "a:0 | b:0"}, "prompt: every prompt part has weight 0"),
+    ({"colour": "red"}, "colour: is not a known option"),
+    ({"init_image": "/no/such/file.png"}, "init_image: file not found: /no/such/file.png"),
+])
+def test_invalid_values_name_the_field_the_value_and_the_range(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest(**{"prompt": "a dog", **fields})
+    assert message in describe_validation_error(caught.value)
