@@ -263,3 +263,15 @@ def _snapshot(step: int, latent: torch.Tensor, optimizer: torch.optim.Optimizer,
 
     return GenerationState(step=step, latent=to_cpu(latent), optimizer=to_cpu(optimizer.state_dict()),
                            rng=generator.get_state(), recipe=recipe)
+
+
+def failure_reason(error: BaseException, request: GenerationRequest | None = None) -> str:
+    """A short reason a user can act on, for any error `generate` may raise."""
+    if isinstance(error, GenerationError):
+        return str(error)
+    if isinstance(error, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the memory back before the next job
+        size = f" at {request.width}x{request.height}" if request else ""
+        return f"the GPU ran out of memory{size}; try a smaller size or fewer cutouts"
+    return f"the engine failed ({type(error).__name__}); the bot's log has the details"

@@ -1,0 +1,79 @@
+"""The Discord client: one store, one publisher, one engine task, and the cogs on top."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import discord
+import yarl
+from discord.ext import commands
+
+from bot.config import Settings
+from bot.publisher import Publisher
+from bot.store import Store
+from bot.views import JobButton
+from bot.worker import EngineWorker
+from engine.models import Models, load_preset
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.queue")
+
+
+def point_discord_at(settings: Settings) -> None:
+    """Talk to the configured REST base and gateway (a proxy, a compatible server, or a test one)."""
+    discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def preset_loader(settings: Settings) -> Callable[[], Models]:
+    def load() -> Models:
+        return load_preset(settings.engine_preset, settings.weights_dir, settings.weight_overrides,
+                           settings.engine_device, settings.engine_precision,
+                           settings.allow_unsafe_pickle, download=settings.download_weights)
+    return load
+
+
+class ImagineBot(commands.Bot):
+    def __init__(self, settings: Settings, store: Store, load_models: Callable[[], Models] | None = None,
+                 clock: Callable[[], float] = time.time, guild_ready_timeout: float = 2.0) -> None:
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default(),
+                         guild_ready_timeout=guild_ready_timeout, help_command=None)
+        self.settings = settings
+        self.store = store
+        self.publisher = Publisher(self, store, settings, clock=clock)
+        self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings))
+        self.engine_task: asyncio.Task | None = None
+
+    async def setup_hook(self) -> None:
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
+        await self.sync_commands()
+        self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
+
+    async def sync_commands(self) -> None:
+        if self.settings.guild_ids:  # a guild sync shows up at once; a global one can take a while
+            for guild_id in self.settings.guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+
+    async def _run_engine(self) -> None:
+        try:
+            await self.worker.run()
+        except Exception:
+            log.exception("the engine task stopped; the bot keeps queueing but runs nothing")
+            raise
+
+    async def close(self) -> None:
+        """Stop after the current step (saving it for the next start), then disconnect."""
+        await self.worker.stop()
+        if self.engine_task is not None:
+            await asyncio.gather(self.engine_task, return_exceptions=True)
+        await super().close()

@@ -1,0 +1,215 @@
+"""/imagine and the buttons under its results (re-roll, continue, delete, cancel)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from bot.checks import is_moderator
+from bot.store import NewJob, QueueFull
+from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+    from bot.store import Job
+
+log = logging.getLogger(__name__)
+
+SIZES = [
+    app_commands.Choice(name="square 256×256", value="256x256"),
+    app_commands.Choice(name="square 384×384", value="384x384"),
+    app_commands.Choice(name="square 448×448 (the notebook's)", value="448x448"),
+    app_commands.Choice(name="square 512×512", value="512x512"),
+    app_commands.Choice(name="landscape 512×384", value="512x384"),
+    app_commands.Choice(name="portrait 384×512", value="384x512"),
+    app_commands.Choice(name="wide 640×352", value="640x352"),
+]
+MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
+
+
+class UserError(Exception):
+    """Something the member can fix; the message says what and how."""
+
+
+class Imagine(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    @app_commands.command()
+    @app_commands.describe(
+        prompt='What to draw. Weight parts with ":": "a dog on the beach:1 | blurry:-0.5"',
+        negative="What the picture should move away from",
+        style='Style text mixed into the prompt, e.g. "oil painting"',
+        steps="Optimisation steps: more is slower and more detailed",
+        size="Picture size in pixels",
+        seed="Random seed: the same seed and options give the same picture",
+        init_image="Start from this picture instead of noise",
+    )
+    @app_commands.choices(size=SIZES)
+    async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
+                      negative: app_commands.Range[str, 1, 1000] | None = None,
+                      style: app_commands.Range[str, 1, 1000] | None = None,
+                      steps: app_commands.Range[int, 1, 10000] | None = None,
+                      size: str | None = None,
+                      seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+                      init_image: discord.Attachment | None = None) -> None:
+        """Paint a picture from a text prompt with VQGAN+CLIP."""
+        fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "style": style or "",
+                                  "steps": steps or self.bot.settings.default_steps, "seed": seed}
+        width, height = (size or self.bot.settings.default_size).split("x")
+        fields.update(width=int(width), height=int(height))
+        await self.submit(interaction, fields, init_attachment=init_image)
+
+    # --- one way in for every new job: the command and the re-roll/continue buttons --------------
+
+    def build_request(self, fields: dict[str, Any]) -> GenerationRequest:
+        """Validate against the engine's rules and this bot's limits; raise UserError if not."""
+        settings = self.bot.settings
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields.setdefault("preview_every", settings.preview_every)
+        try:
+            request = GenerationRequest(**fields)
+        except ValidationError as error:
+            raise UserError(f"That request isn't valid — {describe_validation_error(error)}.") from None
+        if request.steps > settings.max_steps:
+            raise UserError(f"Steps: {request.steps} is above this bot's limit of {settings.max_steps}. "
+                            f"Ask for {settings.max_steps} or fewer.")
+        if request.width * request.height > settings.max_pixels:
+            pixels = request.width * request.height
+            raise UserError(f"Size: {request.width}×{request.height} is {pixels:,} pixels, above this "
+                            f"bot's limit of {settings.max_pixels:,}. Pick a smaller size.")
+        return request
+
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
+                     parent_job_id: int | None = None,
+                     init_attachment: discord.Attachment | None = None) -> Job | None:
+        try:
+            request = self.build_request(fields)
+        except UserError as error:
+            await interaction.response.send_message(str(error), ephemeral=True)
+            return None
+
+        # Answer within Discord's 3 seconds; the reply becomes the job's message.
+        response = await interaction.response.defer(thinking=True)
+        try:
+            if init_attachment is not None:
+                path = await self.save_init_image(init_attachment, interaction.id)
+                request = self.build_request({**fields, "init_image": path})
+            job = await self.bot.store.enqueue(
+                NewJob(request_json=request.model_dump_json(), channel_id=interaction.channel_id,
+                       user_id=interaction.user.id, total_steps=request.steps, guild_id=interaction.guild_id,
+                       application_id=interaction.application_id, interaction_id=interaction.id,
+                       interaction_token=interaction.token, parent_job_id=parent_job_id),
+                max_per_user=self.bot.settings.max_queued_per_user,
+                max_queue_length=self.bot.settings.max_queue_length)
+        except (UserError, QueueFull) as error:
+            message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
+            await interaction.delete_original_response()
+            await interaction.followup.send(message, ephemeral=True)
+            return None
+
+        await self.bot.store.set_message(job.id, response.message_id)
+        log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
+        self.bot.worker.notify()
+        position, eta = await self.bot.store.position_and_eta(job.id)
+        if job.id != getattr(self.bot.worker.current, "id", None):
+            await self.bot.publisher.queued(await self.bot.store.get(job.id), position, eta)
+        return job
+
+    async def save_init_image(self, attachment: discord.Attachment, interaction_id: int) -> Path:
+        if attachment.size > MAX_INIT_IMAGE_BYTES:
+            raise UserError(f"Init image: {attachment.filename} is {attachment.size / 2**20:.1f} MiB; "
+                            f"the limit is {MAX_INIT_IMAGE_BYTES // 2**20} MiB.")
+        data = await attachment.read()
+        path = self.bot.settings.output_dir / "inputs" / f"init-{interaction_id}.png"
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.convert("RGB").save(path)
+        except (UnidentifiedImageError, OSError):
+            raise UserError(f"Init image: {attachment.filename} is not a picture I can read "
+                            "(use PNG, JPEG or WebP).") from None
+        return path
+
+    # --- buttons ---------------------------------------------------------------------------------
+
+    async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
+        job = await self.bot.store.get(job_id)
+        if job is None:
+            await interaction.response.send_message(f"Job #{job_id} no longer exists.", ephemeral=True)
+            return
+        if action == "cancel":
+            await self.cancel_job(interaction, job)
+        elif action == "delete":
+            await self.delete_job(interaction, job)
+        elif action in ("reroll", "continue"):
+            await self.follow_up_job(interaction, job, action)
+
+    async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str) -> None:
+        fields = GenerationRequest.model_validate_json(job.request_json).model_dump(
+            exclude={"continue_from"})
+        if action == "reroll":
+            fields["seed"] = None  # a new seed is drawn
+        else:
+            if job.status != "done" or not job.latent_path or not Path(job.latent_path).is_file():
+                await interaction.response.send_message(
+                    f"Job #{job.id} has no saved result to continue from.", ephemeral=True)
+                return
+            fields.update(continue_from=job.latent_path, init_image=None,
+                          steps=self.bot.settings.default_steps)
+        await self.submit(interaction, fields, parent_job_id=job.id)
+
+    async def cancel_job(self, interaction: discord.Interaction, job: Job) -> None:
+        if job.user_id != interaction.user.id and not is_moderator(interaction):
+            await interaction.response.send_message(
+                f"Job #{job.id} belongs to <@{job.user_id}>; only they or a moderator can cancel it.",
+                ephemeral=True)
+            return
+        cancelled = await self.bot.store.request_cancel(job.id, interaction.user.id)
+        if cancelled is None:
+            await interaction.response.send_message(f"Job #{job.id} has already finished.", ephemeral=True)
+            return
+        if cancelled.status == "cancelled":  # it was still waiting: nothing to stop
+            await interaction.response.send_message(f"Cancelled job #{job.id}.", ephemeral=True)
+            await self.bot.publisher.finished(cancelled)
+        else:
+            self.bot.worker.cancel(job.id)
+            await interaction.response.send_message(
+                f"Stopping job #{job.id} after the current step.", ephemeral=True)
+
+    async def delete_job(self, interaction: discord.Interaction, job: Job) -> None:
+        if job.user_id != interaction.user.id and not is_moderator(interaction):
+            await interaction.response.send_message(
+                f"Only <@{job.user_id}> or a moderator can delete this picture.", ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True)
+        for path in (job.output_path, job.latent_path):
+            if path:
+                Path(path).unlink(missing_ok=True)
+        await self.bot.store.mark_deleted(job.id, interaction.user.id)
+        if interaction.message is not None:
+            with contextlib.suppress(discord.NotFound):
+                await interaction.message.delete()
+        await interaction.followup.send(f"Deleted job #{job.id}.", ephemeral=True)
+
+
+def _queue_full_message(error: QueueFull) -> str:
+    if error.limit == "per_member":
+        return (f"You already have {error.value} pictures waiting or running, the most one member may "
+                "have. Wait for one to finish, or `/cancel` one.")
+    return (f"The queue for this server is full ({error.value} pictures). "
+            "Try again when it has moved on.")
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(Imagine(bot))

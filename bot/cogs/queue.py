@@ -1,0 +1,60 @@
+"""/queue and /cancel: what is waiting, and stopping your own jobs (moderators: anyone's)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.publisher import format_duration
+from engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+
+class Queue(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="queue")
+    async def show_queue(self, interaction: discord.Interaction) -> None:
+        """Show your pictures in the queue, their places and when they should be done."""
+        active = await self.bot.store.active_jobs()
+        speed = await self.bot.store.recent_seconds_per_step()
+        lines, remaining = [], 0
+        for place, job in enumerate(active, start=1):
+            remaining += job.remaining_steps
+            if job.user_id != interaction.user.id:
+                continue
+            prompt = GenerationRequest.model_validate_json(job.request_json).prompt
+            state = f"running, step {job.step}/{job.total_steps}" if job.status == "running" \
+                else f"#{place} in the queue"
+            eta = format_duration(remaining * speed) if speed is not None else "unknown"
+            lines.append(f"**#{job.id}** {discord.utils.escape_markdown(prompt[:80])} — {state} · ETA {eta}")
+        summary = f"{len(active)} picture(s) waiting or running in all."
+        text = "\n".join(lines) if lines else "You have no pictures waiting or running."
+        await interaction.response.send_message(f"{text}\n{summary}", ephemeral=True)
+
+    @app_commands.command(name="cancel")
+    @app_commands.describe(job="The job number (from /queue); leave empty for your latest")
+    async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
+        """Cancel one of your pictures (moderators: anyone's)."""
+        if job is None:
+            mine = await self.bot.store.active_jobs(user_id=interaction.user.id)
+            if not mine:
+                await interaction.response.send_message(
+                    "You have no pictures waiting or running.", ephemeral=True)
+                return
+            job = max(j.id for j in mine)
+        found = await self.bot.store.get(job)
+        if found is None:
+            await interaction.response.send_message(f"There is no job #{job}.", ephemeral=True)
+            return
+        await self.bot.get_cog("Imagine").cancel_job(interaction, found)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(Queue(bot))

@@ -1,0 +1,55 @@
+"""All settings, read from the environment and `.env` (see `.env.example` for each one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_api_base: str = "https://discord.com/api/v10"  # a REST rate-limit proxy or test server
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    guild_ids: list[int] = Field(default_factory=list)  # sync commands here at once (else globally)
+
+    # Storage
+    database_path: Path = Path("data/bot.sqlite3")
+    output_dir: Path = Path("outputs")
+
+    # Engine
+    weights_dir: Path = Path("weights")
+    engine_preset: str = "vqgan-f16-16384"
+    engine_device: str = "auto"
+    engine_precision: str = "auto"
+    clip_checkpoint: Path | None = None
+    vqgan_config: Path | None = None
+    vqgan_checkpoint: Path | None = None
+    allow_unsafe_pickle: bool = False
+    download_weights: bool = True  # fetch missing weights at start-up
+
+    # Generation defaults and limits
+    default_steps: int = Field(200, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    default_size: str = "384x384"
+    max_pixels: int = Field(512 * 512, ge=64 * 64)
+    preview_every: int = Field(25, ge=1)
+    max_queued_per_user: int = Field(3, ge=1)
+    max_queue_length: int = Field(50, ge=1)
+
+    # Replies
+    progress_interval_s: float = Field(2.0, ge=0.0)  # at most one progress edit this often
+    token_lifetime_s: float = Field(14 * 60, gt=0)  # switch to bot-token edits after this
+    preview_max_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024)
+
+    log_level: str = "INFO"
+
+    @property
+    def weight_overrides(self) -> dict[str, Path]:
+        paths = {"clip_checkpoint": self.clip_checkpoint, "vqgan_config": self.vqgan_config,
+                 "vqgan_checkpoint": self.vqgan_checkpoint}
+        return {key: path for key, path in paths.items() if path}

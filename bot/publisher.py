@@ -1,0 +1,221 @@
+"""Everything the bot shows about a job, by editing one reply message.
+
+Edits go through the interaction token while it is fresh and through a bot-token channel-message
+edit after that (interaction tokens die after 15 minutes). If the message was deleted, a new one is
+posted and used from then on. Progress edits are throttled and only the newest frame is sent; a
+failed edit is logged, never raised into the engine task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import discord
+from PIL import Image
+
+from bot.store import Job, Store
+from bot.views import job_view
+from engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+log = logging.getLogger(__name__)
+
+INVALID_WEBHOOK_TOKEN = 50027
+UNKNOWN_WEBHOOK = 10015
+UNKNOWN_MESSAGE = 10008
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+
+
+@dataclass
+class Progress:
+    job: Job
+    step: int
+    total: int
+    eta_s: float | None
+    preview_jpeg: bytes | None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) -> discord.Embed:
+    embed = discord.Embed(description=request.prompt[:4000], colour=discord.Colour.blurple())
+    embed.add_field(name="Seed", value=str(request.seed))
+    embed.add_field(name="Size", value=f"{request.width}×{request.height}")
+    embed.add_field(name="Steps", value=str(request.steps))
+    if request.negative:
+        embed.add_field(name="Negative", value=request.negative[:1000], inline=False)
+    if request.style:
+        embed.add_field(name="Style", value=request.style[:1000], inline=False)
+    embed.set_footer(text=f"job #{job.id} · lr {request.learning_rate} · cutn {request.cutn}"
+                          + (f" · {format_duration(seconds)}" if seconds else ""))
+    return embed
+
+
+def encode_preview(image: Image.Image, limit: int) -> bytes | None:
+    """JPEG well under the upload limit: lower the quality, then the size, until it fits."""
+    for scale in (1.0, 0.5, 0.25):
+        frame = image if scale == 1.0 else image.resize(
+            (max(16, int(image.width * scale)), max(16, int(image.height * scale))))
+        for quality in (85, 65, 45):
+            buffer = io.BytesIO()
+            frame.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
+            if buffer.tell() <= limit:
+                return buffer.getvalue()
+    return None
+
+
+class Publisher:
+    def __init__(self, bot: discord.Client, store: Store, settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.bot = bot
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.random_weights_note = ""
+        self._latest: dict[int, Progress] = {}
+        self._senders: dict[int, asyncio.Task] = {}
+        self._last_sent: dict[int, float] = {}
+
+    # --- what each state of a job looks like -----------------------------------------------------
+
+    def _content(self, text: str) -> str:
+        return (self.random_weights_note + text)[:2000]
+
+    async def queued(self, job: Job, position: int, eta_s: float | None) -> None:
+        request = GenerationRequest.model_validate_json(job.request_json)
+        ahead = "next up" if position <= 1 else f"position {position} in the queue"
+        await self.edit(job, content=self._content(
+            f"🕒 **{_quote(request.prompt)}** — queued, {ahead} · ETA {format_duration(eta_s)}"),
+            view=job_view(job.id, running=True))
+
+    def progress(self, update: Progress) -> None:
+        """Offer a frame; only the newest is sent, no more often than the setting allows."""
+        self._latest[update.job.id] = update
+        if update.job.id not in self._senders or self._senders[update.job.id].done():
+            self._senders[update.job.id] = asyncio.create_task(self._drain(update.job.id))
+
+    async def _drain(self, job_id: int) -> None:
+        while job_id in self._latest:
+            wait = self._last_sent.get(job_id, 0.0) + self.settings.progress_interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            update = self._latest.pop(job_id, None)
+            if update is None:
+                return
+            await self._send_progress(update)
+            self._last_sent[job_id] = time.monotonic()
+
+    async def _send_progress(self, update: Progress) -> None:
+        request = GenerationRequest.model_validate_json(update.job.request_json)
+        files = [discord.File(io.BytesIO(update.preview_jpeg), f"job-{update.job.id}-preview.jpg")] \
+            if update.preview_jpeg else []
+        await self.edit(update.job, content=self._content(
+            f"🎨 **{_quote(request.prompt)}** — step {update.step}/{update.total} · "
+            f"ETA {format_duration(update.eta_s)}"),
+            attachments=files, view=job_view(update.job.id, running=True))
+
+    async def _quiet_progress(self, job_id: int) -> None:
+        """Drop pending frames and wait for one in flight, so no progress lands after the end."""
+        self._latest.pop(job_id, None)
+        sender = self._senders.pop(job_id, None)
+        if sender is not None:
+            await asyncio.gather(sender, return_exceptions=True)
+        self._last_sent.pop(job_id, None)
+
+    async def finished(self, job: Job) -> bool:
+        """Show a finished job's final state; returns whether Discord accepted it."""
+        await self._quiet_progress(job.id)
+        request = GenerationRequest.model_validate_json(job.request_json)
+        seconds = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
+        if job.status == "done" and job.output_path:
+            path = Path(job.output_path)
+            limit = DEFAULT_UPLOAD_LIMIT
+            files = [discord.File(path, path.name)] if path.stat().st_size <= limit else []
+            note = "" if files else " (the PNG is larger than this server's upload limit)"
+            ok = await self.edit(job, content=self._content(
+                f"✅ **{_quote(request.prompt)}** — {request.steps} steps in "
+                f"{format_duration(seconds)}{note}"),
+                embed=recipe_embed(job, request, seconds), attachments=files, view=job_view(job.id))
+        elif job.status == "cancelled":
+            who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
+            ok = await self.edit(job, content=self._content(
+                f"🛑 **{_quote(request.prompt)}** — cancelled{who} at step {job.step}/{job.total_steps}."),
+                view=None)
+        else:
+            ok = await self.edit(job, content=self._content(
+                f"❌ **{_quote(request.prompt)}** — failed: {job.error}"), view=None)
+        if ok:
+            await self.store.mark_posted(job.id)
+        return ok
+
+    # --- how an edit reaches Discord -------------------------------------------------------------
+
+    def _token_fresh(self, job: Job) -> bool:
+        if not job.interaction_token or not job.interaction_id or not job.application_id:
+            return False
+        created = discord.utils.snowflake_time(job.interaction_id).timestamp()
+        return self.clock() < created + self.settings.token_lifetime_s
+
+    async def edit(self, job: Job, **fields) -> bool:
+        """Edit the job's message; returns False (and logs) if Discord could not be reached."""
+        job = await self.store.get(job.id) or job  # the message id may have changed
+        try:
+            if job.message_id is not None and self._token_fresh(job):
+                try:
+                    webhook = discord.Webhook.partial(job.application_id, job.interaction_token,
+                                                      client=self.bot)
+                    await webhook.edit_message(job.message_id, **fields)
+                    return True
+                except discord.HTTPException as error:
+                    if error.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_WEBHOOK) and error.status != 401:
+                        raise
+                    log.info("job %s: interaction token no longer valid; editing with the bot token",
+                             job.id)
+            await self._edit_with_bot_token(job, **fields)
+            return True
+        except (TimeoutError, discord.HTTPException, OSError) as error:
+            log.warning("job %s: could not update its message: %s", job.id, error)
+            return False
+
+    async def _edit_with_bot_token(self, job: Job, **fields) -> None:
+        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        if job.message_id is not None:
+            try:
+                await channel.get_partial_message(job.message_id).edit(**fields)
+                return
+            except discord.NotFound as error:
+                if error.code != UNKNOWN_MESSAGE:
+                    raise
+                log.info("job %s: its message was deleted; posting a new one", job.id)
+        # A deleted (or never created) message: post a new one and use it from now on.
+        fields = dict(fields)
+        fields["files"] = fields.pop("attachments", [])
+        if fields.get("view") is None:
+            fields.pop("view", None)
+        message = await channel.send(**fields)
+        await self.store.set_message(job.id, message.id)
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    text = discord.utils.escape_markdown(text.replace("\n", " "))
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,172 @@
+"""The single engine task: claim the oldest queued job, run it, publish, finish; then the next.
+
+`engine.generate` runs in a worker thread so the event loop never blocks. Its callback hands
+previews back to the loop; a cancel or a shutdown reaches `should_stop` within one step. A job
+that fails is marked failed with a short reason; the task itself goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bot.publisher import Progress, Publisher, encode_preview
+from bot.store import Job, Store
+from engine import output
+from engine.generate import StepInfo, failure_reason, generate
+from engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from engine.models import Models
+
+log = logging.getLogger(__name__)
+
+
+class EngineWorker:
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings,
+                 load_models: Callable[[], Models]) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
+        self.load_models = load_models
+        self.models: Models | None = None
+        self.current: Job | None = None
+        self.ready = asyncio.Event()  # models loaded, interrupted jobs re-queued
+        self._wake = asyncio.Event()
+        self._stopping = threading.Event()  # read from the engine thread
+        self._cancel_current = threading.Event()
+        self._pending: list[asyncio.Future] = []
+
+    # --- called by the cogs ----------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """A job was queued: wake the task if it is idle."""
+        self._wake.set()
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop the running job within one step, if it is this one."""
+        if self.current is not None and self.current.id == job_id:
+            self._cancel_current.set()
+            return True
+        return False
+
+    async def stop(self) -> None:
+        """Stop after the current step; the running job is saved and re-queued for the next start."""
+        self._stopping.set()
+        self._wake.set()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        requeued = await self.store.requeue_interrupted()
+        if requeued:
+            log.info("re-queued jobs interrupted by the last stop: %s", requeued)
+        for job in await self.store.unposted_finished():
+            await self.publisher.finished(job)
+        self.models = await asyncio.to_thread(self.load_models)
+        if self.models.random_weights:
+            self.publisher.random_weights_note = (
+                f"⚠️ test models (`{self.models.preset}` preset): images are noise, not art.\n")
+        self.ready.set()
+        while True:
+            self._wake.clear()  # before looking, so a job queued meanwhile is not missed
+            if self._stopping.is_set():
+                return
+            job = await self.store.claim_next_job()
+            if job is None:
+                await self._wake.wait()
+                continue
+            await self.run_job(job)
+
+    def paths(self, job: Job) -> tuple[Path, Path, Path]:
+        out = self.settings.output_dir
+        return (out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt",
+                out / "checkpoints" / f"job-{job.id}.state.pt")
+
+    async def run_job(self, job: Job) -> None:
+        assert self.models is not None
+        png_path, state_path, checkpoint_path = self.paths(job)
+        self.current = job
+        self._cancel_current.clear()
+        if job.cancel_requested:
+            self._cancel_current.set()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        log.info("job %s: started (step %s of %s)", job.id, job.step, job.total_steps)
+        request: GenerationRequest | None = None
+        try:
+            request = GenerationRequest.model_validate_json(job.request_json)
+            resume = output.load_state(checkpoint_path) if job.checkpoint_path and checkpoint_path.is_file() \
+                else None
+
+            def on_step(info: StepInfo) -> None:  # runs in the engine thread
+                if info.state is None:
+                    return
+                output.save_state(info.state, checkpoint_path)
+                preview = encode_preview(info.preview, self.settings.preview_max_bytes)
+                first = resume.step if resume else 0
+                speed = (time.monotonic() - started) / max(1, info.step - first)
+                self._pending.append(asyncio.run_coroutine_threadsafe(
+                    self._on_preview(job, info.step, info.total, speed, preview), loop))
+
+            def should_stop() -> bool:
+                return self._cancel_current.is_set() or self._stopping.is_set()
+
+            result = await asyncio.to_thread(generate, request, self.models, on_step, should_stop, resume)
+            await self._settle()
+
+            if result.cancelled and not self._cancel_current.is_set():
+                # Shutdown: keep the exact state so the next start finishes the same image.
+                await asyncio.to_thread(output.save_state, result.state, checkpoint_path)
+                await self.store.save_progress(job.id, result.state.step, str(checkpoint_path))
+                await self.store.requeue(job.id)
+                log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
+                return
+            if result.cancelled:
+                await self.store.save_progress(job.id, result.state.step)
+                finished = await self.store.finish(job.id, "cancelled")
+                log.info("job %s: cancelled at step %s", job.id, result.state.step)
+            else:
+                await asyncio.to_thread(self._save_result, result, png_path, state_path)
+                await self.store.save_progress(job.id, result.state.step,
+                                               seconds_per_step=result.seconds_per_step)
+                finished = await self.store.finish(job.id, "done", output_path=str(png_path),
+                                                   latent_path=str(state_path))
+                checkpoint_path.unlink(missing_ok=True)
+                log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
+                         result.seconds_per_step)
+        except Exception as error:
+            await self._settle()
+            reason = failure_reason(error, request)
+            log.exception("job %s: failed: %s", job.id, reason)
+            finished = await self.store.finish(job.id, "failed", error=reason)
+        finally:
+            self.current = None
+        await self.publisher.finished(finished)
+
+    @staticmethod
+    def _save_result(result, png_path: Path, state_path: Path) -> None:
+        for index, image in enumerate(result.images):
+            path = png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}")
+            output.save_png(image, path, result.recipe)
+        output.save_state(result.state, state_path)
+
+    async def _on_preview(self, job: Job, step: int, total: int, seconds_per_step: float,
+                          preview: bytes | None) -> None:
+        await self.store.save_progress(job.id, step, str(self.paths(job)[2]), seconds_per_step)
+        eta = (total - step) * seconds_per_step
+        self.publisher.progress(Progress(job=job, step=step, total=total, eta_s=eta, preview_jpeg=preview))
+
+    async def _settle(self) -> None:
+        """Let the preview handlers the engine thread scheduled finish before the job ends."""
+        pending, self._pending = self._pending, []
+        results = await asyncio.gather(*map(asyncio.wrap_future, pending), return_exceptions=True)
+        for error in results:
+            if isinstance(error, Exception):
+                log.warning("a progress update failed: %s", error)

@@ -1,0 +1,105 @@
+"""The bot end to end: real discord.py, real SQLite, the tiny engine, a Discord-compatible server.
+
+Each test runs the bot inside `async with BotRunner(...)`, through the same `run_bot` entry point
+as `python -m bot`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import discord
+import pytest
+from PIL import Image
+
+from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
+from tests.fakediscord import FakeDiscord
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    async with FakeDiscord(token=TOKEN) as server:
+        yield server
+    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+def recipe_of(png: bytes) -> dict:
+    with Image.open(io.BytesIO(png)) as image:
+        return json.loads(image.text["vqgan-clip-recipe"])
+
+
+async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path)):
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a dog on the beach", "seed": 7})
+        await fake.wait_for_response(interaction)
+        assert interaction.response_type == 5  # deferred at once
+        final = await wait_for_reply(fake, interaction, "✅")
+
+    recipe = recipe_of(final.attachment_bytes(0))
+    assert recipe["request"]["prompt"] == "a dog on the beach"
+    assert recipe["request"]["seed"] == 7 and recipe["request"]["steps"] == 6
+    assert final.attachments[0]["filename"] == "job-1.png"
+    assert "test models" in final.content  # the tiny preset says so in every reply
+    assert {"Seed", "Size", "Steps"} <= {f["name"] for f in final.embeds[0]["fields"]}
+    assert final.custom_ids() == ["job:reroll:1", "job:continue:1", "job:delete:1"]
+
+    # Progress edits carried preview images (JPEG) before the final PNG.
+    edits = fake.requests_matching("PATCH", r"/webhooks/\d+/[^/]+/messages/\d+")
+    previews = [r for r in edits if r.files and r.files[0].filename.endswith("-preview.jpg")]
+    assert previews, [r.json for r in edits]
+    assert all(Image.open(io.BytesIO(r.files[0].data)).format == "JPEG" for r in previews)
+    assert any("step 2/6" in r.json["content"] for r in previews)
+    assert edits[-1].files[0].filename == "job-1.png"
+
+
+async def test_two_members_jobs_run_in_order_one_at_a_time(fake: FakeDiscord, tmp_path: Path) -> None:
+    bob = fake.add_member("bob")
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "first", "steps": 40})
+        await fake.wait_for_response(first)
+        second = await fake.send_slash_command("imagine", {"prompt": "second"}, user=bob)
+        queued = (await wait_for_reply(fake, second, "queued")).content
+        await wait_for_reply(fake, second, "✅")
+        await wait_for_reply(fake, first, "✅")
+        one, two = await bot.store.get(1), await bot.store.get(2)
+    assert "position 2" in queued
+    assert (one.user_id, two.user_id) == (fake.default_member.id, bob.id)
+    assert one.finished_at <= two.started_at  # never two at once
+
+
+async def test_queue_positions_and_cancel_by_command_and_button(fake: FakeDiscord, tmp_path: Path) -> None:
+    bob = fake.add_member("bob")
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        long = await fake.send_slash_command("imagine", {"prompt": "long", "steps": 1000})
+        await wait_for_reply(fake, long, "step")
+        waiting = await fake.send_slash_command("imagine", {"prompt": "waiting"}, user=bob)
+        await wait_for_reply(fake, waiting, "queued, position 2")
+
+        shown = await fake.send_slash_command("queue", user=bob)
+        await fake.wait_for_response(shown)
+        assert "#2 in the queue" in shown.response_data["content"]
+        assert "2 picture(s) waiting or running" in shown.response_data["content"]
+        assert shown.response_data["flags"] & 64  # only the caller sees it
+
+        # Bob may not cancel the first member's job; a moderator may.
+        refused = await fake.send_slash_command("cancel", {"job": 1}, user=bob)
+        await fake.wait_for_response(refused)
+        assert "only they or a moderator" in refused.response_data["content"]
+        stopped = await fake.send_slash_command("cancel", {"job": 1}, user=fake.add_moderator())
+        await fake.wait_for_response(stopped)
+        await wait_for_reply(fake, long, "🛑")
+        assert (await bot.store.get(1)).status == "cancelled"
+
+        # Bob's job starts now; his cancel button stops it within a step.
+        message = await wait_for_reply(fake, waiting, "step")
+        assert "job:cancel:2" in message.custom_ids()
+        click = await fake.click_button("job:cancel:2", message, user=bob)
+        await fake.wait_for_response(click)
+        await wait_for_reply(fake, waiting, "🛑")
+        assert (await bot.store.get(2)).cancelled_by == bob.id
