@@ -187,10 +187,12 @@ class Publisher:
                     await webhook.edit_message(job.message_id, **fields)
                     return True
                 except discord.HTTPException as error:
-                    if error.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_WEBHOOK) and error.status != 401:
+                    if error.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_WEBHOOK, UNKNOWN_MESSAGE) \
+                            and error.status != 401:
                         raise
-                    log.info("job %s: interaction token no longer valid; editing with the bot token",
-                             job.id)
+                    log.info("job %s: the interaction token can't edit its message (code %s); "
+                             "using the bot token from now on", job.id, error.code)
+                    await self.store.forget_interaction_token(job.id)
             await self._edit_with_bot_token(job, **fields)
             return True
         except (TimeoutError, discord.HTTPException, OSError) as error:

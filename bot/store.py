@@ -201,6 +201,10 @@ class Store:
     async def set_message(self, job_id: int, message_id: int) -> None:
         await self.db.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
 
+    async def forget_interaction_token(self, job_id: int) -> None:
+        """The token stopped working (expired, or its message is gone): don't keep a dead secret."""
+        await self.db.execute("UPDATE jobs SET interaction_token = NULL WHERE id = ?", (job_id,))
+
     async def finish(self, job_id: int, status: str, *, output_path: str | None = None,
                      latent_path: str | None = None, error: str | None = None) -> Job:
         assert status in FINISHED, status

@@ -34,7 +34,8 @@ def recipe_of(png: bytes) -> dict:
         return json.loads(image.text["vqgan-clip-recipe"])
 
 
-async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeDiscord,
+                                                                     tmp_path: Path) -> None:
     async with BotRunner(bot_settings(fake, tmp_path)):
         interaction = await fake.send_slash_command("imagine", {"prompt": "a dog on the beach", "seed": 7})
         await fake.wait_for_response(interaction)
