@@ -48,7 +48,7 @@ def uninterrupted_png(request_json: str, tmp_path: Path) -> bytes:
 async def test_restart_mid_job_resumes_and_posts_exactly_one_final_image(fake: FakeDiscord,
                                                                          tmp_path: Path) -> None:
     settings = bot_settings(fake, tmp_path)
-    async with BotRunner(settings) as bot:
+    async with BotRunner(settings):
         interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "steps": 400,
                                                                 "seed": 11})
         await fake.wait_until(lambda: ((m := fake.original_response(interaction)) and "step 6/" in m.content)
@@ -103,7 +103,7 @@ async def test_no_token_is_one_clear_line(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await process.communicate()
+    _out, err = await process.communicate()
     assert process.returncode == 2
     assert err.decode().strip().splitlines() == [
         "error: DISCORD_TOKEN is not set. Put DISCORD_TOKEN=<your bot token> in .env "
