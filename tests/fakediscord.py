@@ -1664,7 +1664,8 @@ class FakeDiscord:
         self._validate(payload, rec.files, inter.attachment_size_limit)
         self._require_not_empty(payload, rec.files)
         original = self.original_response(inter)
-        if inter.response_type == CB_DEFERRED_MESSAGE and original is not None and original.loading:
+        if inter.response_type == CB_DEFERRED_MESSAGE and original is not None and original.loading \
+                and not original.deleted:
             # Discord fills the "thinking…" placeholder with the first followup (keeping its
             # ephemerality) instead of posting a new message.
             msg = original

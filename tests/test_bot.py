@@ -104,3 +104,15 @@ async def test_queue_positions_and_cancel_by_command_and_button(fake: FakeDiscor
         await fake.wait_for_response(click)
         await wait_for_reply(fake, waiting, "🛑")
         assert (await bot.store.get(2)).cancelled_by == bob.id
+
+
+async def test_progress_edits_are_throttled_to_the_newest_frame(fake: FakeDiscord, tmp_path: Path) -> None:
+    # Previews come every 2 steps (~0.05 s apart here); edits may go out at most every 0.5 s.
+    async with BotRunner(bot_settings(fake, tmp_path, progress_interval_s=0.5)):
+        interaction = await fake.send_slash_command("imagine", {"prompt": "rain", "steps": 120})
+        await wait_for_reply(fake, interaction, "✅", timeout=60)
+    progress = [r for r in fake.requests if r.method == "PATCH" and r.files
+                and r.files[0].filename.endswith("-preview.jpg")]
+    gaps = [b.received_at - a.received_at for a, b in zip(progress, progress[1:], strict=False)]
+    assert len(progress) >= 2 and min(gaps) >= 0.45, gaps
+    assert len(progress) < 60  # most of the 60 previews were superseded, not sent

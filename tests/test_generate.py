@@ -172,3 +172,14 @@ def test_bf16_autocast_keeps_latent_and_optimiser_in_fp32(tiny_weights: dict[str
     assert result.state.optimizer["state"][0]["exp_avg"].dtype == torch.float32
     assert result.recipe["precision"] == "bf16"
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_failure_reasons_are_short_and_actionable() -> None:
+    from engine.generate import failure_reason
+
+    request = small(width=512, height=512)
+    oom = failure_reason(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), request)
+    assert oom == "the GPU ran out of memory at 512x512; try a smaller size or fewer cutouts"
+    assert failure_reason(GenerationError("the loss became nan at step 4"), request) == \
+        "the loss became nan at step 4"
+    assert "KeyError" in failure_reason(KeyError("x"))

@@ -1,0 +1,163 @@
+"""What members can ask for, what they are refused, and the buttons under results."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import discord
+import pytest
+from PIL import Image
+
+from bot.store import NewJob, Store
+from engine import output
+from engine.generate import generate
+from engine.models import load_preset
+from engine.request import GenerationRequest
+from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
+from tests.fakediscord import FakeDiscord, FakeFile
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    async with FakeDiscord(token=TOKEN) as server:
+        yield server
+    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+def recipe_of(png: bytes) -> dict:
+    with Image.open(io.BytesIO(png)) as image:
+        return json.loads(image.text["vqgan-clip-recipe"])
+
+
+async def job_count(bot) -> int:
+    async with bot.store.db.execute("SELECT count(*) FROM jobs") as cursor:
+        return (await cursor.fetchone())[0]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"prompt": "a dog", "steps": 51}, "Steps: 51 is above this bot's limit of 50"),
+    ({"prompt": "a dog", "size": "512x512"}, "Size: 512×512 is 262,144 pixels, above this bot's limit of 16,384"),
+    ({"prompt": " | "}, "prompt: it has no text"),
+])
+async def test_invalid_options_get_an_ephemeral_error_and_no_job(fake: FakeDiscord, tmp_path: Path,
+                                                                 options: dict, message: str) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path, max_steps=50, max_pixels=128 * 128)) as bot:
+        interaction = await fake.send_slash_command("imagine", options)
+        await fake.wait_for_response(interaction)
+        assert interaction.response_type == 4  # answered at once, not deferred
+        assert interaction.response_data["flags"] & 64
+        assert message in interaction.response_data["content"]
+        assert await job_count(bot) == 0
+
+
+async def test_an_unreadable_init_image_is_refused_after_the_defer(fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        interaction = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "init_image": FakeFile("notes.png", b"not a picture")})
+        await fake.wait_until(lambda: interaction.followup_ids, 10)
+        followup = fake.get_message(interaction.followup_ids[-1])
+        assert followup.ephemeral and "notes.png is not a picture I can read" in followup.content
+        assert fake.original_response(interaction) is None or fake.original_response(interaction).deleted
+        assert await job_count(bot) == 0
+
+
+async def test_an_init_image_is_used(fake: FakeDiscord, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 80), (0, 0, 255)).save(buffer, format="PNG")
+    async with BotRunner(bot_settings(fake, tmp_path)):
+        interaction = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "init_image": FakeFile("start.png", buffer.getvalue())})
+        final = await wait_for_reply(fake, interaction, "✅")
+    init = recipe_of(final.attachment_bytes(0))["request"]["init_image"]
+    assert init.endswith(f"init-{interaction.id}.png") and Path(init).is_file()
+
+
+async def test_queue_limit_per_member(fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path, max_queued_per_user=1)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "one", "steps": 40})
+        await fake.wait_for_response(first)
+        second = await fake.send_slash_command("imagine", {"prompt": "two"})
+        await fake.wait_until(lambda: second.followup_ids, 10)
+        refusal = fake.get_message(second.followup_ids[-1])
+        assert refusal.ephemeral and "You already have 1 pictures waiting or running" in refusal.content
+        assert await job_count(bot) == 1
+
+
+async def test_limits_hold_under_concurrent_enqueues(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "race.sqlite3")
+    new = NewJob(request_json="{}", channel_id=1, user_id=42, total_steps=10, guild_id=7)
+
+    async def attempt() -> bool:
+        try:
+            await store.enqueue(new, max_per_user=3, max_queue_length=100)
+            return True
+        except Exception:
+            return False
+
+    outcomes = await asyncio.gather(*(attempt() for _ in range(50)))
+    assert sum(outcomes) == 3
+    assert len(await store.active_jobs(user_id=42)) == 3
+    await store.close()
+
+
+async def test_reroll_continue_and_delete_buttons_work_after_a_restart(fake: FakeDiscord,
+                                                                       tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path)
+    async with BotRunner(settings):
+        original = await fake.send_slash_command("imagine", {"prompt": "a cat", "seed": 5})
+        done = await wait_for_reply(fake, original, "✅")
+
+    async with BotRunner(settings) as bot:  # a new process: the buttons must still answer
+        reroll = await fake.click_button("job:reroll:1", done)
+        rerolled = await wait_for_reply(fake, reroll, "✅")
+        again = recipe_of(rerolled.attachment_bytes(0))["request"]
+        assert again["prompt"] == "a cat" and again["seed"] != 5
+        assert (await bot.store.get(2)).parent_job_id == 1
+
+        more = await fake.click_button("job:continue:1", done)
+        continued = await wait_for_reply(fake, more, "✅")
+        recipe = recipe_of(continued.attachment_bytes(0))
+        assert recipe["request"]["continue_from"].endswith("job-1.state.pt")
+        assert recipe["continued_from"]["request"]["seed"] == 5
+
+        intruder = fake.add_member("mallory")
+        refused = await fake.click_button("job:delete:1", done, user=intruder)
+        await fake.wait_for_response(refused)
+        assert "Only <@" in refused.response_data["content"]
+        removed = await fake.click_button("job:delete:1", done)
+        await fake.wait_until(lambda: done.deleted, 10)
+        job = await bot.store.get(1)
+    assert job.deleted_at is not None and job.deleted_by == fake.default_member.id
+    assert not Path(job.output_path).exists() and not Path(job.latent_path).exists()
+    assert removed.acknowledged
+
+
+async def test_a_failing_job_is_reported_and_the_engine_goes_on(fake: FakeDiscord, tmp_path: Path) -> None:
+    # A saved state whose latent is NaN: the engine stops that job with a clear reason.
+    models = load_preset("tiny", device="cpu", precision="fp32")
+    state = generate(GenerationRequest(prompt="x", width=64, height=64, steps=1, seed=1), models).state
+    state.latent[:] = float("nan")
+    broken = output.save_state(state, tmp_path / "broken.state.pt")
+    settings = bot_settings(fake, tmp_path)
+    store = await Store.open(settings.database_path)
+    bad = GenerationRequest(prompt="doomed", width=64, height=64, steps=4, preview_every=2, continue_from=broken)
+    await store.enqueue(NewJob(request_json=bad.model_dump_json(), channel_id=fake.channel.id,
+                               user_id=fake.default_member.id, total_steps=4, guild_id=fake.guild.id),
+                        max_per_user=5, max_queue_length=5)
+    await store.close()
+
+    async with BotRunner(settings) as bot:
+        await fake.wait_until(lambda: any("❌" in m.content for m in fake.messages_in(fake.channel)), 30)
+        after = await fake.send_slash_command("imagine", {"prompt": "still working"})
+        await wait_for_reply(fake, after, "✅")
+        failed = await bot.store.get(1)
+    assert failed.status == "failed" and "loss became nan" in failed.error
+    report = next(m for m in fake.messages_in(fake.channel) if "❌" in m.content)
+    assert "doomed" in report.content and "try a lower learning rate" in report.content
