@@ -7,6 +7,7 @@ as `python -m bot`.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -113,6 +114,6 @@ async def test_progress_edits_are_throttled_to_the_newest_frame(fake: FakeDiscor
         await wait_for_reply(fake, interaction, "✅", timeout=60)
     progress = [r for r in fake.requests if r.method == "PATCH" and r.files
                 and r.files[0].filename.endswith("-preview.jpg")]
-    gaps = [b.received_at - a.received_at for a, b in zip(progress, progress[1:], strict=False)]
+    gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(progress)]
     assert len(progress) >= 2 and min(gaps) >= 0.45, gaps
     assert len(progress) < 60  # most of the 60 previews were superseded, not sent

@@ -43,7 +43,8 @@ async def job_count(bot) -> int:
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"prompt": "a dog", "steps": 51}, "Steps: 51 is above this bot's limit of 50"),
-    ({"prompt": "a dog", "size": "512x512"}, "Size: 512×512 is 262,144 pixels, above this bot's limit of 16,384"),
+    ({"prompt": "a dog", "size": "512x512"},
+     "Size: 512×512 is 262,144 pixels, above this bot's limit of 16,384"),
     ({"prompt": " | "}, "prompt: it has no text"),
 ])
 async def test_invalid_options_get_an_ephemeral_error_and_no_job(fake: FakeDiscord, tmp_path: Path,
@@ -147,7 +148,8 @@ async def test_a_failing_job_is_reported_and_the_engine_goes_on(fake: FakeDiscor
     broken = output.save_state(state, tmp_path / "broken.state.pt")
     settings = bot_settings(fake, tmp_path)
     store = await Store.open(settings.database_path)
-    bad = GenerationRequest(prompt="doomed", width=64, height=64, steps=4, preview_every=2, continue_from=broken)
+    bad = GenerationRequest(prompt="doomed", width=64, height=64, steps=4, preview_every=2,
+                            continue_from=broken)
     await store.enqueue(NewJob(request_json=bad.model_dump_json(), channel_id=fake.channel.id,
                                user_id=fake.default_member.id, total_steps=4, guild_id=fake.guild.id),
                         max_per_user=5, max_queue_length=5)
