@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from pathlib import Path
+
+from PIL import Image
 
 from bot.__main__ import run_bot
 from bot.app import ImagineBot
@@ -67,3 +71,9 @@ async def wait_for_reply(fake: FakeDiscord, interaction: FakeInteraction, prefix
         return message if message is not None and prefix in message.content else None
 
     return await fake.wait_until(check, timeout)
+
+
+def recipe_of(png: bytes) -> dict:
+    """The recipe in a PNG's text chunk."""
+    with Image.open(io.BytesIO(png)) as image:
+        return json.loads(image.text["vqgan-clip-recipe"])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import discord
 import pytest
 from PIL import Image
 
@@ -17,23 +14,10 @@ from engine import output
 from engine.generate import generate
 from engine.models import load_preset
 from engine.request import GenerationRequest
-from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
+from tests.botrunner import BotRunner, bot_settings, recipe_of, wait_for_reply
 from tests.fakediscord import FakeDiscord, FakeFile
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    async with FakeDiscord(token=TOKEN) as server:
-        yield server
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-
-
-def recipe_of(png: bytes) -> dict:
-    with Image.open(io.BytesIO(png)) as image:
-        return json.loads(image.text["vqgan-clip-recipe"])
 
 
 async def job_count(bot) -> int:

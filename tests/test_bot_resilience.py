@@ -6,11 +6,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import discord
 import pytest
 
 from bot.store import Store
@@ -23,14 +21,6 @@ from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    async with FakeDiscord(token=TOKEN) as server:
-        yield server
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
 
 
 def final_posts(fake: FakeDiscord, filename: str) -> list:
