@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     preview_every: int = Field(25, ge=1)
     max_queued_per_user: int = Field(3, ge=1)
     max_queue_length: int = Field(50, ge=1)
+    cooldown_s: int = Field(0, ge=0)  # between one member's requests; 0 = none
+    daily_quota: int = Field(0, ge=0)  # pictures per member per day; 0 = unlimited
+    allow_init_images: bool = True
 
     # Replies
     progress_interval_s: float = Field(2.0, ge=0.0)  # at most one progress edit this often

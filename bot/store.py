@@ -52,6 +52,11 @@ MIGRATIONS = [
     CREATE INDEX jobs_by_status ON jobs (status, id);
     CREATE INDEX jobs_by_user ON jobs (user_id, status);
     """,
+    # 2: retention removes old output files; the row stays, marked expired.
+    """
+    ALTER TABLE jobs ADD COLUMN expired_at REAL;
+    CREATE INDEX jobs_by_finish ON jobs (finished_at);
+    """,
 ]
 
 
@@ -83,6 +88,7 @@ class Job:
     final_posted: int
     deleted_at: float | None
     deleted_by: int | None
+    expired_at: float | None
 
     @property
     def remaining_steps(self) -> int:
@@ -281,3 +287,25 @@ class Store:
         if speed is None:
             return place + 1, None
         return place + 1, sum(job.remaining_steps for job in active[: place + 1]) * speed
+
+    # --- operations ------------------------------------------------------------------------------
+
+    async def backup_to(self, target: Path | str) -> None:
+        """A consistent copy of the live database through SQLite's online backup API."""
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        async with aiosqlite.connect(target) as copy:
+            await self.db.backup(copy)
+
+    async def jobs_with_files(self, finished_before: float | None = None) -> list[Job]:
+        """Finished jobs whose output files may still be on disk, oldest first."""
+        sql = ("SELECT * FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND expired_at IS NULL "
+               "AND deleted_at IS NULL AND (output_path IS NOT NULL OR latent_path IS NOT NULL)")
+        if finished_before is not None:
+            return await self._all(sql + " AND finished_at < ? ORDER BY finished_at", finished_before)
+        return await self._all(sql + " ORDER BY finished_at")
+
+    async def mark_expired(self, job_ids: list[int]) -> None:
+        """Retention removed these jobs' files; their rows stay for the generation log."""
+        now = time.time()
+        await self.db.executemany("UPDATE jobs SET expired_at = ? WHERE id = ?",
+                                  [(now, job_id) for job_id in job_ids])
