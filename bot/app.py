@@ -20,7 +20,7 @@ from engine.models import Models, load_preset
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.queue")
+EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log")
 
 
 def point_discord_at(settings: Settings) -> None:

@@ -142,7 +142,7 @@ class Publisher:
             await asyncio.gather(sender, return_exceptions=True)
         self._last_sent.pop(job_id, None)
 
-    async def finished(self, job: Job) -> bool:
+    async def finished(self, job: Job, note: str | None = None) -> bool:
         """Show a finished job's final state; returns whether Discord accepted it."""
         await self._quiet_progress(job.id)
         request = GenerationRequest.model_validate_json(job.request_json)
@@ -158,8 +158,10 @@ class Publisher:
                 embed=recipe_embed(job, request, seconds), attachments=files, view=job_view(job.id))
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
+            why = f" ({note})" if note else ""
             ok = await self.edit(job, content=self._content(
-                f"🛑 **{_quote(request.prompt)}** — cancelled{who} at step {job.step}/{job.total_steps}."),
+                f"🛑 **{_quote(request.prompt)}** — cancelled{who}{why} "
+                f"at step {job.step}/{job.total_steps}."),
                 view=None)
         else:
             ok = await self.edit(job, content=self._content(

@@ -6,11 +6,16 @@ interrupted and goes back to `queued`; it resumes from its checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
 import statistics
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -56,6 +61,35 @@ MIGRATIONS = [
     """
     ALTER TABLE jobs ADD COLUMN expired_at REAL;
     CREATE INDEX jobs_by_finish ON jobs (finished_at);
+    """,
+    # 3: moderation: per-server limits, blocked members, the audit log.
+    """
+    CREATE TABLE guild_limits (
+        guild_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value_json TEXT NOT NULL,
+        PRIMARY KEY (guild_id, name)
+    );
+    CREATE TABLE blocks (
+        guild_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        reason TEXT,
+        blocked_by INTEGER NOT NULL,
+        blocked_at REAL NOT NULL,
+        PRIMARY KEY (guild_id, user_id)
+    );
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        guild_id INTEGER,
+        actor_id INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        old_value TEXT,
+        new_value TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX audit_by_guild ON audit_log (guild_id, id);
+    CREATE INDEX jobs_by_guild ON jobs (guild_id, created_at);
     """,
 ]
 
@@ -109,17 +143,46 @@ class NewJob:
 
 
 class QueueFull(Exception):
-    """Enqueueing would break a queue limit: `limit` is "per_member" or "queue_length"."""
+    """Enqueueing would break a limit: `limit` is "blocked", "cooldown", "daily_quota",
+    "per_member" or "queue_length"; `retry_at` says when the member may try again, if known."""
 
-    def __init__(self, limit: str, value: int) -> None:
+    def __init__(self, limit: str, value: int, retry_at: float | None = None) -> None:
         super().__init__(f"{limit} ({value}) reached")
         self.limit = limit
         self.value = value
+        self.retry_at = retry_at
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    guild_id: int | None
+    actor_id: int
+    action: str
+    target: str | None
+    old_value: str | None
+    new_value: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Block:
+    guild_id: int
+    user_id: int
+    reason: str | None
+    blocked_by: int
+    blocked_at: float
+
+
+DAY_S = 86400
 
 
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # One connection serves every coroutine: each statement takes this lock, so no statement
+        # can land inside another coroutine's open transaction.
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -144,37 +207,93 @@ class Store:
             await self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
         return len(MIGRATIONS)
 
-    async def _one(self, sql: str, *params: object) -> Job | None:
+    async def _rows(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
+        async with self._lock:
+            return await self._rows_unlocked(sql, params)
+
+    async def _rows_unlocked(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
         async with self.db.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return Job(**dict(row)) if row else None
+            return list(await cursor.fetchall())
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Callable[..., Awaitable[list[aiosqlite.Row]]]]:
+        """Several statements that must land together; yields the function that runs each."""
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._rows_unlocked
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    async def _one(self, sql: str, *params: object) -> Job | None:
+        rows = await self._rows(sql, params)
+        return Job(**dict(rows[0])) if rows else None
 
     async def _all(self, sql: str, *params: object) -> list[Job]:
-        async with self.db.execute(sql, params) as cursor:
-            return [Job(**dict(row)) for row in await cursor.fetchall()]
+        return [Job(**dict(row)) for row in await self._rows(sql, params)]
 
     # --- the queue -------------------------------------------------------------------------------
 
-    async def enqueue(self, job: NewJob, max_per_user: int, max_queue_length: int) -> Job:
-        """Insert a queued job unless a limit is reached; one statement, so it holds under races."""
+    async def enqueue(self, job: NewJob, max_per_user: int, max_queue_length: int,
+                      cooldown_s: int = 0, daily_quota: int = 0) -> Job:
+        """Insert a queued job unless the member is blocked or a limit is reached.
+
+        One statement checks and inserts, so the limits hold under races (50 requests at once with
+        a quota of 3 make exactly 3 jobs). Counts are per server; the quota is per 24 hours.
+        """
+        now = time.time()
+        member = (job.user_id, job.guild_id)
         row = await self._one(
             """
             INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id,
                               interaction_id, interaction_token, parent_job_id, total_steps, created_at)
             SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-            WHERE (SELECT count(*) FROM jobs WHERE user_id = ? AND status IN ('queued', 'running')) < ?
+            WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ? AND guild_id IS ?)
+              AND (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
+                   AND status IN ('queued', 'running')) < ?
               AND (SELECT count(*) FROM jobs WHERE guild_id IS ? AND status IN ('queued', 'running')) < ?
+              AND (? = 0 OR NOT EXISTS (SELECT 1 FROM jobs WHERE user_id = ? AND guild_id IS ?
+                                        AND created_at > ?))
+              AND (? = 0 OR (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
+                             AND created_at > ?) < ?)
             RETURNING *
             """,
             job.request_json, job.guild_id, job.channel_id, job.user_id, job.application_id,
-            job.interaction_id, job.interaction_token, job.parent_job_id, job.total_steps, time.time(),
-            job.user_id, max_per_user, job.guild_id, max_queue_length,
+            job.interaction_id, job.interaction_token, job.parent_job_id, job.total_steps, now,
+            *member,
+            *member, max_per_user,
+            job.guild_id, max_queue_length,
+            cooldown_s, *member, now - cooldown_s,
+            daily_quota, *member, now - DAY_S, daily_quota,
         )
         if row is not None:
             return row
-        if len(await self.active_jobs(user_id=job.user_id)) >= max_per_user:
-            raise QueueFull("per_member", max_per_user)
-        raise QueueFull("queue_length", max_queue_length)
+        raise await self._which_limit(job, max_per_user, max_queue_length, cooldown_s, daily_quota, now)
+
+    async def _which_limit(self, job: NewJob, max_per_user: int, max_queue_length: int, cooldown_s: int,
+                           daily_quota: int, now: float) -> QueueFull:
+        """After a refused insert: the limit that refused it, and when to try again."""
+        member = (job.user_id, job.guild_id)
+        if await self.block_of(job.guild_id, job.user_id) is not None:
+            return QueueFull("blocked", 0)
+        if cooldown_s:
+            rows = await self._rows("SELECT max(created_at) FROM jobs WHERE user_id = ? AND guild_id IS ?",
+                                    member)
+            if rows[0][0] is not None and rows[0][0] > now - cooldown_s:
+                return QueueFull("cooldown", cooldown_s, retry_at=rows[0][0] + cooldown_s)
+        if daily_quota:
+            rows = await self._rows(
+                "SELECT created_at FROM jobs WHERE user_id = ? AND guild_id IS ? AND created_at > ? "
+                "ORDER BY created_at", (*member, now - DAY_S))
+            if len(rows) >= daily_quota:
+                return QueueFull("daily_quota", daily_quota, retry_at=rows[-daily_quota][0] + DAY_S)
+        rows = await self._rows("SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ? "
+                                "AND status IN ('queued', 'running')", member)
+        if rows[0][0] >= max_per_user:
+            return QueueFull("per_member", max_per_user)
+        return QueueFull("queue_length", max_queue_length)
 
     async def claim_next_job(self) -> Job | None:
         """Atomically move the oldest queued job to running."""
@@ -190,26 +309,26 @@ class Store:
     async def requeue_interrupted(self) -> list[int]:
         """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a
         cancel was already asked for, end cancelled)."""
-        async with self.db.execute(
-                """UPDATE jobs SET
-                       status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
-                       finished_at = CASE WHEN cancel_requested THEN ? ELSE finished_at END
-                   WHERE status = 'running' RETURNING id, status""", (time.time(),)) as cursor:
-            return sorted(row[0] for row in await cursor.fetchall() if row[1] == "queued")
+        rows = await self._rows(
+            """UPDATE jobs SET
+                   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                   finished_at = CASE WHEN cancel_requested THEN ? ELSE finished_at END
+               WHERE status = 'running' RETURNING id, status""", (time.time(),))
+        return sorted(row[0] for row in rows if row[1] == "queued")
 
     async def save_progress(self, job_id: int, step: int, checkpoint_path: str | None = None,
                             seconds_per_step: float | None = None) -> None:
-        await self.db.execute(
+        await self._rows(
             """UPDATE jobs SET step = ?, checkpoint_path = coalesce(?, checkpoint_path),
                    seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ?""",
             (step, checkpoint_path, seconds_per_step, job_id))
 
     async def set_message(self, job_id: int, message_id: int) -> None:
-        await self.db.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
+        await self._rows("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
 
     async def forget_interaction_token(self, job_id: int) -> None:
         """The token stopped working (expired, or its message is gone): don't keep a dead secret."""
-        await self.db.execute("UPDATE jobs SET interaction_token = NULL WHERE id = ?", (job_id,))
+        await self._rows("UPDATE jobs SET interaction_token = NULL WHERE id = ?", (job_id,))
 
     async def finish(self, job_id: int, status: str, *, output_path: str | None = None,
                      latent_path: str | None = None, error: str | None = None) -> Job:
@@ -223,11 +342,11 @@ class Store:
 
     async def requeue(self, job_id: int) -> None:
         """A running job stopped by shutdown waits for the next start."""
-        await self.db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running'",
+        await self._rows("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running'",
                               (job_id,))
 
     async def mark_posted(self, job_id: int) -> None:
-        await self.db.execute("UPDATE jobs SET final_posted = 1 WHERE id = ?", (job_id,))
+        await self._rows("UPDATE jobs SET final_posted = 1 WHERE id = ?", (job_id,))
 
     async def unposted_finished(self) -> list[Job]:
         """Finished jobs whose final reply was not confirmed sent (e.g. a crash right after)."""
@@ -237,7 +356,7 @@ class Store:
 
     async def mark_deleted(self, job_id: int, by_user: int) -> None:
         """The picture and its files are gone; the row stays, saying who deleted it and when."""
-        await self.db.execute("UPDATE jobs SET deleted_at = ?, deleted_by = ? WHERE id = ?",
+        await self._rows("UPDATE jobs SET deleted_at = ?, deleted_by = ? WHERE id = ?",
                               (time.time(), by_user, job_id))
 
     async def request_cancel(self, job_id: int, by_user: int) -> Job | None:
@@ -270,10 +389,10 @@ class Store:
 
     async def recent_seconds_per_step(self, sample: int = 20) -> float | None:
         """The median measured speed of recent jobs, for ETAs; None until one has run."""
-        async with self.db.execute(
-                "SELECT seconds_per_step FROM jobs WHERE seconds_per_step IS NOT NULL "
-                "ORDER BY coalesce(finished_at, started_at) DESC LIMIT ?", (sample,)) as cursor:
-            values = [row[0] for row in await cursor.fetchall()]
+        rows = await self._rows(
+            "SELECT seconds_per_step FROM jobs WHERE seconds_per_step IS NOT NULL "
+            "ORDER BY coalesce(finished_at, started_at) DESC LIMIT ?", (sample,))
+        values = [row[0] for row in rows]
         return statistics.median(values) if values else None
 
     async def position_and_eta(self, job_id: int) -> tuple[int, float | None]:
@@ -293,7 +412,7 @@ class Store:
     async def backup_to(self, target: Path | str) -> None:
         """A consistent copy of the live database through SQLite's online backup API."""
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        async with aiosqlite.connect(target) as copy:
+        async with self._lock, aiosqlite.connect(target) as copy:
             await self.db.backup(copy)
 
     async def jobs_with_files(self, finished_before: float | None = None) -> list[Job]:
@@ -306,6 +425,106 @@ class Store:
 
     async def mark_expired(self, job_ids: list[int]) -> None:
         """Retention removed these jobs' files; their rows stay for the generation log."""
+        async with self._transaction() as run:
+            for job_id in job_ids:
+                await run("UPDATE jobs SET expired_at = ? WHERE id = ?", (time.time(), job_id))
+
+    # --- moderation ------------------------------------------------------------------------------
+
+    async def audit(self, guild_id: int | None, actor_id: int, action: str, target: str | None = None,
+                    old_value: str | None = None, new_value: str | None = None) -> None:
+        await self._rows(
+            "INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (guild_id, actor_id, action, target, old_value, new_value, time.time()))
+
+    async def audit_entries(self, guild_id: int, limit: int, offset: int = 0) -> tuple[list[AuditEntry], int]:
+        """Newest first, one page; and how many there are in all."""
+        rows = await self._rows(
+            "SELECT * FROM audit_log WHERE guild_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+            (guild_id, limit, offset))
+        total = await self._rows("SELECT count(*) FROM audit_log WHERE guild_id = ?", (guild_id,))
+        return [AuditEntry(**dict(row)) for row in rows], total[0][0]
+
+    async def guild_limits(self, guild_id: int | None) -> dict[str, Any]:
+        """The limits a server has set (names to values); the rest come from Settings."""
+        rows = await self._rows("SELECT name, value_json FROM guild_limits WHERE guild_id IS ?", (guild_id,))
+        return {name: json.loads(value) for name, value in rows}
+
+    async def set_guild_limit(self, guild_id: int, name: str, value: Any, actor_id: int,
+                              old_shown: str, new_shown: str) -> None:
+        """Set (or with value None, reset) one limit, and record who changed it from what to what."""
+        async with self._transaction() as run:
+            if value is None:
+                await run("DELETE FROM guild_limits WHERE guild_id = ? AND name = ?", (guild_id, name))
+            else:
+                await run("INSERT INTO guild_limits (guild_id, name, value_json) VALUES (?, ?, ?) "
+                          "ON CONFLICT (guild_id, name) DO UPDATE SET value_json = excluded.value_json",
+                          (guild_id, name, json.dumps(value)))
+            await run("INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, "
+                      "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (guild_id, actor_id, "limit reset" if value is None else "limit set", name,
+                       old_shown, new_shown, time.time()))
+
+    async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
+        rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",
+                                (guild_id, user_id))
+        return Block(**dict(rows[0])) if rows else None
+
+    async def blocks(self, guild_id: int) -> list[Block]:
+        rows = await self._rows("SELECT * FROM blocks WHERE guild_id = ? ORDER BY blocked_at", (guild_id,))
+        return [Block(**dict(row)) for row in rows]
+
+    async def block(self, guild_id: int, user_id: int, reason: str | None, actor_id: int) -> list[Job]:
+        """Block a member here and cancel their waiting and running jobs (returned, to tell them)."""
         now = time.time()
-        await self.db.executemany("UPDATE jobs SET expired_at = ? WHERE id = ?",
-                                  [(now, job_id) for job_id in job_ids])
+        async with self._transaction() as run:
+            await run("INSERT INTO blocks (guild_id, user_id, reason, blocked_by, blocked_at) "
+                      "VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT (guild_id, user_id) DO UPDATE SET reason = excluded.reason, "
+                      "blocked_by = excluded.blocked_by, blocked_at = excluded.blocked_at",
+                      (guild_id, user_id, reason, actor_id, now))
+            cancelled = await run(
+                """UPDATE jobs SET cancel_requested = 1, cancelled_by = ?,
+                       status = CASE status WHEN 'queued' THEN 'cancelled' ELSE status END,
+                       finished_at = CASE status WHEN 'queued' THEN ? ELSE finished_at END
+                   WHERE guild_id = ? AND user_id = ? AND status IN ('queued', 'running') RETURNING *""",
+                (actor_id, now, guild_id, user_id))
+            await run("INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, "
+                      "created_at) VALUES (?, ?, 'block', ?, NULL, ?, ?)",
+                      (guild_id, actor_id, f"<@{user_id}>", reason, now))
+        return [Job(**dict(row)) for row in cancelled]
+
+    async def unblock(self, guild_id: int, user_id: int, actor_id: int) -> bool:
+        async with self._transaction() as run:
+            removed = await run("DELETE FROM blocks WHERE guild_id = ? AND user_id = ? RETURNING user_id",
+                                (guild_id, user_id))
+            if removed:
+                await run("INSERT INTO audit_log (guild_id, actor_id, action, target, created_at) "
+                          "VALUES (?, ?, 'unblock', ?, ?)",
+                          (guild_id, actor_id, f"<@{user_id}>", time.time()))
+        return bool(removed)
+
+    async def generation_log(self, guild_id: int, user_id: int | None = None, status: str | None = None,
+                             contains: str | None = None, since: float | None = None,
+                             limit: int = 10, offset: int = 0) -> tuple[list[Job], int]:
+        """A server's generations, newest first, filtered; one page and the total count."""
+        where = ["guild_id = ?"]
+        params: list[Any] = [guild_id]
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if contains:
+            where.append("instr(lower(json_extract(request_json, '$.prompt')), lower(?)) > 0")
+            params.append(contains)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        clause = " AND ".join(where)
+        jobs = await self._all(f"SELECT * FROM jobs WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
+                               *params, limit, offset)
+        total = await self._rows(f"SELECT count(*) FROM jobs WHERE {clause}", tuple(params))
+        return jobs, total[0][0]

@@ -47,15 +47,18 @@ async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeD
 async def test_two_members_jobs_run_in_order_one_at_a_time(fake: FakeDiscord, tmp_path: Path) -> None:
     bob = fake.add_member("bob")
     async with BotRunner(bot_settings(fake, tmp_path)) as bot:
-        first = await fake.send_slash_command("imagine", {"prompt": "first", "steps": 40})
-        await fake.wait_for_response(first)
+        first = await fake.send_slash_command("imagine", {"prompt": "first", "steps": 1000})
+        await wait_for_reply(fake, first, "step")
         second = await fake.send_slash_command("imagine", {"prompt": "second"}, user=bob)
         queued = (await wait_for_reply(fake, second, "queued")).content
-        await wait_for_reply(fake, second, "✅")
-        await wait_for_reply(fake, first, "✅")
+        assert (await bot.store.get(2)).status == "queued"  # waits while the first runs
+        stop = await fake.send_slash_command("cancel")  # the first member's latest job
+        await fake.wait_for_response(stop)
+        await wait_for_reply(fake, second, "✅", timeout=60)
         one, two = await bot.store.get(1), await bot.store.get(2)
     assert "position 2" in queued
     assert (one.user_id, two.user_id) == (fake.default_member.id, bob.id)
+    assert one.status == "cancelled" and two.status == "done"
     assert one.finished_at <= two.started_at  # never two at once
 
 

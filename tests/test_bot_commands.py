@@ -26,9 +26,9 @@ async def job_count(bot) -> int:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"prompt": "a dog", "steps": 51}, "Steps: 51 is above this bot's limit of 50"),
+    ({"prompt": "a dog", "steps": 51}, "Steps: 51 is above this server's limit of 50"),
     ({"prompt": "a dog", "size": "512x512"},
-     "Size: 512×512 is 262,144 pixels, above this bot's limit of 16,384"),
+     "Size: 512×512 is 262,144 pixels, above this server's limit of 16,384"),
     ({"prompt": " | "}, "prompt: it has no text"),
 ])
 async def test_invalid_options_get_an_ephemeral_error_and_no_job(fake: FakeDiscord, tmp_path: Path,

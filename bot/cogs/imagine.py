@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from bot.checks import is_moderator
+from bot.limits import GuildLimits, check_request
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -72,28 +73,26 @@ class Imagine(commands.Cog):
     # --- one way in for every new job: the command and the re-roll/continue buttons --------------
 
     def build_request(self, fields: dict[str, Any]) -> GenerationRequest:
-        """Validate against the engine's rules and this bot's limits; raise UserError if not."""
-        settings = self.bot.settings
+        """Validate against the engine's rules; raise UserError with what to fix."""
         fields = {k: v for k, v in fields.items() if v is not None}
-        fields.setdefault("preview_every", settings.preview_every)
+        fields.setdefault("preview_every", self.bot.settings.preview_every)
         try:
-            request = GenerationRequest(**fields)
+            return GenerationRequest(**fields)
         except ValidationError as error:
             raise UserError(f"That request isn't valid — {describe_validation_error(error)}.") from None
-        if request.steps > settings.max_steps:
-            raise UserError(f"Steps: {request.steps} is above this bot's limit of {settings.max_steps}. "
-                            f"Ask for {settings.max_steps} or fewer.")
-        if request.width * request.height > settings.max_pixels:
-            pixels = request.width * request.height
-            raise UserError(f"Size: {request.width}×{request.height} is {pixels:,} pixels, above this "
-                            f"bot's limit of {settings.max_pixels:,}. Pick a smaller size.")
-        return request
+
+    async def limits(self, guild_id: int | None) -> GuildLimits:
+        return GuildLimits.resolve(self.bot.settings, await self.bot.store.guild_limits(guild_id))
 
     async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
                      parent_job_id: int | None = None,
                      init_attachment: discord.Attachment | None = None) -> Job | None:
+        limits = await self.limits(interaction.guild_id)
         try:
             request = self.build_request(fields)
+            refusal = check_request(limits, request, interaction.channel_id, init_attachment is not None)
+            if refusal:
+                raise UserError(refusal)
         except UserError as error:
             await interaction.response.send_message(str(error), ephemeral=True)
             return None
@@ -109,8 +108,8 @@ class Imagine(commands.Cog):
                        user_id=interaction.user.id, total_steps=request.steps, guild_id=interaction.guild_id,
                        application_id=interaction.application_id, interaction_id=interaction.id,
                        interaction_token=interaction.token, parent_job_id=parent_job_id),
-                max_per_user=self.bot.settings.max_queued_per_user,
-                max_queue_length=self.bot.settings.max_queue_length)
+                max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
+                cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
         except (UserError, QueueFull) as error:
             message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
             await interaction.delete_original_response()
@@ -170,7 +169,8 @@ class Imagine(commands.Cog):
         await self.submit(interaction, fields, parent_job_id=job.id)
 
     async def cancel_job(self, interaction: discord.Interaction, job: Job) -> None:
-        if job.user_id != interaction.user.id and not is_moderator(interaction):
+        limits = await self.limits(interaction.guild_id)
+        if job.user_id != interaction.user.id and not is_moderator(interaction, limits.moderator_role):
             await interaction.response.send_message(
                 f"Job #{job.id} belongs to <@{job.user_id}>; only they or a moderator can cancel it.",
                 ephemeral=True)
@@ -179,6 +179,9 @@ class Imagine(commands.Cog):
         if cancelled is None:
             await interaction.response.send_message(f"Job #{job.id} has already finished.", ephemeral=True)
             return
+        if job.user_id != interaction.user.id:
+            await self.bot.store.audit(job.guild_id, interaction.user.id, "cancel", f"job {job.id}",
+                                       job.status, "cancelled")
         if cancelled.status == "cancelled":  # it was still waiting: nothing to stop
             await interaction.response.send_message(f"Cancelled job #{job.id}.", ephemeral=True)
             await self.bot.publisher.finished(cancelled)
@@ -188,22 +191,38 @@ class Imagine(commands.Cog):
                 f"Stopping job #{job.id} after the current step.", ephemeral=True)
 
     async def delete_job(self, interaction: discord.Interaction, job: Job) -> None:
-        if job.user_id != interaction.user.id and not is_moderator(interaction):
+        limits = await self.limits(interaction.guild_id)
+        if job.user_id != interaction.user.id and not is_moderator(interaction, limits.moderator_role):
             await interaction.response.send_message(
                 f"Only <@{job.user_id}> or a moderator can delete this picture.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True)
+        await self.remove_generation(job, interaction.user.id)
+        await interaction.followup.send(f"Deleted job #{job.id}.", ephemeral=True)
+
+    async def remove_generation(self, job: Job, actor_id: int) -> None:
+        """The message and the files go; the log row stays, marked deleted with who and when."""
         for path in (job.output_path, job.latent_path):
             if path:
                 Path(path).unlink(missing_ok=True)
-        await self.bot.store.mark_deleted(job.id, interaction.user.id)
-        if interaction.message is not None:
+        await self.bot.store.mark_deleted(job.id, actor_id)
+        if job.user_id != actor_id:
+            await self.bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
+                                       f"by <@{job.user_id}>", "deleted")
+        if job.message_id is not None:
+            channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
             with contextlib.suppress(discord.NotFound):
-                await interaction.message.delete()
-        await interaction.followup.send(f"Deleted job #{job.id}.", ephemeral=True)
+                await channel.get_partial_message(job.message_id).delete()
 
 
 def _queue_full_message(error: QueueFull) -> str:
+    when = f" You can try again <t:{int(error.retry_at) + 1}:R>." if error.retry_at else ""
+    if error.limit == "blocked":
+        return "A moderator has blocked you from making pictures on this server."
+    if error.limit == "cooldown":
+        return f"This server asks members to wait {error.value} s between pictures.{when}"
+    if error.limit == "daily_quota":
+        return f"You've made {error.value} pictures in the last 24 hours, this server's daily quota.{when}"
     if error.limit == "per_member":
         return (f"You already have {error.value} pictures waiting or running, the most one member may "
                 "have. Wait for one to finish, or `/cancel` one.")

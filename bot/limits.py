@@ -1,0 +1,164 @@
+"""Per-server limits: each one defined once here (type, range, default from Settings, how to parse
+what a moderator types), and the checks of a request against them that need no database.
+
+The limits that depend on other rows (queue sizes, cooldown, daily quota, blocks) are enforced by
+`Store.enqueue` in one statement, so they hold under races.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from engine.request import GenerationRequest
+
+
+class LimitError(ValueError):
+    """A value a moderator typed is not valid for a limit; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    description: str
+    kind: str  # "int", "bool", "channels", "terms" or "role"
+    default: Callable[[Settings], Any]
+    low: int = 0
+    high: int = 0
+    zero_means_none: bool = False
+
+    def parse(self, text: str) -> Any:
+        text = text.strip()
+        if self.kind == "int":
+            try:
+                value = int(text.replace(",", "").replace("_", ""))
+            except ValueError:
+                raise LimitError(f"{self.name} takes a whole number from {self.low} to {self.high} "
+                                 f"(got {text!r})") from None
+            if not self.low <= value <= self.high:
+                raise LimitError(f"{self.name} must be from {self.low} to {self.high} (got {value})")
+            return value
+        if self.kind == "bool":
+            answers = {"yes": True, "true": True, "on": True, "1": True,
+                       "no": False, "false": False, "off": False, "0": False}
+            if text.lower() not in answers:
+                raise LimitError(f"{self.name} takes yes or no (got {text!r})")
+            return answers[text.lower()]
+        if text.lower() in ("", "none", "all", "-"):
+            return None if self.kind == "role" else []
+        if self.kind == "channels":
+            ids = re.findall(r"<#(\d+)>|(\d{15,22})", text)
+            if not ids:
+                raise LimitError(f"{self.name} takes channel mentions like #art, or `all` (got {text!r})")
+            return sorted({int(a or b) for a, b in ids})
+        if self.kind == "role":
+            match = re.fullmatch(r"<@&(\d+)>|(\d{15,22})", text)
+            if not match:
+                raise LimitError(f"{self.name} takes a role mention like @Moderators, or `none` "
+                                 f"(got {text!r})")
+            return int(match[1] or match[2])
+        terms = sorted({term.strip() for term in text.split(",") if term.strip()})
+        if any(len(term) > 100 for term in terms) or len(terms) > 500:
+            raise LimitError(f"{self.name} takes up to 500 comma-separated terms of up to 100 characters")
+        return terms
+
+    def show(self, value: Any) -> str:
+        if self.kind == "bool":
+            return "yes" if value else "no"
+        if self.kind == "channels":
+            return " ".join(f"<#{c}>" for c in value) if value else "all channels"
+        if self.kind == "role":
+            return f"<@&{value}>" if value else "none"
+        if self.kind == "terms":
+            return ", ".join(value) if value else "none"
+        return "no limit" if value == 0 and self.zero_means_none else f"{value:,}"
+
+LIMITS: dict[str, Limit] = {limit.name: limit for limit in [
+    Limit("max_steps", "most optimisation steps per picture", "int", lambda s: s.max_steps, 1, 10000),
+    Limit("max_pixels", "most pixels per picture (width × height)", "int", lambda s: s.max_pixels,
+          64 * 64, 4096 * 4096),
+    Limit("max_queued_per_user", "pictures one member may have waiting or running", "int",
+          lambda s: s.max_queued_per_user, 1, 100),
+    Limit("max_queue_length", "pictures waiting or running on this server", "int",
+          lambda s: s.max_queue_length, 1, 10000),
+    Limit("cooldown_seconds", "seconds a member waits between requests (0: none)", "int",
+          lambda s: s.cooldown_s, 0, 86400, zero_means_none=True),
+    Limit("daily_quota", "pictures per member per 24 hours (0: unlimited)", "int",
+          lambda s: s.daily_quota, 0, 10000, zero_means_none=True),
+    Limit("allowed_channels", "channels where /imagine works (empty: all)", "channels", lambda s: []),
+    Limit("blocked_terms", "words refused in prompts (comma-separated)", "terms", lambda s: []),
+    Limit("allow_init_images", "whether members may start from their own picture", "bool",
+          lambda s: s.allow_init_images),
+    Limit("moderator_role", "a role whose members are moderators here", "role", lambda s: None),
+]}
+
+
+@dataclass(frozen=True)
+class GuildLimits:
+    """The limits in force on one server: its own values over the defaults from Settings."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, settings: Settings, stored: dict[str, Any]) -> GuildLimits:
+        return cls({name: stored.get(name, limit.default(settings)) for name, limit in LIMITS.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+# --- blocked terms -------------------------------------------------------------------------------
+
+# Simple substitutions people use to slip past filters ("c@t", "d0g", "$pam").
+_SUBSTITUTIONS = str.maketrans({"0": "o", "3": "e", "4": "a", "@": "a", "5": "s", "$": "s", "7": "t",
+                                "8": "b", "9": "g", "!": "i", "|": "l", "+": "t"})
+
+
+def _normalise(text: str, one_as: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = text.replace("1", one_as).translate(_SUBSTITUTIONS)
+    return " ".join(re.findall(r"[a-z0-9]+", text))
+
+
+def contains_blocked_term(text: str, terms: list[str]) -> bool:
+    """Whole-word, case-insensitive match that also sees through accents and simple substitutions."""
+    if not terms:
+        return False
+    variants = {_normalise(text, one_as) for one_as in ("i", "l")}
+    for term in terms:
+        for one_as in ("i", "l"):
+            wanted = _normalise(term, one_as)
+            if wanted and any(re.search(rf"(?<![a-z0-9]){re.escape(wanted)}(?![a-z0-9])", v)
+                              for v in variants):
+                return True
+    return False
+
+
+def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: int | None,
+                  has_init_image: bool) -> str | None:
+    """The first limit this request breaks, as a message for the member; None if it fits."""
+    if limits.allowed_channels and channel_id not in limits.allowed_channels:
+        places = " ".join(f"<#{c}>" for c in limits.allowed_channels)
+        return f"/imagine works only in {places} on this server."
+    if request.steps > limits.max_steps:
+        return (f"Steps: {request.steps} is above this server's limit of {limits.max_steps}. "
+                f"Ask for {limits.max_steps} or fewer.")
+    pixels = request.width * request.height
+    if pixels > limits.max_pixels:
+        return (f"Size: {request.width}×{request.height} is {pixels:,} pixels, above this server's limit "
+                f"of {limits.max_pixels:,}. Pick a smaller size.")
+    if has_init_image and not limits.allow_init_images:
+        return "Init images are turned off on this server; leave init_image empty."
+    texts = (request.prompt, request.negative, request.style)
+    if any(contains_blocked_term(text, limits.blocked_terms) for text in texts):
+        return "Your request contains a term this server doesn't allow. Please rephrase it."
+    return None
