@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import MANAGE_GUILD, FakeDiscord
+from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.timeout(120)
 
