@@ -1,16 +1,24 @@
-"""`python -m bot`: the Discord bot and, in the same process, the single engine task."""
+"""`python -m bot`: the Discord bot and, in the same process, the single engine task.
+
+`python -m bot check` checks the machine is ready; `python -m bot backup PATH` copies the live database.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import re
 import signal
 import sys
 from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 
+import aiosqlite
 from pydantic import ValidationError
 
+from bot import preflight
 from bot.app import ImagineBot, point_discord_at
 from bot.config import Settings
 from bot.store import Store
@@ -31,22 +39,34 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self.secrets = [s for s in secrets if s]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    def redact(self, text: str) -> str:
         for secret in self.secrets:
-            message = message.replace(secret, "[token]")
-        message = _WEBHOOK_TOKEN.sub(r"\1[token]", message)
-        message = _INTERACTION_TOKEN.sub(r"\1[token]", message)
-        record.msg, record.args = message, None
+            text = text.replace(secret, "[token]")
+        text = _WEBHOOK_TOKEN.sub(r"\1[token]", text)
+        return _INTERACTION_TOKEN.sub(r"\1[token]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:  # a traceback's messages may quote a URL or token
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def configure_logging(settings: Settings) -> list[logging.Handler]:
+    """One line per event to standard error and, if LOG_FILE is set, to a rotating file; both redacted."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(RotatingFileHandler(settings.log_file, maxBytes=settings.log_max_bytes,
+                                            backupCount=settings.log_backups, encoding="utf-8"))
     token = settings.discord_token.get_secret_value() if settings.discord_token else ""
-    handler.addFilter(RedactSecrets([token]))
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RedactSecrets([token]))
+    logging.basicConfig(level=settings.log_level, handlers=handlers, force=True)
+    return handlers
 
 
 def ensure_weights(settings: Settings) -> None:
@@ -82,13 +102,54 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
         await store.close()
 
 
-def main() -> int:
+async def backup(settings: Settings, target: Path) -> int:
+    """Copy the live database to `target` with SQLite's online backup API (safe while the bot runs)."""
+    source = settings.database_path
+    if not source.is_file():
+        print(f"error: there is no database at {source} (DATABASE_PATH); nothing to back up", file=sys.stderr)
+        return 2
+    if target.exists():
+        print(f"error: {target} already exists; backups never overwrite, give a new file name",
+              file=sys.stderr)
+        return 2
+    # Not Store.open: that migrates, and a newer bot's backup must not upgrade the schema under an
+    # older bot that is still running.
+    store = Store(await aiosqlite.connect(source))
+    try:
+        await store.backup_to(target)
+    finally:
+        await store.close()
+    print(f"backed up {source} to {target} ({target.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="The VQGAN+CLIP Discord bot; "
+                                     "without a command it runs the bot. Settings come from the "
+                                     "environment and .env (see .env.example).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("check", help="check this machine is ready: token, weights, GPU, database, "
+                        "outputs; exits 1 if a check fails")
+    backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
+                                         "the bot runs")
+    backup_command.add_argument("path", type=Path, metavar="PATH", help="the new backup file")
+    args = parser.parse_args(argv)
+
     try:
         settings = Settings()
     except ValidationError as error:
-        print(f"error: invalid setting: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}",
-              file=sys.stderr)
+        first = error.errors()[0]
+        print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        return preflight.main(settings)
+    if args.command == "backup":
+        return asyncio.run(backup(settings, args.path))
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the bot until SIGTERM or Ctrl-C; exit 2 at once if it cannot start."""
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         print("error: DISCORD_TOKEN is not set. Put DISCORD_TOKEN=<your bot token> in .env "
               "(see .env.example) or in the environment.", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,7 +50,27 @@ class Settings(BaseSettings):
     token_lifetime_s: float = Field(14 * 60, gt=0)  # switch to bot-token edits after this
     preview_max_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024)
 
+    # Retention of output files; the job rows stay, marked expired
+    retention_days: int = Field(0, ge=0)  # remove files of jobs finished longer ago; 0 = keep forever
+    output_max_gb: float = Field(0, ge=0)  # remove the oldest until OUTPUT_DIR is under this; 0 = no cap
+
+    # Logging
     log_level: str = "INFO"
+    log_file: Path | None = None  # also log to this file, rotated; empty = standard error only
+    log_max_bytes: int = Field(10 * 2**20, ge=1024)  # rotate the log file at this size
+    log_backups: int = Field(5, ge=0)  # rotated log files kept
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        return None if value == "" else value  # `LOG_FILE=` would otherwise be the current folder
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if not isinstance(logging.getLevelName(value.upper()), int):
+            raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
 
     @property
     def weight_overrides(self) -> dict[str, Path]:

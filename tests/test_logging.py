@@ -1,0 +1,58 @@
+"""The log file: rotated, one line per event, and no token in it, not even inside a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.__main__ import configure_logging
+from bot.config import Settings
+from tests.botrunner import TOKEN
+
+INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ"
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """configure_logging replaces the root handlers; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_the_log_file_is_redacted_and_rotated(tmp_path: Path, root_logging: None) -> None:
+    log_file = tmp_path / "logs" / "bot.log"
+    settings = Settings(_env_file=None, discord_token=TOKEN, log_file=str(log_file), log_max_bytes=2048,
+                        log_backups=2, log_level="debug")
+    configure_logging(settings)
+    log = logging.getLogger("bot.worker")
+
+    log.info("job %s: started (step %s of %s)", 7, 0, 300)
+    log.debug("login with %s", TOKEN)
+    try:
+        raise RuntimeError(f"401 on PATCH /webhooks/123/{INTERACTION_TOKEN}/messages/@original ({TOKEN})")
+    except RuntimeError:
+        log.exception("job %s: failed", 7)
+    text = log_file.read_text()
+    assert TOKEN not in text and INTERACTION_TOKEN not in text
+    assert "INFO bot.worker: job 7: started (step 0 of 300)" in text
+    assert "DEBUG bot.worker: login with [token]" in text
+    assert "RuntimeError: 401 on PATCH /webhooks/123/[token]/messages/@original ([token])" in text
+
+    for number in range(100):
+        log.info("job %s: a line of about sixty bytes to fill the log file", number)
+    assert sorted(p.name for p in log_file.parent.iterdir()) == ["bot.log", "bot.log.1", "bot.log.2"]
+    assert all(p.stat().st_size <= 2048 for p in log_file.parent.iterdir())
+
+
+def test_an_empty_log_file_setting_means_standard_error_only(root_logging: None) -> None:
+    handlers = configure_logging(Settings(_env_file=None, log_file=""))
+    assert [type(handler) for handler in handlers] == [logging.StreamHandler]

@@ -1,0 +1,185 @@
+"""`python -m bot check` and `python -m bot backup`: what an admin runs, with the exit codes they see."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot import preflight
+from bot.__main__ import main
+from bot.config import Settings
+from bot.store import MIGRATIONS, NewJob, Store
+from engine import weights
+from engine.models import PRESETS
+from tests.botrunner import TOKEN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def admin_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The settings of a small working install, as environment variables."""
+    return {"DISCORD_TOKEN": TOKEN, "ENGINE_PRESET": "tiny", "ENGINE_DEVICE": "cpu",
+            "DATABASE_PATH": str(tmp_path / "data" / "bot.sqlite3"), "OUTPUT_DIR": str(tmp_path / "outputs"),
+            "WEIGHTS_DIR": str(tmp_path / "weights"), **overrides}
+
+
+def settings_for(tmp_path: Path, **overrides: str) -> Settings:
+    env = admin_env(tmp_path, **overrides)
+    return Settings(_env_file=None, **{key.lower(): value for key, value in env.items()})
+
+
+def assert_no_token(text: str, token: str = TOKEN) -> None:
+    assert token not in text
+    assert not any(len(part) > 4 and part in text for part in token.split("."))
+
+
+def test_check_passes_in_a_subprocess_without_printing_the_token(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bot", "check"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), **admin_env(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "OK    token", "WARN  weights", "WARN  device", "OK    database", "OK    outputs", "ready"]
+    assert "random test models" in lines[1] and "CPU" in lines[2]
+    assert "does not exist yet" in lines[3]
+    assert_no_token(done.stdout + done.stderr)
+
+
+async def test_check_reports_a_migrated_database_and_changes_nothing(tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    store = await Store.open(tmp_path / "data" / "bot.sqlite3")
+    await store.close()
+    for key, value in admin_env(tmp_path, RETENTION_DAYS="30", OUTPUT_MAX_GB="2.5").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)  # no .env from the repository
+
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert f"OK    database: {tmp_path / 'data' / 'bot.sqlite3'}: writable, schema version " \
+           f"{len(MIGRATIONS)} of {len(MIGRATIONS)}" in out
+    assert "files kept 30 days, at most 2.5 GB" in out
+    assert not (tmp_path / "outputs").exists()  # a check creates nothing
+
+
+def test_check_fails_with_one_line_per_problem_and_exit_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bot.sqlite3").mkdir()  # a folder where the database file should be
+    (tmp_path / "not-a-folder").write_text("")
+    bad_token = "Bot " + TOKEN
+    env = admin_env(tmp_path, DISCORD_TOKEN=bad_token, ENGINE_PRESET="vqgan-f16-16384",
+                    DOWNLOAD_WEIGHTS="false", ENGINE_DEVICE="gpu",
+                    OUTPUT_DIR=str(tmp_path / "not-a-folder" / "outputs"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["check"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:4] for line in lines[:5]] == ["FAIL"] * 5
+    assert "starts with 'Bot '" in lines[0]
+    assert "3 file(s) missing and DOWNLOAD_WEIGHTS=false" in lines[1]
+    assert str(tmp_path / "weights" / "vqgan_imagenet_f16_16384.ckpt") in lines[1]
+    assert "'gpu' is not a device" in lines[2]
+    assert "unable to open database file" in lines[3]
+    assert "not-a-folder is not writable: Not a directory" in lines[4]
+    assert lines[5] == "not ready: token, weights, device, database, outputs failed"
+    assert_no_token("\n".join(lines), bad_token)
+
+
+def test_check_without_a_token_reports_it_instead_of_stopping(tmp_path: Path, monkeypatch, capsys) -> None:
+    for key, value in admin_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DISCORD_TOKEN")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL  token: DISCORD_TOKEN is not set")
+    assert "OK    outputs" in out  # the other checks still ran
+
+
+@pytest.mark.parametrize(("token", "why"), [
+    ("MTAxMDEwMTAxMDEwMTAxMDEw.GhIjKl", "it has 2 part(s)"),
+    ("0123456789abcdef0123456789abcdef", "it has 1 part(s)"),  # the client secret's shape
+    ("MTAx MDEw.GhIjKl.abcdefabcdef", "three base64url parts"),
+    ("c2VjcmV0.GhIjKl.abcdefabcdef", "does not encode a user id"),
+])
+def test_malformed_tokens_fail_without_being_shown(tmp_path: Path, token: str, why: str) -> None:
+    check = preflight.check_token(settings_for(tmp_path, DISCORD_TOKEN=token))
+    assert check.status == "fail" and why in check.detail
+    assert_no_token(check.line(), token)
+
+
+def test_weights_present_or_downloadable(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, ENGINE_PRESET="vqgan-f16-16384")
+    downloadable = preflight.check_weights(settings)
+    assert downloadable.status == "warn"
+    assert "3 file(s) missing" in downloadable.detail and "huggingface.co" in downloadable.detail
+
+    for file in PRESETS["vqgan-f16-16384"].weight_files:
+        path = weights.resolve_path(file, settings.weights_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights")
+    assert preflight.check_weights(settings).status == "ok"
+    assert preflight.check_weights(settings_for(tmp_path, ENGINE_PRESET="huge")).status == "fail"
+
+
+@pytest.mark.parametrize(("version", "status", "says"), [
+    (1, "warn", "schema version 1 of"),
+    (len(MIGRATIONS) + 1, "fail", "newer than this bot knows"),
+])
+def test_database_schema_older_or_newer_than_the_bot(tmp_path: Path, version: int, status: str,
+                                                     says: str) -> None:
+    path = tmp_path / "data" / "bot.sqlite3"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute(f"PRAGMA user_version = {version}")
+    check = preflight.check_database(settings_for(tmp_path))
+    assert (check.status, says in check.detail) == (status, True), check
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (version,)  # not migrated by the check
+
+
+async def test_backup_command_copies_the_live_database_and_the_copy_restores(tmp_path: Path) -> None:
+    live = tmp_path / "data" / "bot.sqlite3"
+    store = await Store.open(live)  # stays open, as under a running bot
+    for user in (1, 2):
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=3),
+                            max_per_user=5, max_queue_length=5)
+    await store.claim_next_job()
+    target = tmp_path / "backups" / "2024-05-01.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_PATH": str(live)}
+    done = subprocess.run([sys.executable, "-m", "bot", "backup", str(target)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"backed up {live} to {target}")
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=3, total_steps=3),
+                        max_per_user=5, max_queue_length=5)  # after the backup: not in it
+    await store.close()
+
+    # Restore as deploy/README.md says: stop the bot, put the copy in place of the database, start.
+    for leftover in live.parent.glob("bot.sqlite3*"):
+        leftover.unlink()
+    live.write_bytes(target.read_bytes())
+    restored = await Store.open(live)
+    assert [(j.user_id, j.status) for j in await restored.active_jobs()] == [(1, "running"), (2, "queued")]
+    await restored.close()
+
+
+def test_backup_refuses_to_overwrite_or_to_copy_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "missing.sqlite3"))
+    assert main(["backup", str(tmp_path / "copy.sqlite3")]) == 2
+    assert "there is no database at" in capsys.readouterr().err
+
+    sqlite3.connect(tmp_path / "bot.sqlite3").close()
+    monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "bot.sqlite3"))
+    (tmp_path / "copy.sqlite3").write_text("an older backup")
+    assert main(["backup", str(tmp_path / "copy.sqlite3")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "copy.sqlite3").read_text() == "an older backup"
