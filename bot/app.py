@@ -13,6 +13,7 @@ from discord.ext import commands
 
 from bot.config import Settings
 from bot.publisher import Publisher
+from bot.retention import run_retention
 from bot.store import Store
 from bot.views import JobButton
 from bot.worker import EngineWorker
@@ -47,6 +48,7 @@ class ImagineBot(commands.Bot):
         self.publisher = Publisher(self, store, settings, clock=clock)
         self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings))
         self.engine_task: asyncio.Task | None = None
+        self.retention_task: asyncio.Task | None = None
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
@@ -54,6 +56,7 @@ class ImagineBot(commands.Bot):
         self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
         await self.sync_commands()
         self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
+        self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:  # a guild sync shows up at once; a global one can take a while
@@ -74,6 +77,9 @@ class ImagineBot(commands.Bot):
     async def close(self) -> None:
         """Stop after the current step (saving it for the next start), then disconnect."""
         await self.worker.stop()
+        if self.retention_task is not None:
+            self.retention_task.cancel()
+            await asyncio.gather(self.retention_task, return_exceptions=True)
         if self.engine_task is not None:
             await asyncio.gather(self.engine_task, return_exceptions=True)
         await super().close()

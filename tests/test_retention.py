@@ -1,0 +1,126 @@
+"""Retention: old output files go (by age, then oldest first under a disk cap); the rows stay, expired."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.retention import sweep
+from bot.store import Job, NewJob, Store
+from engine.request import GenerationRequest
+from tests.botrunner import BotRunner, bot_settings
+from tests.fakediscord import FakeDiscord
+
+DAY = 86400
+
+
+async def make_job(store: Store, out: Path, days_ago: float, *, status: str = "done", size: int = 1000,
+                   posted: bool = True, request: GenerationRequest | None = None) -> Job:
+    """A finished job with its PNG and state file (or, if not done, a checkpoint) of `size` bytes each."""
+    request = request or GenerationRequest(prompt="a lighthouse", seed=1)
+    job = await store.enqueue(NewJob(request_json=request.model_dump_json(), channel_id=1, user_id=1,
+                                     total_steps=3), max_per_user=99, max_queue_length=99)
+    await store.claim_next_job()
+    if status == "done":
+        png, state = out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt"
+        png.write_bytes(b"p" * size)
+        state.write_bytes(b"s" * size)
+        await store.finish(job.id, "done", output_path=str(png), latent_path=str(state))
+    else:
+        checkpoint = out / "checkpoints" / f"job-{job.id}.state.pt"
+        checkpoint.parent.mkdir(exist_ok=True)
+        checkpoint.write_bytes(b"c" * size)
+        await store.save_progress(job.id, 1, str(checkpoint))
+        await store.finish(job.id, status)
+    if posted:
+        await store.mark_posted(job.id)
+    with sqlite3.connect(store_path(out)) as db:  # as if it had finished `days_ago` days ago
+        db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - days_ago * DAY, job.id))
+    return await store.get(job.id)
+
+
+def store_path(out: Path) -> Path:
+    return out.parent / "bot.sqlite3"
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    (tmp_path / "outputs").mkdir()
+    store = await Store.open(store_path(tmp_path / "outputs"))
+    yield store
+    await store.close()
+
+
+async def test_files_older_than_the_retention_go_and_their_rows_stay_expired(store: Store,
+                                                                              tmp_path: Path) -> None:
+    out = tmp_path / "outputs"
+    old = await make_job(store, out, days_ago=40, request=GenerationRequest(prompt="two", batch_size=2))
+    (out / f"job-{old.id}-2.png").write_bytes(b"second image of the batch")
+    cancelled = await make_job(store, out, days_ago=35, status="cancelled")
+    recent = await make_job(store, out, days_ago=2)
+    unposted = await make_job(store, out, days_ago=50, posted=False)  # its reply still has to show it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = await make_job(store, elsewhere, days_ago=60)  # OUTPUT_DIR changed since: not ours to touch
+    parent = await make_job(store, out, days_ago=45)
+    continuing = GenerationRequest(prompt="more", seed=2, continue_from=Path(parent.latent_path))
+    await store.enqueue(NewJob(request_json=continuing.model_dump_json(), channel_id=1, user_id=1,
+                               total_steps=3), max_per_user=99, max_queue_length=99)
+    (out / "notes.txt").write_text("the admin's own file")
+
+    result = await sweep(store, out, retention_days=30)
+
+    assert result.expired == [old.id, cancelled.id]
+    assert result.freed_bytes == 2000 + len(b"second image of the batch") + 1000
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted([
+        f"job-{recent.id}.png", f"job-{recent.id}.state.pt", f"job-{unposted.id}.png",
+        f"job-{unposted.id}.state.pt", f"job-{parent.id}.png", f"job-{parent.id}.state.pt", "notes.txt"])
+    assert Path(moved.output_path).is_file()
+    for job in (old, cancelled):
+        row = await store.get(job.id)
+        assert row is not None and row.expired_at is not None and row.status == job.status
+    for job in (recent, unposted, moved, parent):
+        assert (await store.get(job.id)).expired_at is None
+
+    again = await sweep(store, out, retention_days=30)
+    assert again.expired == [] and again.freed_bytes == 0
+
+
+async def test_a_disk_cap_removes_the_oldest_first_until_under_it(store: Store, tmp_path: Path,
+                                                                   caplog) -> None:
+    out = tmp_path / "outputs"
+    jobs = [await make_job(store, out, days_ago=days) for days in (4, 3, 2, 1)]  # 2000 bytes each
+    running = await store.enqueue(NewJob(request_json="{}", channel_id=1, user_id=1, total_steps=9),
+                                  max_per_user=99, max_queue_length=99)
+    await store.claim_next_job()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / f"job-{running.id}.state.pt").write_bytes(b"r" * 500)
+
+    result = await sweep(store, out, max_bytes=5000)  # 8500 bytes: two jobs must go
+    assert result.expired == [jobs[0].id, jobs[1].id]
+    assert (result.freed_bytes, result.used_bytes) == (4000, 4500)
+    assert all(Path(job.output_path).is_file() for job in jobs[2:])
+
+    with caplog.at_level(logging.WARNING, logger="bot.retention"):
+        squeezed = await sweep(store, out, max_bytes=100)
+    assert squeezed.expired == [jobs[2].id, jobs[3].id] and squeezed.used_bytes == 500
+    assert (out / "checkpoints" / f"job-{running.id}.state.pt").is_file()  # a running job keeps its own
+    assert "still holds" in caplog.text
+
+
+async def test_the_bot_sweeps_at_start_up(fake: FakeDiscord, tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path, retention_days=7)
+    settings.output_dir.mkdir()
+    store = await Store.open(settings.database_path)
+    old = await make_job(store, settings.output_dir, days_ago=8)
+    recent = await make_job(store, settings.output_dir, days_ago=1)
+    await store.close()
+
+    async with BotRunner(settings) as bot:
+        await fake.wait_until(lambda: not Path(old.output_path).exists(), timeout=10)
+        assert (await bot.store.get(old.id)).expired_at is not None
+    assert Path(recent.output_path).is_file()
