@@ -21,7 +21,9 @@ from engine.models import Models, load_preset
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log")
+EXTENSIONS = (
+    "bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log", "bot.cogs.status",
+)
 
 
 def point_discord_at(settings: Settings) -> None:
