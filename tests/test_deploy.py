@@ -1,0 +1,105 @@
+"""The deployment files say what deploy/README.md promises. (Docker and systemd can't run here; this
+reads the files as they would.)"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+from bot.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+SETTINGS = {name.upper() for name in Settings.model_fields}
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            keyword, _, rest = pending.strip().partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+            pending = ""
+    return instructions
+
+
+def unit() -> dict[str, list[tuple[str, str]]]:
+    """Sections of the systemd unit as (key, value) lists: systemd allows a key more than once."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for line in (DEPLOY / "vqgan-clip-bot.service").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+        else:
+            key, _, value = line.partition("=")
+            sections[current].append((key, value))
+    return sections
+
+
+def test_compose_reserves_the_gpu_and_keeps_data_on_volumes() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    bot = compose["services"]["bot"]
+    assert bot["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert (DEPLOY / bot["env_file"]).resolve() == ROOT / ".env"  # where `cp .env.example .env` puts it
+    assert bot["restart"] == "unless-stopped"
+    assert (DEPLOY / bot["build"]["context"] / bot["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+    mounts = dict(volume.split(":")[::-1] for volume in bot["volumes"])
+    assert mounts == {"/data": "data", "/outputs": "outputs", "/weights": "weights"}
+    assert set(compose["volumes"]) == set(mounts.values())
+    env = bot["environment"]
+    assert set(env) <= SETTINGS
+    assert Path(env["DATABASE_PATH"]).parent == Path("/data")
+    assert (env["OUTPUT_DIR"], env["WEIGHTS_DIR"]) == ("/outputs", "/weights")
+
+
+def test_the_image_runs_unprivileged_with_volumes_and_a_preflight_healthcheck() -> None:
+    steps = dockerfile()
+    keywords = [keyword for keyword, _ in steps]
+    args = dict(steps)  # the last of each kind
+    assert steps[0][0] == "FROM" and "python:3.11" in steps[0][1]
+    assert args["USER"].split(":")[0] not in ("root", "0")
+    assert keywords.index("USER") < keywords.index("ENTRYPOINT")
+    assert set(yaml.safe_load(args["VOLUME"])) == {"/data", "/outputs", "/weights"}
+    assert args["HEALTHCHECK"].endswith('CMD ["python", "-m", "bot", "check"]')
+    assert args["ENTRYPOINT"] == '["python", "-m", "bot"]'
+
+    env = dict(pair.split("=", 1)
+               for keyword, rest in steps if keyword == "ENV" for pair in shlex.split(rest))
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["bot"]["environment"]
+    assert {key: env[key] for key in compose} == compose  # the image alone agrees with compose
+    for keyword, rest in steps:  # everything copied in exists, and nothing secret is
+        if keyword == "COPY":
+            *sources, _ = rest.split()
+            assert all((ROOT / source).exists() and ".env" not in source for source in sources)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".env" in ignored and ".venv/" in ignored
+
+
+def test_the_systemd_unit_is_hardened_and_checks_before_starting() -> None:
+    sections = unit()
+    service = dict(sections["Service"])
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    assert service["ProtectHome"] == "yes" and service["CapabilityBoundingSet"] == ""
+    assert service["User"] not in ("root", "0")
+    assert service["EnvironmentFile"].startswith("/etc/")
+    # Relative data paths from .env.example land in the working directory, which must be writable.
+    assert service["WorkingDirectory"] in service["ReadWritePaths"].split()
+    assert service["WorkingDirectory"] == f"/var/lib/{service['StateDirectory']}"
+    assert service["ExecStartPre"].endswith("python -m bot check")
+    assert service["ExecStart"].endswith("python -m bot")
+    assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) >= 60
+    assert "PrivateDevices" not in service  # it would hide /dev/nvidia*
+    assert dict(sections["Install"])["WantedBy"] == "multi-user.target"
