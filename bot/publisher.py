@@ -102,7 +102,7 @@ class Publisher:
         return (self.random_weights_note + text)[:2000]
 
     async def queued(self, job: Job, position: int, eta_s: float | None) -> None:
-        request = GenerationRequest.model_validate_json(job.request_json)
+        request = GenerationRequest.stored(job.request_json)
         ahead = "next up" if position <= 1 else f"position {position} in the queue"
         await self.edit(job, content=self._content(
             f"🕒 **{_quote(request.prompt)}** — queued, {ahead} · ETA {format_duration(eta_s)}"),
@@ -126,7 +126,7 @@ class Publisher:
             self._last_sent[job_id] = time.monotonic()
 
     async def _send_progress(self, update: Progress) -> None:
-        request = GenerationRequest.model_validate_json(update.job.request_json)
+        request = GenerationRequest.stored(update.job.request_json)
         files = [discord.File(io.BytesIO(update.preview_jpeg), f"job-{update.job.id}-preview.jpg")] \
             if update.preview_jpeg else []
         await self.edit(update.job, content=self._content(
@@ -145,13 +145,13 @@ class Publisher:
     async def finished(self, job: Job, note: str | None = None) -> bool:
         """Show a finished job's final state; returns whether Discord accepted it."""
         await self._quiet_progress(job.id)
-        request = GenerationRequest.model_validate_json(job.request_json)
+        request = GenerationRequest.stored(job.request_json)
         seconds = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
         if job.status == "done" and job.output_path:
             path = Path(job.output_path)
-            limit = DEFAULT_UPLOAD_LIMIT
-            files = [discord.File(path, path.name)] if path.stat().st_size <= limit else []
-            note = "" if files else " (the PNG is larger than this server's upload limit)"
+            fits = path.is_file() and path.stat().st_size <= DEFAULT_UPLOAD_LIMIT
+            files = [discord.File(path, path.name)] if fits else []
+            note = "" if fits else " (the PNG is missing or larger than this server's upload limit)"
             ok = await self.edit(job, content=self._content(
                 f"✅ **{_quote(request.prompt)}** — {request.steps} steps in "
                 f"{format_duration(seconds)}{note}"),

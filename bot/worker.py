@@ -101,7 +101,7 @@ class EngineWorker:
         log.info("job %s: started (step %s of %s)", job.id, job.step, job.total_steps)
         request: GenerationRequest | None = None
         try:
-            request = GenerationRequest.model_validate_json(job.request_json)
+            request = GenerationRequest.stored(job.request_json)
             resume = output.load_state(checkpoint_path) if job.checkpoint_path and checkpoint_path.is_file() \
                 else None
 

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 LATENT_FACTOR = 16  # VQGAN f16: one latent cell per 16x16 pixels
 MAX_SEED = 2**32 - 1
@@ -95,10 +95,17 @@ class GenerationRequest(BaseModel):
 
     @field_validator("init_image", "continue_from")
     @classmethod
-    def _file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+    def _file_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Only new requests must point at files: a stored one may outlive them (retention, delete).
+        stored = (info.context or {}).get("stored", False)
+        if value is not None and not stored and not value.is_file():
             raise ValueError(f"file not found: {value}")
         return value
+
+    @classmethod
+    def stored(cls, data: str) -> GenerationRequest:
+        """A request read back from the queue or a recipe, whose files may be gone since."""
+        return cls.model_validate_json(data, context={"stored": True})
 
     @property
     def prompts(self) -> list[WeightedPrompt]:

@@ -146,7 +146,8 @@ async def test_generation_log_history_export_delete_and_audit(fake: FakeDiscord,
         for i in range(12):
             await fake.send_slash_command("imagine", {"prompt": f"sunset {i}" if i % 2 else f"forest {i}"},
                                           user=bob if i % 3 == 0 else None)
-        await fake.wait_until(lambda: sum("✅" in m.content for m in fake.messages_in(fake.channel)) == 12, 90)
+        await fake.wait_until(
+            lambda: sum("✅" in m.content for m in fake.messages_in(fake.channel)) == 12, 90)
 
         page = await command(fake, "log view", user=mod)
         embed = page["embeds"][0]

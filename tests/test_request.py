@@ -53,3 +53,13 @@ def test_invalid_values_name_the_field_the_value_and_the_range(fields: dict, mes
     with pytest.raises(ValidationError) as caught:
         GenerationRequest(**{"prompt": "a dog", **fields})
     assert message in describe_validation_error(caught.value)
+
+
+def test_a_stored_request_outlives_its_files(tmp_path) -> None:
+    init = tmp_path / "init.png"
+    init.write_bytes(b"png")
+    request = GenerationRequest(prompt="a dog", init_image=init)
+    init.unlink()  # retention or a delete removed it
+    assert GenerationRequest.stored(request.model_dump_json()) == request
+    with pytest.raises(ValidationError, match="file not found"):
+        GenerationRequest.model_validate_json(request.model_dump_json())

@@ -155,7 +155,7 @@ class Imagine(commands.Cog):
             await self.follow_up_job(interaction, job, action)
 
     async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str) -> None:
-        fields = GenerationRequest.model_validate_json(job.request_json).model_dump(
+        fields = GenerationRequest.stored(job.request_json).model_dump(
             exclude={"continue_from"})
         if action == "reroll":
             fields["seed"] = None  # a new seed is drawn

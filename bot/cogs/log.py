@@ -57,7 +57,7 @@ def message_link(job: Job) -> str | None:
 
 
 def log_line(job: Job) -> str:
-    request = GenerationRequest.model_validate_json(job.request_json)
+    request = GenerationRequest.stored(job.request_json)
     prompt = discord.utils.escape_markdown(request.prompt.replace("\n", " "))[:80]
     seconds = job.finished_at - job.started_at if job.finished_at and job.started_at else None
     status = "deleted" if job.deleted_at else "expired" if job.expired_at else job.status
@@ -70,7 +70,7 @@ def log_line(job: Job) -> str:
 def export_rows(jobs: list[Job]) -> list[dict]:
     rows = []
     for job in jobs:
-        request = GenerationRequest.model_validate_json(job.request_json)
+        request = GenerationRequest.stored(job.request_json)
         rows.append({
             "job": job.id, "created_at": datetime.fromtimestamp(job.created_at, UTC).isoformat(),
             "member": job.user_id, "channel": job.channel_id, "message": message_link(job) or "",

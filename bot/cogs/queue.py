@@ -29,7 +29,7 @@ class Queue(commands.Cog):
             remaining += job.remaining_steps
             if job.user_id != interaction.user.id:
                 continue
-            prompt = GenerationRequest.model_validate_json(job.request_json).prompt
+            prompt = GenerationRequest.stored(job.request_json).prompt
             state = f"running, step {job.step}/{job.total_steps}" if job.status == "running" \
                 else f"#{place} in the queue"
             eta = format_duration(remaining * speed) if speed is not None else "unknown"
