@@ -11,15 +11,19 @@ step; it knows nothing of who listens (the CLI's progress bar, the Discord bot).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from engine import output
 from engine.cutouts import make_cutouts
@@ -95,9 +99,57 @@ def prompt_targets(models: Models, request: GenerationRequest) -> tuple[torch.Te
     return torch.stack(targets), torch.tensor(weights, device=models.device)
 
 
-def decode(models: Models, latent: torch.Tensor) -> torch.Tensor:
-    """Latent to images in [0, 1], as the notebook's (clip(-1, 1) + 1) / 2."""
-    return (models.vqgan.decode(latent).clamp(-1, 1) + 1) / 2
+# Devices whose decoder runs faster channels-last: measured on the CPU (oneDNN, 1.5x); unmeasured on
+# CUDA, where bench/gpu_check.py compares both layouts before anyone adds it here. The layout of the
+# latent carries through every layer of the decoder, so the weights need not be converted.
+CHANNELS_LAST_DEVICES = {"cpu"}
+# Recompute the decoder's activations in the backward pass instead of keeping them: CLIP's and the
+# decoder's activations then never coexist. Full-size models on the CPU at 256²: +7 % time for
+# -0.7 GB peak; it is what lets large sizes fit at all (engine/memory.py models the peak with it).
+# Below CHECKPOINT_FROM_PIXELS (per batch) there is little memory to win, and the fixed cost per
+# block would make the tiny test models' steps twice as slow.
+CHECKPOINT_DECODER = True
+CHECKPOINT_FROM_PIXELS = 192 * 192
+
+
+def decode(models: Models, latent: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """Latent to images in [0, 1], as the notebook's (clip(-1, 1) + 1) / 2.
+
+    `checkpointed` keeps only each decoder block's input for the backward pass and recomputes the
+    rest then: one more decoder forward per step, for a fraction of the activation memory.
+    """
+    if latent.device.type in CHANNELS_LAST_DEVICES:
+        latent = latent.contiguous(memory_format=torch.channels_last)
+    if checkpointed and torch.is_grad_enabled():
+        images = _checkpointed_decoder(models.vqgan.decoder, models.vqgan.post_quant_conv(latent))
+    else:
+        images = models.vqgan.decode(latent)
+    return (images.clamp(-1, 1) + 1) / 2
+
+
+def _checkpointed_decoder(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """taming's `Decoder.forward`, step for step, with each block a checkpoint segment."""
+    def run(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    h = run(decoder.conv_in, z)
+    h = run(decoder.mid.block_1, h, None)
+    h = run(decoder.mid.attn_1, h)
+    h = run(decoder.mid.block_2, h, None)
+    for level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[level]
+        for index, block in enumerate(up.block):
+            h = run(block, h, None)
+            if len(up.attn) > 0:
+                h = run(up.attn[index], h)
+        if level != 0:
+            h = run(up.upsample, h)
+    return run(_decoder_head, decoder, h)
+
+
+def _decoder_head(decoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    h = decoder.norm_out(h)
+    return decoder.conv_out(h * torch.sigmoid(h))  # taming's nonlinearity (swish)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -125,9 +177,46 @@ def _embed_images(models: Models, images: torch.Tensor) -> torch.Tensor:
     """Unit CLIP embeddings of images in [0, 1] at CLIP's input size."""
     mean = torch.tensor(models.image_mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(models.image_std, device=images.device).view(1, -1, 1, 1)
-    with models.autocast():
+    with models.autocast(), _attention_kernel(images.device):
         embeddings = models.clip.encode_image((images - mean) / std)
     return F.normalize(embeddings.float(), dim=-1)
+
+
+@contextlib.contextmanager
+def _attention_kernel(device: torch.device) -> Iterator[None]:
+    """Plain matmul attention on the CPU: for CLIP's 50 tokens the CPU flash-attention backward is
+    ~10x slower than the matmuls it replaces. Other devices keep PyTorch's choice."""
+    with sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext():
+        yield
+
+
+def use_sequence_first_attention(clip: nn.Module) -> None:
+    """Run the image tower's attention on sequence-first contiguous inputs; same maths, faster.
+
+    A batch-first `nn.MultiheadAttention` transposes its input to (tokens, batch, width) without
+    copying it. When that input needs a gradient, matmul will not fold the strided view into one
+    matrix and multiplies it against a copy of the weight per token instead: about half of CLIP's
+    step on the CPU. Handing it a contiguous sequence-first copy lets every projection be one matmul.
+    Idempotent; the text tower (encoded once, without gradients) keeps its fast inference path.
+    """
+    for module in clip.visual.modules():
+        if isinstance(module, nn.MultiheadAttention) and module.batch_first:
+            module.batch_first = False
+            module.register_forward_pre_hook(_to_sequence_first, with_kwargs=True)
+            module.register_forward_hook(_to_batch_first, with_kwargs=True)
+
+
+def _to_sequence_first(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    moved: dict[int, torch.Tensor] = {}  # keep query/key/value the same object: one packed projection
+    for tensor in args:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 3 and id(tensor) not in moved:
+            moved[id(tensor)] = tensor.transpose(0, 1).contiguous()
+    return tuple(moved.get(id(a), a) for a in args), kwargs
+
+
+def _to_batch_first(module: nn.Module, args: tuple, kwargs: dict, result: tuple) -> tuple:
+    attended = result[0]
+    return (attended.transpose(0, 1) if attended.dim() == 3 else attended, *result[1:])
 
 
 def initial_latent(models: Models, request: GenerationRequest, generator: torch.Generator
@@ -167,6 +256,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
     `cancelled=True`. Raises GenerationError if the loss stops being finite.
     """
     device = models.device
+    use_sequence_first_attention(models.clip)
     recipe = output.recipe(request, models)
     generator = torch.Generator(device=device)
     generator.manual_seed(request.seed)
@@ -187,6 +277,8 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
         for group in optimizer.param_groups:  # the request's values win over the saved ones
             group.update(lr=request.learning_rate, weight_decay=request.weight_decay)
     low, high = _codebook_bounds(models) if request.quantize else (None, None)
+    checkpointed = CHECKPOINT_DECODER and \
+        request.width * request.height * request.batch_size >= CHECKPOINT_FROM_PIXELS
 
     losses = torch.zeros(request.steps, device=device)
     similarities = torch.zeros(request.steps, device=device)
@@ -200,7 +292,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
             break
         with models.autocast():
             source = models.vqgan.quantize(latent)[0] if request.quantize else latent
-            images = decode(models, source)
+            images = decode(models, source, checkpointed)
         cutouts = make_cutouts(images, request.cutn, models.clip_size, generator,
                                request.cut_pow, request.noise_factor)
         embeddings = _embed_images(models, cutouts)

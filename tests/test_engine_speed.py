@@ -1,0 +1,60 @@
+"""The engine's speed-ups change how a step is computed, never what it computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine import generate as engine_generate
+from engine import output
+from engine.generate import StepInfo, decode, generate, use_sequence_first_attention
+from engine.models import TINY_CLIP_ARCH, TINY_VQGAN_CONFIG, Models, build_random_models
+from engine.request import GenerationRequest
+from tests.tiny_models import colour_prompt
+
+
+def test_checkpointed_decoder_gives_the_same_images_and_gradients(tiny_models: Models) -> None:
+    latent = torch.randn(1, tiny_models.vqgan.embed_dim, 5, 4)
+
+    def images_and_gradient(checkpointed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        source = latent.clone().requires_grad_(True)
+        images = decode(tiny_models, source, checkpointed)
+        (images * torch.linspace(0, 1, images.shape[-1])).sum().backward()
+        return images.detach(), source.grad
+
+    plain_images, plain_grad = images_and_gradient(False)
+    kept_images, kept_grad = images_and_gradient(True)
+    assert torch.equal(plain_images, kept_images)
+    torch.testing.assert_close(kept_grad, plain_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_first_attention_computes_the_same_embeddings() -> None:
+    models = build_random_models(TINY_CLIP_ARCH, TINY_VQGAN_CONFIG, device="cpu", precision="fp32")
+    crops = torch.rand(3, 3, models.clip_size, models.clip_size)
+    before = models.clip.encode_image(crops)
+    use_sequence_first_attention(models.clip)
+    use_sequence_first_attention(models.clip)  # idempotent: hooks are added once
+    torch.testing.assert_close(models.clip.encode_image(crops), before, rtol=1e-4, atol=1e-5)
+    # The text tower is untouched and keeps batch-first attention.
+    assert all(block.attn.batch_first for block in models.clip.transformer.resblocks)
+
+
+def test_a_checkpointed_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path) -> None:
+    side = 208  # above the size from which the decoder is checkpointed
+    assert side * side >= engine_generate.CHECKPOINT_FROM_PIXELS
+    request = GenerationRequest(prompt=colour_prompt("red"), width=side, height=side, steps=4, seed=5,
+                                preview_every=2, cutn=4)
+    whole = generate(request, tiny_models)
+
+    saved: list[output.GenerationState] = []
+
+    def keep(info: StepInfo) -> None:
+        if info.state is not None:
+            saved.append(info.state)
+
+    generate(request, tiny_models, keep, should_stop=lambda: len(saved) == 1)
+    resumed = generate(request, tiny_models, resume=saved[0])
+    first = output.save_png(whole.image, tmp_path / "whole.png", whole.recipe).read_bytes()
+    again = output.save_png(resumed.image, tmp_path / "again.png", resumed.recipe).read_bytes()
+    assert first == again
