@@ -1,0 +1,105 @@
+"""How much memory a request needs at its peak, so that one that would not fit is refused up front.
+
+The model, for the full-size models (VQGAN f16-16384 + CLIP ViT-B/32) as the engine runs them
+(decoder checkpointed, see engine/generate.py):
+
+    peak ≈ base + batch · (per_pixel · pixels + per_cutout · cutn + per_attention · tokens²)
+
+- `base`: what the process holds before and around every step whatever the request: the loaded
+  models, the runtime, the bf16 copies of the weights a step makes.
+- `per_pixel`: the decoder's activations. Checkpointed, it keeps each block's input and, in the
+  backward pass, one block's recomputed activations and their gradients: all proportional to
+  the image's pixels.
+- `per_cutout`: CLIP's activations for one 224² cutout (fixed size, so a constant each).
+- `per_attention`: the decoder's self-attention runs at the latent grid, tokens = pixels / 16²,
+  and holds tokens² scores (and their gradients) at once: negligible at 512², dominant past 2048².
+
+The coefficients below were fitted by `python -m bench.memory_model` (peak RSS of one process per
+size, each in a fresh subprocess) on the machine named beside them. CUDA has not been measured yet:
+it borrows the CPU's fp32 figures, an upper bound for bf16, until bench/gpu_check.py's
+measured-vs-estimated lines say better.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import LATENT_FACTOR, GenerationRequest
+
+MIN_SIDE, MAX_SIDE = 64, 4096  # GenerationRequest's limits on width and height
+
+
+@dataclass(frozen=True)
+class PeakModel:
+    base: float  # bytes
+    per_pixel: float  # bytes per output pixel per image
+    per_cutout: float  # bytes per cutout per image
+    per_attention: float  # bytes per element of the decoder's (tokens x tokens) attention
+
+    def peak_bytes(self, width: int, height: int, cutn: int, batch_size: int = 1) -> int:
+        pixels = width * height
+        tokens = pixels / LATENT_FACTOR**2
+        per_image = self.per_pixel * pixels + self.per_cutout * cutn + self.per_attention * tokens**2
+        return int(self.base + batch_size * per_image)
+
+
+# Fitted by `.venv/bin/python -m bench.memory_model` on an Intel Xeon (Sapphire Rapids, AVX-512-BF16/AMX),
+# 2 cores, torch 2.14.1, 2026-11-29. Peak RSS of the whole process, models included.
+CPU_BF16 = PeakModel(base=1.9e9, per_pixel=9000.0, per_cutout=20e6, per_attention=20.0)
+CPU_FP32 = PeakModel(base=1.9e9, per_pixel=15000.0, per_cutout=40e6, per_attention=24.0)
+
+PEAK_MODELS: dict[tuple[str, str], PeakModel] = {
+    ("cpu", "bf16"): CPU_BF16,
+    ("cpu", "fp32"): CPU_FP32,
+    ("cuda", "bf16"): CPU_FP32,  # unmeasured: see the module docstring
+    ("cuda", "fp32"): CPU_FP32,
+}
+
+
+def _model_for(device_type: str, precision: str) -> PeakModel:
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be bf16 or fp32 (as resolved by the models), not {precision!r}")
+    # Other devices (mps) have not been measured; the CPU's figures are the nearest guess.
+    return PEAK_MODELS.get((device_type, precision), PEAK_MODELS[("cpu", precision)])
+
+
+def peak_bytes(width: int, height: int, cutn: int, device_type: str, precision: str,
+               batch_size: int = 1) -> int:
+    """Estimated peak memory of generating one `width`x`height` request on this kind of device."""
+    return _model_for(device_type, precision).peak_bytes(width, height, cutn, batch_size)
+
+
+def estimate_peak_bytes(request: GenerationRequest, device_type: str, precision: str) -> int:
+    """Estimated peak memory of `request` (size, cutouts, batch) on `device_type` at `precision`."""
+    return peak_bytes(request.width, request.height, request.cutn, device_type, precision,
+                      request.batch_size)
+
+
+def largest_square_that_fits(budget_bytes: int, cutn: int, device_type: str, precision: str,
+                             batch_size: int = 1) -> int:
+    """The largest square side (a multiple of 16, at most 4096) whose estimate fits the budget;
+    0 when not even the smallest request (64x64) does."""
+    def fits(side: int) -> bool:
+        return peak_bytes(side, side, cutn, device_type, precision, batch_size) <= budget_bytes
+
+    low, high = MIN_SIDE // LATENT_FACTOR, MAX_SIDE // LATENT_FACTOR  # in latent cells
+    if not fits(low * LATENT_FACTOR):
+        return 0
+    while low < high:  # the estimate grows with the side: find the last side that fits
+        middle = (low + high + 1) // 2
+        if fits(middle * LATENT_FACTOR):
+            low = middle
+        else:
+            high = middle - 1
+    return low * LATENT_FACTOR
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """All the memory the device has: a CUDA GPU's total memory, or the machine's physical RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

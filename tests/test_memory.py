@@ -1,0 +1,68 @@
+"""engine/memory.py: the peak-memory estimate behaves like memory, and its inverse is consistent."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.memory import (
+    available_bytes,
+    estimate_peak_bytes,
+    largest_square_that_fits,
+    peak_bytes,
+)
+from engine.request import GenerationRequest
+
+
+@pytest.mark.parametrize(("device_type", "precision"), [("cpu", "bf16"), ("cpu", "fp32"), ("cuda", "bf16")])
+def test_the_estimate_grows_with_size_cutouts_and_batch(device_type: str, precision: str) -> None:
+    def estimate(**fields: int) -> int:
+        request = GenerationRequest(prompt="a dog", **{"width": 256, "height": 256, **fields})
+        return estimate_peak_bytes(request, device_type, precision)
+
+    sizes = [estimate(width=side, height=side) for side in range(64, 4097, 64)]
+    assert all(a < b for a, b in itertools.pairwise(sizes))
+    assert estimate(cutn=8) < estimate(cutn=32) < estimate(cutn=128)
+    assert estimate(batch_size=1) < estimate(batch_size=2)
+    # Memory depends on pixels, not on which side is longer.
+    assert estimate(width=512, height=256) == estimate(width=256, height=512)
+    # Even the smallest request holds the models: more than a few hundred MB.
+    assert estimate(width=64, height=64, cutn=1) > 300 * 2**20
+
+
+def test_bf16_needs_no_more_than_fp32() -> None:
+    for side in (256, 512, 1024):
+        assert peak_bytes(side, side, 32, "cpu", "bf16") <= peak_bytes(side, side, 32, "cpu", "fp32")
+
+
+@pytest.mark.parametrize("side", [64, 256, 448, 512, 1024, 1536, 2048])
+def test_largest_square_round_trips_with_the_estimate(side: int) -> None:
+    budget = peak_bytes(side, side, 32, "cpu", "bf16")
+    found = largest_square_that_fits(budget, 32, "cpu", "bf16")
+    assert found == side and found % 16 == 0
+    # One byte less and it no longer fits; one latent row more never fits the same budget.
+    assert largest_square_that_fits(budget - 1, 32, "cpu", "bf16") == side - 16 or side == 64
+    assert peak_bytes(side + 16, side + 16, 32, "cpu", "bf16") > budget
+
+
+def test_largest_square_at_the_edges() -> None:
+    assert largest_square_that_fits(0, 32, "cpu", "bf16") == 0
+    assert largest_square_that_fits(2**62, 32, "cpu", "bf16") == 4096
+    tight = peak_bytes(512, 512, 32, "cpu", "bf16")
+    assert largest_square_that_fits(tight, 32, "cpu", "bf16", batch_size=2) < 512
+
+
+def test_available_bytes_is_the_machine_ram_on_the_cpu() -> None:
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total_kib = int(meminfo["MemTotal"].split()[0])
+    # sysconf counts the same pages as MemTotal, give or take what the kernel keeps for itself.
+    assert abs(available_bytes("cpu") - total_kib * 1024) < 0.05 * total_kib * 1024
+    assert available_bytes(torch.device("cpu")) == available_bytes("cpu")
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        peak_bytes(256, 256, 32, "cpu", "auto")
