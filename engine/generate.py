@@ -104,12 +104,13 @@ def prompt_targets(models: Models, request: GenerationRequest) -> tuple[torch.Te
 # latent carries through every layer of the decoder, so the weights need not be converted.
 CHANNELS_LAST_DEVICES = {"cpu"}
 # Recompute the decoder's activations in the backward pass instead of keeping them: CLIP's and the
-# decoder's activations then never coexist. Full-size models on the CPU at 256²: +7 % time for
-# -0.7 GB peak; it is what lets large sizes fit at all (engine/memory.py models the peak with it).
-# Below CHECKPOINT_FROM_PIXELS (per batch) there is little memory to win, and the fixed cost per
-# block would make the tiny test models' steps twice as slow.
+# decoder's activations then never coexist. Full-size models, bf16 on the CPU: +5 % time for
+# -0.65 GB peak at 256², +16 % for about -3 GB at 512²; it is what lets large sizes fit at all
+# (engine/memory.py models the peak with it). Below CHECKPOINT_FROM_PIXELS (per batch) there is
+# little memory to win, and the fixed cost per block would make the tiny test models' steps twice
+# as slow.
 CHECKPOINT_DECODER = True
-CHECKPOINT_FROM_PIXELS = 192 * 192
+CHECKPOINT_FROM_PIXELS = 128 * 128
 
 
 def decode(models: Models, latent: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:

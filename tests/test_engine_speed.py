@@ -41,7 +41,7 @@ def test_sequence_first_attention_computes_the_same_embeddings() -> None:
 
 
 def test_a_checkpointed_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path) -> None:
-    side = 208  # above the size from which the decoder is checkpointed
+    side = 144  # above the size from which the decoder is checkpointed
     assert side * side >= engine_generate.CHECKPOINT_FROM_PIXELS
     request = GenerationRequest(prompt=colour_prompt("red"), width=side, height=side, steps=4, seed=5,
                                 preview_every=2, cutn=4)
