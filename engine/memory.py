@@ -46,10 +46,11 @@ class PeakModel:
         return int(self.base + batch_size * per_image)
 
 
-# Fitted by `.venv/bin/python -m bench.memory_model` on an Intel Xeon (Sapphire Rapids, AVX-512-BF16/AMX),
-# 2 cores, torch 2.14.1, 2026-11-29. Peak RSS of the whole process, models included.
-CPU_BF16 = PeakModel(base=1.9e9, per_pixel=9000.0, per_cutout=20e6, per_attention=20.0)
-CPU_FP32 = PeakModel(base=1.9e9, per_pixel=15000.0, per_cutout=40e6, per_attention=24.0)
+# Fitted by `.venv/bin/python -m bench.memory_model` (bench/results/memory_model.jsonl) on a 2-core
+# Intel Xeon with AVX-512-BF16, torch 2.14.1, 2026-11-29: peak RSS of the whole process, models
+# included. Held-out sizes came within 7 % (README, "Performance").
+CPU_BF16 = PeakModel(base=1.949e9, per_pixel=4026, per_cutout=2.524e7, per_attention=8.11)
+CPU_FP32 = PeakModel(base=1.825e9, per_pixel=7910, per_cutout=3.933e7, per_attention=16.2)
 
 PEAK_MODELS: dict[tuple[str, str], PeakModel] = {
     ("cpu", "bf16"): CPU_BF16,
