@@ -42,15 +42,15 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-async def burst(members: int, steps: int, emit) -> dict:
+async def burst(members: int, steps: int, engine: dict, emit) -> dict:
     with tempfile.TemporaryDirectory(prefix="bot-latency-") as tmp:
-        return await _burst(members, steps, emit, Path(tmp))
+        return await _burst(members, steps, engine, emit, Path(tmp))
 
 
-async def _burst(members: int, steps: int, emit, tmp: Path) -> dict:
+async def _burst(members: int, steps: int, engine: dict, emit, tmp: Path) -> dict:
     async with FakeDiscord(token=TOKEN) as fake:
         settings = bot_settings(fake, tmp, max_queued_per_user=1000, max_queue_length=1000,
-                                default_steps=steps)
+                                default_steps=steps, **engine)
         async with BotRunner(settings) as bot:
             people = [fake.add_member(f"member{i}") for i in range(members)]
             await fake.flush_events()
@@ -81,16 +81,17 @@ async def _burst(members: int, steps: int, emit, tmp: Path) -> dict:
     return record
 
 
-async def progress_overhead(pairs: int, steps: int, preview_every: int, emit) -> dict:
+async def progress_overhead(pairs: int, steps: int, preview_every: int, engine: dict, emit) -> dict:
     with tempfile.TemporaryDirectory(prefix="bot-latency-") as tmp:
-        return await _progress_overhead(pairs, steps, preview_every, emit, Path(tmp))
+        return await _progress_overhead(pairs, steps, preview_every, engine, emit, Path(tmp))
 
 
-async def _progress_overhead(pairs: int, steps: int, preview_every: int, emit, tmp: Path) -> dict:
+async def _progress_overhead(pairs: int, steps: int, preview_every: int, engine: dict, emit,
+                             tmp: Path) -> dict:
     seconds: dict[str, list[float]] = {"publishing": [], "not_publishing": []}
     async with FakeDiscord(token=TOKEN) as fake:
         settings = bot_settings(fake, tmp, progress_interval_s=0.0, preview_every=preview_every,
-                                default_steps=steps)
+                                default_steps=steps, **engine)
         async with BotRunner(settings) as bot:
             publish = bot.publisher.progress
             # One job first, not counted: the first run of anything pays for warming caches up.
@@ -135,11 +136,12 @@ async def run(args: argparse.Namespace, emit) -> None:
     # The fake's endpoints replace discord.py's class-level ones; put them back afterwards.
     base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
     try:
+        engine = {"engine_preset": args.preset, "default_size": args.size}
         emit({"benchmark": "bot_latency", "machine": machine(), "members": args.members,
               "burst_steps": args.burst_steps, "pairs": args.pairs, "steps": args.steps,
-              "preview_every": args.preview_every})
-        burst_result = await burst(args.members, args.burst_steps, emit)
-        overhead = await progress_overhead(args.pairs, args.steps, args.preview_every, emit)
+              "preview_every": args.preview_every, **engine})
+        burst_result = await burst(args.members, args.burst_steps, engine, emit)
+        overhead = await progress_overhead(args.pairs, args.steps, args.preview_every, engine, emit)
     finally:
         discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
     emit({"summary": "bot_latency", **{k: v for k, v in burst_result.items() if k != "load_average"},
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="publishing/not-publishing job pairs")
     parser.add_argument("--steps", type=int, default=60, help="steps of each overhead job")
     parser.add_argument("--preview-every", type=int, default=2)
+    parser.add_argument("--preset", default="tiny", help="engine preset; full-random for real step times")
+    parser.add_argument("--size", default="64x64", help="size of every job")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bot_latency.jsonl",
                         help="append the JSON lines here too ('-' for nowhere)")
     args = parser.parse_args()

@@ -5,8 +5,8 @@ that fits a 24 GB card. Finishes within 8 minutes on one GPU.
     .venv/bin/python -m bench.gpu_check --dry-run       # anywhere: tiny models on the CPU, seconds
 
 For each size (256², 448² — the notebook's 450² on the latent grid —, 512², 1024²) at cutn 32 with
-bf16 autocast it prints seconds per step (median of the timed steps, the device synchronised only
-at the ends of the timed stretch, as the engine itself never waits for the device mid-run), peak
+bf16 autocast it prints seconds per step (over the timed steps, the device synchronised only at
+both ends of the stretch, as the engine itself never waits for the device mid-run), peak
 VRAM (`torch.cuda.max_memory_allocated`, beside engine/memory.py's estimate), and the share of the
 device's dense bf16 peak reached: FLOPs of one step counted by `FlopCounterMode` ÷ seconds ÷ peak.
 The FLOPs counted are the model's (a step with the decoder not checkpointed); the engine does one
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +54,7 @@ PEAK_BF16_TFLOPS = [
     ("H100", 989.0),  # SXM
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("RTX 4090", 165.0),
     ("L4", 121.0),
     ("A10", 125.0),
@@ -121,17 +120,18 @@ def peak_memory(plan: Plan) -> int:
 
 
 def time_steps(models: Models, side: int, plan: Plan) -> float:
-    """Median seconds per step over `plan.steps` steps after `plan.warmup`, in one run."""
+    """Seconds per step over `plan.steps` steps after `plan.warmup`, the device synchronised only at
+    both ends of that stretch, as the engine itself never waits for the device mid-run."""
     marks: list[float] = []
-    total = plan.warmup + plan.steps
+    ends = (plan.warmup, plan.warmup + plan.steps)
 
     def callback(info: StepInfo) -> None:
-        if info.step >= plan.warmup:  # the end of warm-up, then the end of each timed step
+        if info.step in ends:
             synchronize(plan)
             marks.append(time.perf_counter())
 
-    generate(request_for(side, plan, total), models, callback, should_stop=lambda: len(marks) > plan.steps)
-    return statistics.median(b - a for a, b in itertools.pairwise(marks))
+    generate(request_for(side, plan, ends[1]), models, callback, should_stop=lambda: len(marks) == 2)
+    return (marks[1] - marks[0]) / plan.steps
 
 
 def count_flops(models: Models, side: int, plan: Plan) -> int:
