@@ -12,6 +12,7 @@ import yarl
 from discord.ext import commands
 
 from bot.config import Settings
+from bot.limits import memory_budget
 from bot.publisher import Publisher
 from bot.retention import run_retention
 from bot.store import Store
@@ -49,6 +50,11 @@ class ImagineBot(commands.Bot):
         self.store = store
         self.publisher = Publisher(self, store, settings, clock=clock)
         self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings))
+        try:
+            self.memory = memory_budget(settings)
+        except ValueError as error:  # the engine task reports it too, failing to load the models there
+            log.warning("requests are not checked against the device's memory: %s", error)
+            self.memory = None
         self.engine_task: asyncio.Task | None = None
         self.retention_task: asyncio.Task | None = None
 

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     engine_preset: str = "vqgan-f16-16384"
     engine_device: str = "auto"
     engine_precision: str = "auto"
+    engine_memory_gib: float = Field(0, ge=0)  # plan pictures within this much; 0 = all the device has
     clip_checkpoint: Path | None = None
     vqgan_config: Path | None = None
     vqgan_checkpoint: Path | None = None

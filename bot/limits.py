@@ -1,5 +1,6 @@
 """Per-server limits: each one defined once here (type, range, default from Settings, how to parse
-what a moderator types), and the checks of a request against them that need no database.
+what a moderator types), and the checks of a request against them that need no database; also the
+one limit no moderator sets, the memory of the engine's device.
 
 The limits that depend on other rows (queue sizes, cooldown, daily quota, blocks) are enforced by
 `Store.enqueue` in one statement, so they hold under races.
@@ -13,9 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.memory import MemoryBudget
+
 if TYPE_CHECKING:
     from bot.config import Settings
     from engine.request import GenerationRequest
+
+GIB = 2**30
 
 
 class LimitError(ValueError):
@@ -162,3 +167,26 @@ def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: i
     if any(contains_blocked_term(text, limits.blocked_terms) for text in texts):
         return "Your request contains a term this server doesn't allow. Please rephrase it."
     return None
+
+
+def memory_budget(settings: Settings) -> MemoryBudget | None:
+    """What requests are admitted against: the engine device's memory, or ENGINE_MEMORY_GIB if less.
+    ValueError names an unusable ENGINE_DEVICE or ENGINE_PRECISION."""
+    return MemoryBudget.for_device(settings.engine_device, settings.engine_precision,
+                                   int(settings.engine_memory_gib * GIB))
+
+
+def check_memory(budget: MemoryBudget | None, request: GenerationRequest) -> str | None:
+    """Refuse, before it queues, a request whose estimated peak memory the device cannot hold."""
+    if budget is None or budget.fits(request):
+        return None
+    size = f"{request.width}×{request.height}"
+    need, have = budget.estimate(request) / GIB, budget.budget_bytes / GIB
+    where = "machine" if budget.device_type == "cpu" else "GPU"
+    side = budget.largest_square(request)
+    if side == 0:
+        return (f"Size: even a small picture needs more memory than the {have:.1f} GiB this bot's {where} "
+                "can give it. Please tell the bot's admin (ENGINE_MEMORY_GIB).")
+    return (f"Size: a {size} picture needs about {need:.1f} GiB of memory at its peak, more than the "
+            f"{have:.1f} GiB this bot's {where} can give it. The largest square that fits is "
+            f"{side}×{side}; pick a size with no more pixels than that.")

@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bot.config import Settings
+from bot.limits import memory_budget
 from bot.store import MIGRATIONS
 from engine import weights
 from engine.device import GIB, describe_device
 from engine.models import PRESETS
+from engine.request import GenerationRequest
 
 LOW_DISK_BYTES = GIB
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -39,7 +41,7 @@ class Check:
 
 def run_checks(settings: Settings) -> list[Check]:
     return [check_token(settings), check_weights(settings), check_device(settings),
-            check_database(settings), check_outputs(settings)]
+            check_memory(settings), check_database(settings), check_outputs(settings)]
 
 
 def main(settings: Settings) -> int:
@@ -115,6 +117,26 @@ def check_device(settings: Settings) -> Check:
         return Check("device", "ok", f"{info.device} {info.name}, {info.memory_text} ({info.build})")
     return Check("device", "warn", f"no GPU in use ({info.build}): the engine runs on the {info.name}, "
                  "seconds per step; fine for ENGINE_PRESET=tiny, too slow for members")
+
+
+def check_memory(settings: Settings) -> Check:
+    """Whether a picture of DEFAULT_SIZE fits the memory requests are admitted against."""
+    try:
+        budget = memory_budget(settings)
+    except ValueError:
+        return Check("memory", "warn", "not checked: the engine's device is unusable (see device)")
+    if budget is None:
+        return Check("memory", "warn", "the device's memory is unknown; set ENGINE_MEMORY_GIB so that "
+                     "requests too big for it are refused before they queue")
+    width, height = (int(side) for side in settings.default_size.split("x"))
+    request = GenerationRequest(prompt="preflight", width=width, height=height)
+    side = budget.largest_square(request)
+    detail = (f"DEFAULT_SIZE {width}x{height} needs about {budget.estimate(request) / GIB:.1f} of the "
+              f"{budget.budget_bytes / GIB:.1f} GiB the engine may use; the largest square that fits is "
+              f"{side}x{side}")
+    if not budget.fits(request):
+        return Check("memory", "fail", f"{detail}: lower DEFAULT_SIZE, or raise ENGINE_MEMORY_GIB")
+    return Check("memory", "ok", detail)
 
 
 def check_database(settings: Settings) -> Check:

@@ -14,6 +14,10 @@ The model, for the full-size models (VQGAN f16-16384 + CLIP ViT-B/32) as the eng
 - `per_attention`: the decoder's self-attention runs at the latent grid, tokens = pixels / 16²,
   and holds tokens² scores (and their gradients) at once: negligible at 512², dominant past 2048².
 
+The coefficients are for those full-size models, whatever the preset: the tiny test models need
+far less, and the estimate stays an upper bound for them. `MemoryBudget` is how the bot asks, before
+queueing, whether a request fits the device the engine runs on.
+
 The coefficients below were fitted by `python -m bench.memory_model` (peak RSS of one process per
 size, each in a fresh subprocess) on the machine named beside them. CUDA has not been measured yet:
 it borrows the CPU's fp32 figures, an upper bound for bf16, until bench/gpu_check.py's
@@ -22,11 +26,12 @@ measured-vs-estimated lines say better.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from engine.device import describe_device
+from engine.models import resolve_precision
 from engine.request import LATENT_FACTOR, GenerationRequest
 
 MIN_SIDE, MAX_SIDE = 64, 4096  # GenerationRequest's limits on width and height
@@ -98,9 +103,34 @@ def largest_square_that_fits(budget_bytes: int, cutn: int, device_type: str, pre
     return low * LATENT_FACTOR
 
 
-def available_bytes(device: torch.device | str) -> int:
-    """All the memory the device has: a CUDA GPU's total memory, or the machine's physical RAM."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory the engine's device offers, and whether a request's estimated peak fits in it."""
+
+    device_type: str
+    precision: str
+    budget_bytes: int
+
+    @classmethod
+    def for_device(cls, device: str = "auto", precision: str = "auto",
+                   limit_bytes: int = 0) -> MemoryBudget | None:
+        """Resolve `device` and `precision` as the model loader does. The budget is all the memory
+        the device has (a GPU's, or the machine's RAM), or `limit_bytes` when set and smaller (a GPU
+        shared with other work); None when neither is known. ValueError names an unusable device."""
+        info = describe_device(device)
+        known = [b for b in (info.memory_total, limit_bytes) if b]
+        if not known:
+            return None
+        resolved = torch.device(info.device)
+        return cls(resolved.type, resolve_precision(precision, resolved), min(known))
+
+    def estimate(self, request: GenerationRequest) -> int:
+        return estimate_peak_bytes(request, self.device_type, self.precision)
+
+    def fits(self, request: GenerationRequest) -> bool:
+        return self.estimate(request) <= self.budget_bytes
+
+    def largest_square(self, request: GenerationRequest) -> int:
+        """The largest square side that fits with this request's cutouts and batch; 0 if none."""
+        return largest_square_that_fits(self.budget_bytes, request.cutn, self.device_type, self.precision,
+                                        request.batch_size)

@@ -12,6 +12,7 @@ from PIL import Image
 from bot.store import NewJob, Store
 from engine import output
 from engine.generate import generate
+from engine.memory import MemoryBudget
 from engine.models import load_preset
 from engine.request import GenerationRequest
 from tests.botrunner import BotRunner, bot_settings, recipe_of, wait_for_reply
@@ -40,6 +41,28 @@ async def test_invalid_options_get_an_ephemeral_error_and_no_job(fake: FakeDisco
         assert interaction.response_data["flags"] & 64
         assert message in interaction.response_data["content"]
         assert await job_count(bot) == 0
+
+
+async def test_a_request_too_big_for_the_device_memory_is_refused_naming_what_fits(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path, engine_memory_gib=4.0)
+    budget = MemoryBudget("cpu", settings.engine_precision, 4 * 2**30)
+    side = budget.largest_square(GenerationRequest(prompt="a dog"))
+    assert 256 < side < 512  # the estimate for the full-size models on this CPU, in fp32
+    need = budget.estimate(GenerationRequest(prompt="a dog", width=512, height=512)) / 2**30
+    async with BotRunner(settings) as bot:
+        too_big = await fake.send_slash_command("imagine", {"prompt": "a dog", "size": "512x512"})
+        await fake.wait_for_response(too_big)
+        assert too_big.response_type == 4 and too_big.response_data["flags"] & 64
+        assert (f"a 512×512 picture needs about {need:.1f} GiB of memory at its peak, more than the "
+                f"4.0 GiB this bot's machine can give it. The largest square that fits is {side}×{side}"
+                in too_big.response_data["content"])
+        assert await job_count(bot) == 0
+
+        fits = await fake.send_slash_command("imagine", {"prompt": "a dog", "size": "256x256"})
+        await fake.wait_for_response(fits)
+        assert fits.response_type == 5  # deferred: it queued
+        assert await job_count(bot) == 1
 
 
 async def test_an_unreadable_init_image_is_refused_after_the_defer(fake: FakeDiscord, tmp_path: Path) -> None:

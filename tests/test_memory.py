@@ -6,10 +6,9 @@ import itertools
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.memory import (
-    available_bytes,
+    MemoryBudget,
     estimate_peak_bytes,
     largest_square_that_fits,
     peak_bytes,
@@ -55,12 +54,28 @@ def test_largest_square_at_the_edges() -> None:
     assert largest_square_that_fits(tight, 32, "cpu", "bf16", batch_size=2) < 512
 
 
-def test_available_bytes_is_the_machine_ram_on_the_cpu() -> None:
+def test_the_budget_is_the_machine_ram_on_the_cpu_or_a_smaller_limit() -> None:
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    total_kib = int(meminfo["MemTotal"].split()[0])
-    # sysconf counts the same pages as MemTotal, give or take what the kernel keeps for itself.
-    assert abs(available_bytes("cpu") - total_kib * 1024) < 0.05 * total_kib * 1024
-    assert available_bytes(torch.device("cpu")) == available_bytes("cpu")
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    assert MemoryBudget.for_device("cpu", "fp32") == MemoryBudget("cpu", "fp32", total)
+    assert MemoryBudget.for_device("cpu", "bf16", limit_bytes=3 * 2**30).budget_bytes == 3 * 2**30
+    # A limit above what the machine has cannot conjure memory.
+    assert MemoryBudget.for_device("cpu", "fp32", limit_bytes=total * 2).budget_bytes == total
+
+
+def test_the_budget_admits_up_to_the_largest_square_and_no_further() -> None:
+    budget = MemoryBudget("cpu", "bf16", 4 * 2**30)
+    side = budget.largest_square(GenerationRequest(prompt="a dog"))
+    assert 512 <= side < 4096
+    assert budget.fits(GenerationRequest(prompt="a dog", width=side, height=side))
+    assert not budget.fits(GenerationRequest(prompt="a dog", width=side + 16, height=side + 16))
+    # Two images at once need more room, so the largest square shrinks.
+    assert budget.largest_square(GenerationRequest(prompt="a dog", batch_size=2)) < side
+
+
+def test_an_unusable_device_is_named() -> None:
+    with pytest.raises(ValueError, match="cuda:7"):
+        MemoryBudget.for_device("cuda:7")
 
 
 def test_unknown_precision_is_refused() -> None:

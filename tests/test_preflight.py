@@ -44,9 +44,11 @@ def test_check_passes_in_a_subprocess_without_printing_the_token(tmp_path: Path)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "OK    token", "WARN  weights", "WARN  device", "OK    database", "OK    outputs", "ready"]
+        "OK    token", "WARN  weights", "WARN  device", "OK    memory", "OK    database", "OK    outputs",
+        "ready"]
     assert "random test models" in lines[1] and "CPU" in lines[2]
-    assert "does not exist yet" in lines[3]
+    assert "DEFAULT_SIZE 384x384 needs about" in lines[3]
+    assert "does not exist yet" in lines[4]
     assert_no_token(done.stdout + done.stderr)
 
 
@@ -80,14 +82,15 @@ def test_check_fails_with_one_line_per_problem_and_exit_1(tmp_path: Path, monkey
 
     assert main(["check"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert [line[:4] for line in lines[:5]] == ["FAIL"] * 5
+    assert [line[:4] for line in lines[:6]] == ["FAIL"] * 3 + ["WARN"] + ["FAIL"] * 2
     assert "starts with 'Bot '" in lines[0]
     assert "3 file(s) missing and DOWNLOAD_WEIGHTS=false" in lines[1]
     assert str(tmp_path / "weights" / "vqgan_imagenet_f16_16384.ckpt") in lines[1]
     assert "'gpu' is not a device" in lines[2]
-    assert "unable to open database file" in lines[3]
-    assert "not-a-folder is not writable: Not a directory" in lines[4]
-    assert lines[5] == "not ready: token, weights, device, database, outputs failed"
+    assert "memory: not checked" in lines[3]
+    assert "unable to open database file" in lines[4]
+    assert "not-a-folder is not writable: Not a directory" in lines[5]
+    assert lines[6] == "not ready: token, weights, device, database, outputs failed"
     assert_no_token("\n".join(lines), bad_token)
 
 
@@ -112,6 +115,15 @@ def test_malformed_tokens_fail_without_being_shown(tmp_path: Path, token: str, w
     check = preflight.check_token(settings_for(tmp_path, DISCORD_TOKEN=token))
     assert check.status == "fail" and why in check.detail
     assert_no_token(check.line(), token)
+
+
+def test_a_default_size_too_big_for_the_memory_fails_the_check(tmp_path: Path) -> None:
+    fits = preflight.check_memory(settings_for(tmp_path, DEFAULT_SIZE="256x256"))
+    assert fits.status == "ok" and "DEFAULT_SIZE 256x256 needs about" in fits.detail
+    too_big = preflight.check_memory(settings_for(tmp_path, DEFAULT_SIZE="512x512", ENGINE_MEMORY_GIB="3"))
+    assert too_big.status == "fail"
+    assert "of the 3.0 GiB the engine may use" in too_big.detail
+    assert too_big.detail.endswith("lower DEFAULT_SIZE, or raise ENGINE_MEMORY_GIB")
 
 
 def test_weights_present_or_downloadable(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.output import package_version
+from engine.request import GenerationRequest
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
 from tests.fakediscord import FakeDiscord
 
@@ -17,12 +18,14 @@ pytestmark = pytest.mark.timeout(120)
 async def test_status_shows_the_engine_queue_and_progress_but_no_prompts(fake: FakeDiscord,
                                                                          tmp_path: Path) -> None:
     bob = fake.add_member("bob")
-    async with BotRunner(bot_settings(fake, tmp_path)):
+    async with BotRunner(bot_settings(fake, tmp_path, engine_memory_gib=4.0)) as bot:
         idle = await fake.send_slash_command("status", user=bob)
         await fake.wait_for_response(idle)
         text = idle.response_data["content"]
         assert text.startswith(f"**vqgan-clip-bot {package_version()}** · up ")
         assert re.search(r"Engine: `tiny` on CPU, \d+ threads \(`cpu`, fp32\) · ", text), text
+        side = bot.memory.largest_square(GenerationRequest(prompt="a dog"))
+        assert 256 < side < 512 and f"Largest picture: {side}×{side}" in text
         assert "Now: idle" in text and "Queue: 0 waiting · no speed measured yet" in text
         assert idle.response_data["flags"] & 64  # only the caller sees it
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from bot.checks import is_moderator
-from bot.limits import GuildLimits, check_request
+from bot.limits import GuildLimits, check_memory, check_request
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -90,7 +90,8 @@ class Imagine(commands.Cog):
         limits = await self.limits(interaction.guild_id)
         try:
             request = self.build_request(fields)
-            refusal = check_request(limits, request, interaction.channel_id, init_attachment is not None)
+            refusal = (check_request(limits, request, interaction.channel_id, init_attachment is not None)
+                       or check_memory(self.bot.memory, request))
             if refusal:
                 raise UserError(refusal)
         except UserError as error:

@@ -13,6 +13,7 @@ from discord.ext import commands
 from bot.publisher import format_duration
 from engine.device import describe_device
 from engine.output import package_version
+from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -42,6 +43,9 @@ class Status(commands.Cog):
             info = await asyncio.to_thread(describe_device, str(models.device))
             lines.append(f"Engine: `{models.preset}` on {info.name} (`{info.device}`, {models.precision}) · "
                          f"{info.memory_text}")
+        if self.bot.memory is not None:
+            side = self.bot.memory.largest_square(GenerationRequest(prompt="status"))
+            lines.append(f"Largest picture: {side}×{side} (or as many pixels in another shape)")
 
         # The running job by number and progress only: its prompt belongs to whoever asked for it.
         running = next((job for job in active if job.status == "running"), None)
