@@ -140,6 +140,7 @@ class NewJob:
     interaction_id: int | None = None
     interaction_token: str | None = dataclasses.field(default=None, repr=False)
     parent_job_id: int | None = None
+    message_id: int | None = None  # the reply that shows the job, when it exists before the job
 
 
 class QueueFull(Exception):
@@ -183,6 +184,10 @@ class Store:
         # One connection serves every coroutine: each statement takes this lock, so no statement
         # can land inside another coroutine's open transaction.
         self._lock = asyncio.Lock()
+        # Every /imagine reads its server's limits before it may answer. The table is small and this
+        # process its only writer, so a copy read at open and after each change spares those reads
+        # a wait behind every other statement.
+        self._guild_limits: dict[int | None, dict[str, Any]] = {}
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -195,6 +200,7 @@ class Store:
         await db.execute("PRAGMA foreign_keys = ON")
         store = cls(db)
         await store.migrate()
+        await store._read_guild_limits()
         return store
 
     async def close(self) -> None:
@@ -212,8 +218,9 @@ class Store:
             return await self._rows_unlocked(sql, params)
 
     async def _rows_unlocked(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
-        async with self.db.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
+        # commands those trips are most of what each one waits for.
+        return list(await self.db.execute_fetchall(sql, params))
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Callable[..., Awaitable[list[aiosqlite.Row]]]]:
@@ -247,9 +254,9 @@ class Store:
         member = (job.user_id, job.guild_id)
         row = await self._one(
             """
-            INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id,
-                              interaction_id, interaction_token, parent_job_id, total_steps, created_at)
-            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+            INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id, interaction_id,
+                              interaction_token, parent_job_id, message_id, total_steps, created_at)
+            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
             WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ? AND guild_id IS ?)
               AND (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
                    AND status IN ('queued', 'running')) < ?
@@ -261,7 +268,8 @@ class Store:
             RETURNING *
             """,
             job.request_json, job.guild_id, job.channel_id, job.user_id, job.application_id,
-            job.interaction_id, job.interaction_token, job.parent_job_id, job.total_steps, now,
+            job.interaction_id, job.interaction_token, job.parent_job_id, job.message_id,
+            job.total_steps, now,
             *member,
             *member, max_per_user,
             job.guild_id, max_queue_length,
@@ -397,15 +405,22 @@ class Store:
 
     async def position_and_eta(self, job_id: int) -> tuple[int, float | None]:
         """1-based place among active jobs (the running one is 1) and seconds until it is done."""
-        active = await self.active_jobs()
-        ids = [job.id for job in active]
-        if job_id not in ids:
+        # Counted in SQL: a burst of /imagine asks this for every new job, and loading each whole
+        # queue as Job rows made that quadratic.
+        rows = await self._rows(
+            """
+            WITH target AS (SELECT status = 'queued' AS waiting, id FROM jobs
+                            WHERE id = ? AND status IN ('queued', 'running'))
+            SELECT count(*), sum(max(0, total_steps - step)) FROM jobs, target
+            WHERE jobs.status IN ('queued', 'running')
+              AND ((jobs.status = 'queued') < target.waiting
+                   OR ((jobs.status = 'queued') = target.waiting AND jobs.id <= target.id))
+            """, (job_id,))
+        place, remaining = rows[0]
+        if place == 0:
             return 0, None
-        place = ids.index(job_id)
         speed = await self.recent_seconds_per_step()
-        if speed is None:
-            return place + 1, None
-        return place + 1, sum(job.remaining_steps for job in active[: place + 1]) * speed
+        return place, None if speed is None else remaining * speed
 
     # --- operations ------------------------------------------------------------------------------
 
@@ -448,8 +463,13 @@ class Store:
 
     async def guild_limits(self, guild_id: int | None) -> dict[str, Any]:
         """The limits a server has set (names to values); the rest come from Settings."""
-        rows = await self._rows("SELECT name, value_json FROM guild_limits WHERE guild_id IS ?", (guild_id,))
-        return {name: json.loads(value) for name, value in rows}
+        return dict(self._guild_limits.get(guild_id, {}))
+
+    async def _read_guild_limits(self) -> None:
+        limits: dict[int | None, dict[str, Any]] = {}
+        for guild_id, name, value in await self._rows("SELECT guild_id, name, value_json FROM guild_limits"):
+            limits.setdefault(guild_id, {})[name] = json.loads(value)
+        self._guild_limits = limits
 
     async def set_guild_limit(self, guild_id: int, name: str, value: Any, actor_id: int,
                               old_shown: str, new_shown: str) -> None:
@@ -465,6 +485,7 @@ class Store:
                       "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                       (guild_id, actor_id, "limit reset" if value is None else "limit set", name,
                        old_shown, new_shown, time.time()))
+        await self._read_guild_limits()
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
         rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",

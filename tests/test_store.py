@@ -45,3 +45,39 @@ async def test_expired_jobs_keep_their_rows(tmp_path: Path) -> None:
     assert await store.jobs_with_files() == []
     assert (await store.get(job.id)).expired_at is not None
     await store.close()
+
+
+async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    jobs = [await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=10),
+                                max_per_user=5, max_queue_length=5) for user in (1, 2, 3)]
+    assert await store.position_and_eta(jobs[2].id) == (3, None)  # no speed measured yet
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=4, total_steps=10),
+                        max_per_user=5, max_queue_length=5)
+    # A finished job gives the speed: 0.5 s per step.
+    await store.claim_next_job()
+    await store.save_progress(jobs[0].id, 10, seconds_per_step=0.5)
+    await store.finish(jobs[0].id, "done")
+    await store.claim_next_job()  # the second job runs; 4 of its 10 steps done
+    await store.save_progress(jobs[1].id, 4)
+    assert await store.position_and_eta(jobs[1].id) == (1, 6 * 0.5)
+    assert await store.position_and_eta(jobs[2].id) == (2, (6 + 10) * 0.5)
+    assert await store.position_and_eta(jobs[0].id) == (0, None)  # finished: not in the queue
+    assert await store.position_and_eta(999) == (0, None)
+    await store.close()
+
+
+async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    assert await store.guild_limits(7) == {}
+    await store.set_guild_limit(7, "max_steps", 50, actor_id=1, old_shown="1000", new_shown="50")
+    limits = await store.guild_limits(7)
+    assert limits == {"max_steps": 50}
+    limits["max_steps"] = 1  # a caller's copy: changing it changes nothing stored
+    assert await store.guild_limits(7) == {"max_steps": 50}
+    await store.set_guild_limit(7, "max_steps", None, actor_id=1, old_shown="50", new_shown="1000")
+    assert await store.guild_limits(7) == {}
+    await store.close()
+    reopened = await Store.open(tmp_path / "db.sqlite3")
+    assert await reopened.guild_limits(7) == {}
+    await reopened.close()

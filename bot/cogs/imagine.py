@@ -108,7 +108,8 @@ class Imagine(commands.Cog):
                 NewJob(request_json=request.model_dump_json(), channel_id=interaction.channel_id,
                        user_id=interaction.user.id, total_steps=request.steps, guild_id=interaction.guild_id,
                        application_id=interaction.application_id, interaction_id=interaction.id,
-                       interaction_token=interaction.token, parent_job_id=parent_job_id),
+                       interaction_token=interaction.token, parent_job_id=parent_job_id,
+                       message_id=response.message_id),
                 max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
                 cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
         except (UserError, QueueFull) as error:
@@ -117,12 +118,11 @@ class Imagine(commands.Cog):
             await interaction.followup.send(message, ephemeral=True)
             return None
 
-        await self.bot.store.set_message(job.id, response.message_id)
         log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
         self.bot.worker.notify()
         position, eta = await self.bot.store.position_and_eta(job.id)
         if job.id != getattr(self.bot.worker.current, "id", None):
-            await self.bot.publisher.queued(await self.bot.store.get(job.id), position, eta)
+            await self.bot.publisher.queued(job, position, eta)
         return job
 
     async def save_init_image(self, attachment: discord.Attachment, interaction_id: int) -> Path:
