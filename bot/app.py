@@ -44,7 +44,9 @@ def preset_loader(settings: Settings) -> Callable[[], Models]:
 class ImagineBot(commands.Bot):
     def __init__(self, settings: Settings, store: Store, load_models: Callable[[], Models] | None = None,
                  clock: Callable[[], float] = time.time, guild_ready_timeout: float = 2.0) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default(),
+        # Interactions arrive whatever the intents; `guilds` keeps servers, channels and roles known.
+        # Nothing else: the message events of every busy channel would be work for nothing.
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
                          guild_ready_timeout=guild_ready_timeout, help_command=None)
         self.settings = settings
         self.store = store
