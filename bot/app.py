@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import discord
 import yarl
@@ -22,6 +23,7 @@ from engine.models import Models, load_preset
 
 log = logging.getLogger(__name__)
 
+SUBMISSION_GRACE_S = 20.0  # an init image download can take this long; systemd waits 90 s
 EXTENSIONS = (
     "bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log", "bot.cogs.status",
 )
@@ -58,6 +60,7 @@ class ImagineBot(commands.Bot):
             log.warning("requests are not checked against the device's memory: %s", error)
             self.memory = None
         self.engine_task: asyncio.Task | None = None
+        self.submissions: set[asyncio.Task] = set()  # /imagine commands between answer and queue
         self.retention_task: asyncio.Task | None = None
 
     async def setup_hook(self) -> None:
@@ -84,8 +87,22 @@ class ImagineBot(commands.Bot):
             log.exception("the engine task stopped; the bot keeps queueing but runs nothing")
             raise
 
+    @contextlib.contextmanager
+    def submitting(self) -> Iterator[None]:
+        """Mark the current command as recording a request, so that closing waits for it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.submissions.add(task)
+        try:
+            yield
+        finally:
+            self.submissions.discard(task)
+
     async def close(self) -> None:
-        """Stop after the current step (saving it for the next start), then disconnect."""
+        """Finish recording requests already answered; stop the engine after the current step (saving
+        it for the next start); then disconnect."""
+        if self.submissions:  # a member saw "thinking…": their request must reach the queue
+            await asyncio.wait(list(self.submissions), timeout=SUBMISSION_GRACE_S)
         await self.worker.stop()
         if self.retention_task is not None:
             self.retention_task.cancel()

@@ -160,3 +160,22 @@ async def test_an_old_interaction_is_edited_with_the_bot_token_from_the_start(fa
         await wait_for_reply(fake, interaction, "✅", timeout=60)
     after_defer = [r for r in fake.requests if r.method == "PATCH"]
     assert after_defer and all(r.path.startswith("/channels/") for r in after_defer)
+
+
+async def test_a_request_being_answered_when_the_bot_stops_still_reaches_the_queue(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    # Discord takes 2 s to take this /imagine's acknowledgement; the bot is told to stop meanwhile.
+    fake.inject("POST", r"^/interactions/\d+/[^/]+/callback$", delay=2.0)
+    settings = bot_settings(fake, tmp_path)
+    runner = BotRunner(settings)
+    await runner.start()
+    interaction = await fake.send_slash_command("imagine", {"prompt": "a dog"})
+    await asyncio.sleep(0.5)  # the command is waiting on its acknowledgement now
+    await runner.stop()
+
+    assert interaction.response_type == 5  # the member saw "thinking…"
+    store = await Store.open(settings.database_path)
+    try:
+        assert [job.interaction_id for job in await store.active_jobs()] == [interaction.id]
+    finally:
+        await store.close()

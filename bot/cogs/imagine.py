@@ -98,32 +98,34 @@ class Imagine(commands.Cog):
             await interaction.response.send_message(str(error), ephemeral=True)
             return None
 
-        # Answer within Discord's 3 seconds; the reply becomes the job's message.
-        response = await interaction.response.defer(thinking=True)
-        try:
-            if init_attachment is not None:
-                path = await self.save_init_image(init_attachment, interaction.id)
-                request = self.build_request({**fields, "init_image": path})
-            job = await self.bot.store.enqueue(
-                NewJob(request_json=request.model_dump_json(), channel_id=interaction.channel_id,
-                       user_id=interaction.user.id, total_steps=request.steps, guild_id=interaction.guild_id,
-                       application_id=interaction.application_id, interaction_id=interaction.id,
-                       interaction_token=interaction.token, parent_job_id=parent_job_id,
-                       message_id=response.message_id),
-                max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
-                cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
-        except (UserError, QueueFull) as error:
-            message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
-            await interaction.delete_original_response()
-            await interaction.followup.send(message, ephemeral=True)
-            return None
+        # Answer within Discord's 3 seconds; the reply becomes the job's message. From here on the
+        # member has been answered, so closing the bot waits for the request to reach the queue.
+        with self.bot.submitting():
+            response = await interaction.response.defer(thinking=True)
+            try:
+                if init_attachment is not None:
+                    path = await self.save_init_image(init_attachment, interaction.id)
+                    request = self.build_request({**fields, "init_image": path})
+                job = await self.bot.store.enqueue(
+                    NewJob(request_json=request.model_dump_json(), total_steps=request.steps,
+                           channel_id=interaction.channel_id, user_id=interaction.user.id,
+                           guild_id=interaction.guild_id, application_id=interaction.application_id,
+                           interaction_id=interaction.id, interaction_token=interaction.token,
+                           parent_job_id=parent_job_id, message_id=response.message_id),
+                    max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
+                    cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
+            except (UserError, QueueFull) as error:
+                message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
+                await interaction.delete_original_response()
+                await interaction.followup.send(message, ephemeral=True)
+                return None
 
-        log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
-        self.bot.worker.notify()
-        position, eta = await self.bot.store.position_and_eta(job.id)
-        if job.id != getattr(self.bot.worker.current, "id", None):
-            await self.bot.publisher.queued(job, position, eta)
-        return job
+            log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
+            self.bot.worker.notify()
+            position, eta = await self.bot.store.position_and_eta(job.id)
+            if job.id != getattr(self.bot.worker.current, "id", None):
+                await self.bot.publisher.queued(job, position, eta)
+            return job
 
     async def save_init_image(self, attachment: discord.Attachment, interaction_id: int) -> Path:
         if attachment.size > MAX_INIT_IMAGE_BYTES:
