@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine import output, weights
+from engine.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +47,8 @@ def test_imagine_writes_png_state_timelapse_and_previews(tmp_path: Path) -> None
 def test_ctrl_c_saves_a_state_that_resume_finishes_identically(tmp_path: Path) -> None:
     base = ["--preset", "tiny", "--size", "64x64", "--seed", "3", "--cutn", "4", "--preview-every", "2",
             "--steps", "150"]
-    whole = run_engine("imagine", "a cat", *base, "-o", str(tmp_path / "whole.png"), "-q")
-    assert whole.returncode == 0, whole.stderr
+    # Only the interrupted run needs its own process (for the signal); the others run main() here.
+    assert main(["imagine", "a cat", *base, "-o", str(tmp_path / "whole.png"), "-q"]) == 0
 
     previews = tmp_path / "previews"
     process = subprocess.Popen(
@@ -64,23 +65,28 @@ def test_ctrl_c_saves_a_state_that_resume_finishes_identically(tmp_path: Path) -
     stopped_at = output.load_state(tmp_path / "part.state.pt").step
     assert 2 <= stopped_at < 150
 
-    resumed = run_engine("imagine", "--resume", str(tmp_path / "part.state.pt"), "--preset", "tiny",
-                         "-o", str(tmp_path / "again.png"), "-q")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["imagine", "--resume", str(tmp_path / "part.state.pt"), "--preset", "tiny",
+                 "-o", str(tmp_path / "again.png"), "-q"]) == 0
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
 
 
+def test_bad_input_is_one_line_and_exit_code_2() -> None:
+    done = run_engine("imagine", "a dog", "--preset", "tiny", "--steps", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: steps: must be from 1 to 10000 (got '0')"
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (["--steps", "0"], "error: steps: must be from 1 to 10000 (got '0')"),
     (["--size", "100x64"], "error: width: must be a multiple of 16 (got '100')"),
     (["--size", "big"], "error: --size must look like 512x384, not 'big'"),
     (["--learning-rate", "-1"], "error: learning_rate: must be above 0.0 and at most 10.0 (got '-1')"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
-    done = run_engine("imagine", "a dog", "--preset", "tiny", *args)
-    assert done.returncode == 2
-    assert done.stderr.strip() == message
-    assert "Traceback" not in done.stderr
+def test_bad_input_names_the_option_value_and_limit(args: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    # The same main() as above, in this process: a subprocess per case only adds start-up time.
+    assert main(["imagine", "a dog", "--preset", "tiny", *args]) == 2
+    assert capsys.readouterr().err.strip() == message
 
 
 def test_weights_download_offline_fails_fast_naming_each_file(tmp_path: Path) -> None:
@@ -97,8 +103,11 @@ def test_weights_download_offline_fails_fast_naming_each_file(tmp_path: Path) ->
         assert f"put it at: {tmp_path / file.filename}" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no partial files left behind
 
-    status = run_engine("weights", "status", "--weights-dir", str(tmp_path))
-    assert status.returncode == 1 and status.stdout.count("MISSING") == 3
+
+
+def test_weights_status_lists_each_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["weights", "status", "--weights-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.count("MISSING") == 3
 
 
 def test_download_is_atomic_with_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
