@@ -15,13 +15,13 @@ time from the first dispatch to the insert of the 200th job row (read from the b
 The CPU seconds of the bot's event-loop thread over the burst, from /proc, say what each command
 costs it.
 
-Progress overhead: two bots at once, each with its own fake Discord, identical but for one
-switch: one publishes progress, the other drops every frame at the publisher's door (previews,
-checkpoints and progress rows are the same). Jobs alternate between them, one at a time, in ABBA
-order so that slow drifts of the machine's speed fall on both. The figure is the median, over
-pairs, of the ratio of the engine's own seconds_per_step (measured by `engine.generate`, stored on
-the job row) publishing vs not. Two settings: the bot's defaults (a preview every 25 steps, at most
-one edit per 2 s) and a stress run (every 2nd step, no throttle).
+Progress overhead: jobs run one at a time, alternately publishing progress and with every frame
+dropped at the publisher's door (a signal to the bot process flips that switch; previews,
+checkpoints and progress rows are the same), in ABBA order so that slow drifts of the machine's
+speed fall on both. The figure is the median, over pairs, of the ratio of the engine's own
+seconds_per_step (measured by `engine.generate`, stored on the job row) publishing vs not. Two
+settings: the bot's defaults (a preview every 25 steps, at most one edit per 2 s) and a stress run
+(every 2nd step, no throttle).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import statistics
 import sys
@@ -72,22 +73,23 @@ class BotProcess:
 
 
 @contextlib.asynccontextmanager
-async def bot_process(tmp: Path, settings: dict[str, str], drop_progress: bool = False
-                      ) -> AsyncIterator[BotProcess]:
+async def bot_process(tmp: Path, settings: dict[str, str]) -> AsyncIterator[BotProcess]:
     """A fake Discord and a bot process talking to it, ready for commands."""
     tmp.mkdir(parents=True, exist_ok=True)
     async with FakeDiscord(token=TOKEN) as fake:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DISCORD_TOKEN": TOKEN,
                "DISCORD_API_BASE": fake.api_base, "DISCORD_GATEWAY_URL": fake.gateway_url,
                "DATABASE_PATH": str(tmp / "bot.sqlite3"), "OUTPUT_DIR": str(tmp / "outputs"),
-               "ENGINE_DEVICE": "cpu", "BENCH_DROP_PROGRESS": "1" if drop_progress else "0",
-               **settings}
+               "ENGINE_DEVICE": "cpu", **settings}
         with open(tmp / "bot.log", "w") as log:
             bot = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.bot_process", env=env,
                                                        cwd=tmp, stdout=log, stderr=log)
         try:
             await fake.wait_ready(timeout=120)
             await fake.wait_until(lambda: fake.get_command("imagine") is not None, timeout=60)
+            # One job first, not counted: models loaded, every first call's cost paid.
+            await wait_for_reply(fake, await fake.send_slash_command("imagine", {"prompt": "warm-up"}), "✅",
+                                 timeout=300)
             yield BotProcess(fake, bot.pid, tmp / "bot.sqlite3")
         except BaseException:
             print((tmp / "bot.log").read_text()[-3000:], file=sys.stderr)  # why the bot did not answer
@@ -98,8 +100,8 @@ async def bot_process(tmp: Path, settings: dict[str, str], drop_progress: bool =
 
 
 async def burst(members: int, steps: int, engine: dict[str, str], emit) -> dict:
-    settings = {**engine, "DEFAULT_STEPS": str(steps), "MAX_QUEUED_PER_USER": str(members),
-                "MAX_QUEUE_LENGTH": str(members)}
+    settings = {**engine, "DEFAULT_STEPS": str(steps), "MAX_QUEUED_PER_USER": str(members + 1),
+                "MAX_QUEUE_LENGTH": str(members + 1)}
     with tempfile.TemporaryDirectory(prefix="bot-latency-") as tmp:
         async with bot_process(Path(tmp), settings) as bot:
             fake = bot.fake
@@ -124,7 +126,7 @@ async def burst(members: int, steps: int, engine: dict[str, str], emit) -> dict:
             latencies = [callbacks[str(i.id)].received_at - i.dispatched_at for i in interactions]
             deferred = sum(i.response_type == 5 for i in interactions)
     enqueued_s = last_created - wall_minus_loop - began
-    record = {"burst_members": members, "deferred": deferred, "jobs": count,
+    record = {"burst_members": members, "deferred": deferred, "jobs": count - 1,  # less the warm-up
               "defer_p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
               "defer_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
               "defer_max_ms": round(max(latencies) * 1000, 1),
@@ -141,23 +143,23 @@ async def progress_overhead(name: str, pairs: int, steps: int, preview_every: in
                 "PROGRESS_INTERVAL_S": str(interval_s)}
     seconds: dict[str, list[float]] = {"publishing": [], "not_publishing": []}
     with tempfile.TemporaryDirectory(prefix="bot-latency-") as tmp:
-        async with (bot_process(Path(tmp) / "on", settings) as on,
-                    bot_process(Path(tmp) / "off", settings, drop_progress=True) as off):
-            bots = {"publishing": on, "not_publishing": off}
-
-            async def run_job(mode: str, prompt: str, seed: int) -> float:
-                bot = bots[mode]
-                interaction = await bot.fake.send_slash_command("imagine", {"prompt": prompt, "seed": seed})
-                await wait_for_reply(bot.fake, interaction, "✅", timeout=300)
-                return bot.job_row(interaction.id)[1]
-
-            for mode in bots:  # not counted: the first run of anything pays for warming caches up
-                await run_job(mode, "warm-up", 0)
+        async with bot_process(Path(tmp), settings) as bot:
+            publishing = True  # how bench.bot_process starts
             for pair in range(pairs):
-                for mode in list(bots) if pair % 2 == 0 else list(bots)[::-1]:
-                    seconds[mode].append(await run_job(mode, "a lighthouse", pair))
+                modes = ["publishing", "not_publishing"]
+                for mode in modes if pair % 2 == 0 else modes[::-1]:
+                    if publishing != (mode == "publishing"):
+                        os.kill(bot.pid, signal.SIGUSR1)
+                        publishing = not publishing
+                        await asyncio.sleep(0.2)  # the signal is handled between two bytecodes
+                    edits_before = len(_progress_edits(bot.fake))
+                    interaction = await bot.fake.send_slash_command("imagine", {"prompt": "a lighthouse",
+                                                                                "seed": pair})
+                    await wait_for_reply(bot.fake, interaction, "✅", timeout=300)
+                    seconds[mode].append(bot.job_row(interaction.id)[1])
                     emit({"settings": name, "pair": pair, "mode": mode,
-                          "seconds_per_step": round(seconds[mode][-1], 5)})
+                          "seconds_per_step": round(seconds[mode][-1], 5),
+                          "progress_edits": len(_progress_edits(bot.fake)) - edits_before})
     ratios = [a / b for a, b in zip(seconds["publishing"], seconds["not_publishing"], strict=True)]
     record = {"settings": name, "progress_pairs": pairs, "steps": steps, "preview_every": preview_every,
               "progress_interval_s": interval_s,
@@ -171,6 +173,12 @@ async def progress_overhead(name: str, pairs: int, steps: int, preview_every: in
 def _replied(fake: FakeDiscord, interaction: FakeInteraction) -> bool:
     message = fake.original_response(interaction)
     return message is not None and bool(message.content)
+
+
+def _progress_edits(fake: FakeDiscord) -> list:
+    """The edits that showed a step count: progress, not the queued or final replies."""
+    return fake.requests_matching("PATCH", r"/messages/",
+                                  lambda r: "— step " in str((r.json or {}).get("content")))
 
 
 async def run(args: argparse.Namespace, emit) -> None:
