@@ -125,11 +125,17 @@ async def burst(members: int, steps: int, engine: dict[str, str], emit) -> dict:
                 "POST", r"^/interactions/\d+/[^/]+/callback$")}
             latencies = [callbacks[str(i.id)].received_at - i.dispatched_at for i in interactions]
             deferred = sum(i.response_type == 5 for i in interactions)
+            # When the fake created the interactions and when their acknowledgements arrived, from
+            # the burst's start: the first, the median and the last of each.
+            created = sorted(i.dispatched_at - began for i in interactions)
+            acked = sorted(callbacks[str(i.id)].received_at - began for i in interactions)
     enqueued_s = last_created - wall_minus_loop - began
     record = {"burst_members": members, "deferred": deferred, "jobs": count - 1,  # less the warm-up
               "defer_p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
               "defer_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
               "defer_max_ms": round(max(latencies) * 1000, 1),
+              "created_ms": [round(created[k] * 1000, 1) for k in (0, members // 2, -1)],
+              "acked_ms": [round(acked[k] * 1000, 1) for k in (0, members // 2, -1)],
               "enqueued_per_s": round(members / enqueued_s, 1), "enqueue_all_s": round(enqueued_s, 2),
               "event_loop_cpu_ms_per_command": round(cpu_seconds / members * 1000, 2),
               "load_average": machine()["load_average"]}
