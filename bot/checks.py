@@ -3,7 +3,14 @@ change that), so moderator rights are always checked here, server-side."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
+
+from bot.limits import GuildLimits
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
 
 
 def is_moderator(interaction: discord.Interaction, moderator_role: int | None = None) -> bool:
@@ -17,3 +24,12 @@ def is_moderator(interaction: discord.Interaction, moderator_role: int | None = 
 
 NOT_A_MODERATOR = ("Only moderators can do that here: members with Manage Server, or with this "
                    "server's moderator role.")
+
+
+async def moderator_or_refuse(bot: ImagineBot, interaction: discord.Interaction, hint: str = "") -> bool:
+    """True for a moderator of this server; anyone else is told why not (plus `hint`) and gets False."""
+    limits = GuildLimits.resolve(bot.settings, await bot.store.guild_limits(interaction.guild_id))
+    if is_moderator(interaction, limits.moderator_role):
+        return True
+    await interaction.response.send_message(f"{NOT_A_MODERATOR} {hint}".rstrip(), ephemeral=True)
+    return False

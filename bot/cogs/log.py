@@ -16,7 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import NOT_A_MODERATOR, is_moderator
+from bot.checks import moderator_or_refuse
 from bot.cogs.moderation import MODERATORS
 from bot.publisher import format_duration
 from bot.store import Job
@@ -159,12 +159,7 @@ class Log(commands.Cog):
         self.bot = bot
 
     async def _is_moderator(self, interaction: discord.Interaction) -> bool:
-        limits = await self.bot.get_cog("Imagine").limits(interaction.guild_id)
-        if is_moderator(interaction, limits.moderator_role):
-            return True
-        await interaction.response.send_message(NOT_A_MODERATOR + " Your own pictures: /history.",
-                                                ephemeral=True)
-        return False
+        return await moderator_or_refuse(self.bot, interaction, "Your own pictures: /history.")
 
     async def _show_pages(self, interaction: discord.Interaction, title: str,
                           page: Callable[[int], Awaitable[tuple[list[str], int]]]) -> None:

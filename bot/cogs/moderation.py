@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import NOT_A_MODERATOR, is_moderator
+from bot.checks import moderator_or_refuse
 from bot.limits import LIMITS, LimitError
 
 if TYPE_CHECKING:
@@ -34,20 +34,13 @@ class Moderation(commands.Cog):
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
 
-    async def _refuse_non_moderator(self, interaction: discord.Interaction) -> bool:
-        """Discord's default_permissions can be changed by server admins: check here as well."""
-        limits = await self.bot.get_cog("Imagine").limits(interaction.guild_id)
-        if is_moderator(interaction, limits.moderator_role):
-            return False
-        await interaction.response.send_message(NOT_A_MODERATOR, ephemeral=True)
-        return True
 
     # --- limits ----------------------------------------------------------------------------------
 
     @limits_group.command(name="show")
     async def limits_show(self, interaction: discord.Interaction) -> None:
         """Show every limit in force on this server."""
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         limits = await self.bot.get_cog("Imagine").limits(interaction.guild_id)
         stored = await self.bot.store.guild_limits(interaction.guild_id)
@@ -71,7 +64,7 @@ class Moderation(commands.Cog):
         await self._change_limit(interaction, name, None)
 
     async def _change_limit(self, interaction: discord.Interaction, name: str, text: str | None) -> None:
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         limit = LIMITS.get(name)
         if limit is None:
@@ -98,7 +91,7 @@ class Moderation(commands.Cog):
     async def block(self, interaction: discord.Interaction, member: discord.Member,
                     reason: app_commands.Range[str, 1, 300] | None = None) -> None:
         """Stop a member from making pictures on this server; their waiting pictures are cancelled."""
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         cancelled = await self.bot.store.block(interaction.guild_id, member.id, reason, interaction.user.id)
         for job in cancelled:
@@ -112,7 +105,7 @@ class Moderation(commands.Cog):
     @moderate.command(name="unblock")
     async def unblock(self, interaction: discord.Interaction, member: discord.Member) -> None:
         """Let a blocked member make pictures again."""
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         removed = await self.bot.store.unblock(interaction.guild_id, member.id, interaction.user.id)
         text = f"Unblocked {member.mention}." if removed else f"{member.mention} was not blocked."
@@ -121,7 +114,7 @@ class Moderation(commands.Cog):
     @moderate.command(name="blocked")
     async def blocked(self, interaction: discord.Interaction) -> None:
         """List the members blocked on this server."""
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         blocks = await self.bot.store.blocks(interaction.guild_id)
         lines = [f"<@{b.user_id}> — by <@{b.blocked_by}> <t:{int(b.blocked_at)}:R>"
@@ -133,7 +126,7 @@ class Moderation(commands.Cog):
     @app_commands.describe(job="The job number (from /log view)")
     async def delete(self, interaction: discord.Interaction, job: int) -> None:
         """Delete a generation: its message and files go, its log row stays, marked deleted."""
-        if await self._refuse_non_moderator(interaction):
+        if not await moderator_or_refuse(self.bot, interaction):
             return
         found = await self.bot.store.get(job)
         if found is None or found.guild_id != interaction.guild_id:
