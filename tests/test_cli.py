@@ -126,14 +126,16 @@ def test_download_is_atomic_with_a_progress_bar(tmp_path: Path, capsys: pytest.C
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        good = weights.WeightFile("vqgan_checkpoint", "model.ckpt", f"{base}/model.ckpt", "test file", 3)
+        good = weights.WeightFile("vqgan_checkpoint", "model.ckpt", (f"{base}/model.ckpt",), "test file", 3)
         paths = weights.ensure([good], tmp_path / "w")
         assert paths["vqgan_checkpoint"].read_bytes() == payload
         assert "model.ckpt: 100%" in capsys.readouterr().err
 
-        absent = weights.WeightFile("clip_checkpoint", "clip.pt", f"{base}/missing.pt", "absent file", 1)
-        with pytest.raises(weights.WeightsMissingError, match=r"download failed \(File not found\)"):
+        absent = weights.WeightFile("clip_checkpoint", "clip.pt", (f"{base}/missing.pt",), "absent file", 1)
+        with pytest.raises(weights.WeightsMissingError) as caught:
             weights.ensure([absent], tmp_path / "w", progress=False)
-        assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["model.ckpt"]
+        assert f"{base}/missing.pt: HTTP 404 File not found" in str(caught.value)
+        # The finished file and its recorded hash; nothing of the failed download.
+        assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["model.ckpt", "model.ckpt.sha256"]
     finally:
         server.shutdown()
