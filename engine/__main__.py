@@ -18,8 +18,9 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from engine import output, weights
+from engine.checkpoints import UnsafeCheckpointError
 from engine.generate import GenerationError, StepInfo, generate
-from engine.models import DEFAULT_PRESET, PRESETS, UnsafeCheckpointError, load_preset
+from engine.models import CLIP_CHOICES, DEFAULT_CLIP, DEFAULT_PRESET, PRESETS, load_preset, required_files
 from engine.request import GenerationRequest, describe_validation_error
 
 USAGE_ERROR = 2
@@ -28,7 +29,7 @@ USAGE_ERROR = 2
 def _request_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("request options (defaults follow the VQGAN+CLIP notebook)")
     for name, info in GenerationRequest.model_fields.items():
-        if name == "prompt":
+        if name in ("prompt", "model"):  # the model is --preset
             continue
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=False)
@@ -44,7 +45,10 @@ def _request_flags(parser: argparse.ArgumentParser) -> None:
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--preset", default=env("ENGINE_PRESET", DEFAULT_PRESET), choices=list(PRESETS),
-                        help="models to use; `tiny` is random noise, for smoke runs only")
+                        help="the VQGAN to use; `tiny` is random noise, for smoke runs only")
+    parser.add_argument("--clip", default=env("ENGINE_CLIP", DEFAULT_CLIP),
+                        help=f"the CLIP that scores the picture: {', '.join(CLIP_CHOICES)}, or two joined "
+                             "by '+' (an ensemble, e.g. ViT-B-32+ViT-B-16) (env ENGINE_CLIP)")
     parser.add_argument("--weights-dir", type=Path, default=Path(env("WEIGHTS_DIR", "weights")))
     for key in ("clip_checkpoint", "vqgan_config", "vqgan_checkpoint"):
         parser.add_argument("--" + key.replace("_", "-"), type=Path, default=env(key.upper()) or None,
@@ -75,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_flags(imagine)
     _request_flags(imagine)
 
-    weights_cmd = commands.add_parser("weights", help="show or download the model weights")
-    weights_cmd.add_argument("action", choices=["status", "download"])
+    weights_cmd = commands.add_parser("weights", help="show, download or verify the model weights")
+    weights_cmd.add_argument("action", choices=["status", "download", "verify"],
+                             help="verify hashes every present file again and exits 1 if one is corrupt")
     _model_flags(weights_cmd)
     return parser
 
@@ -88,7 +93,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Path]:
 
 def _build_request(args: argparse.Namespace) -> GenerationRequest:
     fields = {name: getattr(args, name) for name in GenerationRequest.model_fields
-              if name != "prompt" and getattr(args, name, None) is not None}
+              if name not in ("prompt", "model") and getattr(args, name, None) is not None}
+    fields["model"] = args.preset
     if args.size:
         match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", args.size)
         if not match:
@@ -111,8 +117,9 @@ def _imagine(args: argparse.Namespace) -> int:
         request = _build_request(args)
     target = args.output or _default_output(request)
 
-    models = load_preset(args.preset, args.weights_dir, _overrides(args), args.device, args.precision,
-                         args.allow_unsafe_pickle, download=args.download)
+    preset = request.model or args.preset  # a resumed run keeps the model it started with
+    models = load_preset(preset, args.weights_dir, _overrides(args), args.device, args.precision,
+                         args.allow_unsafe_pickle, download=args.download, clip=args.clip)
     if models.random_weights:
         print(f"note: preset {args.preset!r} uses random weights; the image is a test pattern",
               file=sys.stderr)
@@ -165,22 +172,33 @@ def _imagine(args: argparse.Namespace) -> int:
 
 def _weights(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
-    files = preset.weight_files
+    overrides = _overrides(args)
+    files = required_files(args.preset, args.clip, own_clip="clip_checkpoint" in overrides)
     if not files:
         print(f"preset {preset.name!r} needs no weight files ({preset.description})")
         return 0
-    overrides = _overrides(args)
     if args.action == "download":
         weights.ensure(files, args.weights_dir, overrides)
+    corrupt: list[str] = []
     for f in files:
         path = weights.resolve_path(f, args.weights_dir, overrides)
-        state = f"{path.stat().st_size / 2**20:.0f} MiB" if path.is_file() else "MISSING"
-        print(f"{state:>10}  {path}  ({f.description})")
+        if not path.is_file():
+            print(f"{'MISSING':>10}  {'':<28}  {path}  ({f.description})")
+            continue
+        try:
+            if args.action == "verify":  # status stays cheap: it reports the last check, hashing nothing
+                weights.verify(f, path, rehash=True)
+            trust = weights.verification(f, path)
+        except weights.WeightsCorruptError as error:
+            corrupt.append(str(error))
+            trust = "CORRUPT"
+        print(f"{path.stat().st_size / 2**20:>6.0f} MiB  {trust:<28}  {path}  ({f.description})")
+    for message in corrupt:
+        print(f"error: {message}", file=sys.stderr)
     absent = weights.missing(files, args.weights_dir, overrides)
     if absent:
         print(weights.missing_message(absent, args.weights_dir, overrides), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if absent or corrupt else 0
 
 
 def main(argv: list[str] | None = None) -> int:

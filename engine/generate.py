@@ -27,9 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from engine import output
 from engine.cutouts import make_cutouts
-from engine.models import Models
+from engine.models import Clip, Models
 from engine.output import GenerationState
 from engine.request import GenerationRequest
+from engine.weights import WeightsMissingError
 
 
 class GenerationError(RuntimeError):
@@ -79,24 +80,32 @@ class GenerationResult:
 Callback = Callable[[StepInfo], None]
 
 
-def encode_text(models: Models, text: str) -> torch.Tensor:
+def encode_text(clip: Clip, text: str) -> torch.Tensor:
     """CLIP's raw (unnormalised) text embedding, as the notebook combines raw embeddings."""
-    tokens = models.tokenizer([text]).to(models.device)
+    tokens = clip.tokenizer([text]).to(clip.device)
     with torch.no_grad():
-        return models.clip.encode_text(tokens).float()[0]
+        return clip.model.encode_text(tokens).float()[0]
 
 
-def prompt_targets(models: Models, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit text targets (P, D) for each weighted prompt mixed with the style, and their weights."""
-    style = encode_text(models, request.style) if request.style else None
-    targets, weights = [], []
+@dataclass
+class Targets:
+    """What one CLIP scores cutouts against: made once per run, on the device."""
+
+    clip: Clip
+    prompts: torch.Tensor  # (P, D) unit text targets, each prompt mixed with the style
+    negative: torch.Tensor | None  # (D,) unit embedding of the negative text
+
+
+def prompt_targets(clip: Clip, request: GenerationRequest) -> Targets:
+    style = encode_text(clip, request.style) if request.style else None
+    prompts = []
     for prompt in request.prompts:
-        target = encode_text(models, prompt.text)
+        target = encode_text(clip, prompt.text)
         if style is not None:
             target = request.w1 * target + request.w2 * style
-        targets.append(F.normalize(target, dim=-1))
-        weights.append(prompt.weight)
-    return torch.stack(targets), torch.tensor(weights, device=models.device)
+        prompts.append(F.normalize(target, dim=-1))
+    negative = F.normalize(encode_text(clip, request.negative), dim=-1) if request.negative else None
+    return Targets(clip=clip, prompts=torch.stack(prompts), negative=negative)
 
 
 # Devices whose decoder runs faster channels-last: measured on the CPU (oneDNN, 1.5x); unmeasured on
@@ -166,20 +175,21 @@ def from_pil(image: Image.Image, device: torch.device) -> torch.Tensor:
 
 
 def image_similarity(models: Models, image: Image.Image, text: str) -> float:
-    """CLIP cosine similarity of a whole image (resized, no augmentation) to a text."""
-    pixels = F.interpolate(from_pil(image, models.device), size=(models.clip_size,) * 2,
+    """The first CLIP's cosine similarity of a whole image (resized, no augmentation) to a text."""
+    clip = models.clips[0]
+    pixels = F.interpolate(from_pil(image, models.device), size=(clip.size,) * 2,
                            mode="bilinear", align_corners=False)
     with torch.no_grad():
-        embedding = _embed_images(models, pixels)[0]
-    return float(embedding @ F.normalize(encode_text(models, text), dim=-1))
+        embedding = _embed_images(models, clip, pixels)[0]
+    return float(embedding @ F.normalize(encode_text(clip, text), dim=-1))
 
 
-def _embed_images(models: Models, images: torch.Tensor) -> torch.Tensor:
-    """Unit CLIP embeddings of images in [0, 1] at CLIP's input size."""
-    mean = torch.tensor(models.image_mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(models.image_std, device=images.device).view(1, -1, 1, 1)
+def _embed_images(models: Models, clip: Clip, images: torch.Tensor) -> torch.Tensor:
+    """Unit CLIP embeddings of images in [0, 1] (resized to this CLIP's input size if need be)."""
+    if images.shape[-1] != clip.size:
+        images = F.interpolate(images, size=(clip.size,) * 2, mode="bilinear", align_corners=False)
     with models.autocast(), _attention_kernel(images.device):
-        embeddings = models.clip.encode_image((images - mean) / std)
+        embeddings = clip.model.encode_image((images - clip.mean) / clip.std)
     return F.normalize(embeddings.float(), dim=-1)
 
 
@@ -223,14 +233,16 @@ def _to_batch_first(module: nn.Module, args: tuple, kwargs: dict, result: tuple)
 def initial_latent(models: Models, request: GenerationRequest, generator: torch.Generator
                    ) -> tuple[torch.Tensor, dict | None]:
     """The starting latent and, when continuing an earlier run, that run's optimiser state."""
-    rows, cols = request.latent_shape
+    factor = models.vqgan.factor
+    rows, cols = request.height // factor, request.width // factor
     if request.continue_from is not None:
         earlier = output.load_state(request.continue_from)
         latent = earlier.latent.to(models.device)
-        if latent.shape[-2:] != (rows, cols) or latent.shape[0] != request.batch_size:
+        if latent.shape[1:] != (models.vqgan.embed_dim, rows, cols) or latent.shape[0] != request.batch_size:
             raise GenerationError(
-                f"the saved state is for {latent.shape[-1] * 16}x{latent.shape[-2] * 16} with batch "
-                f"{latent.shape[0]}; continue with that size and batch size")
+                f"the saved state is for {latent.shape[-1] * factor}x{latent.shape[-2] * factor} with "
+                f"batch {latent.shape[0]} and another model's latent ({latent.shape[1]} channels); "
+                "continue with that size, batch size and model")
         return latent, earlier.optimizer
     if request.init_image is not None:
         image = Image.open(request.init_image).convert("RGB")
@@ -244,8 +256,22 @@ def initial_latent(models: Models, request: GenerationRequest, generator: torch.
 
 
 def _codebook_bounds(models: Models) -> tuple[torch.Tensor, torch.Tensor]:
-    codebook = models.vqgan.quantize.embedding.weight
+    codebook = models.vqgan.codebook
     return codebook.min(dim=0).values.view(1, -1, 1, 1), codebook.max(dim=0).values.view(1, -1, 1, 1)
+
+
+def vector_quantize(latent: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Each latent cell snapped to its nearest codebook vector, with a straight-through gradient.
+
+    Works for both quantiser kinds (their codebooks differ only in name and size). The search runs
+    in fp32 even under bf16 autocast: bf16 distances would pick wrong codes among 16384 close ones.
+    """
+    with torch.autocast(latent.device.type, enabled=False):
+        cells = latent.float().movedim(1, -1)  # (B, H, W, D)
+        distances = (cells.pow(2).sum(-1, keepdim=True) + codebook.float().pow(2).sum(1)
+                     - 2 * cells @ codebook.float().T)
+        quantized = codebook.float()[distances.argmin(-1)].movedim(-1, 1)
+    return latent + (quantized - latent).detach()
 
 
 def generate(request: GenerationRequest, models: Models, callback: Callback | None = None,
@@ -256,18 +282,21 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
     `should_stop()` is checked before every step; a stopped run returns what it has, with
     `cancelled=True`. Raises GenerationError if the loss stops being finite.
     """
+    if request.model is not None and request.model != models.preset:
+        raise GenerationError(f"this request is for the {request.model} model, but {models.preset} is loaded")
     device = models.device
-    use_sequence_first_attention(models.clip)
+    for clip in models.clips:
+        use_sequence_first_attention(clip.model)
     recipe = output.recipe(request, models)
     generator = torch.Generator(device=device)
     generator.manual_seed(request.seed)
-    targets, weights = prompt_targets(models, request)
-    negative = F.normalize(encode_text(models, request.negative), dim=-1) if request.negative else None
+    targets = [prompt_targets(clip, request) for clip in models.clips]
+    weights = torch.tensor([prompt.weight for prompt in request.prompts], device=device)
 
     optimizer_state = None
     if resume is not None:
         latent, optimizer_state, start = resume.latent.to(device), resume.optimizer, resume.step
-        generator.set_state(resume.rng)
+        _restore_rng(generator, resume, request.seed)
     else:
         latent, optimizer_state = initial_latent(models, request, generator)
         start = 0
@@ -277,6 +306,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:  # the request's values win over the saved ones
             group.update(lr=request.learning_rate, weight_decay=request.weight_decay)
+    codebook = models.vqgan.codebook
     low, high = _codebook_bounds(models) if request.quantize else (None, None)
     checkpointed = CHECKPOINT_DECODER and \
         request.width * request.height * request.batch_size >= CHECKPOINT_FROM_PIXELS
@@ -291,16 +321,12 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
         if should_stop is not None and should_stop():
             cancelled, step = True, step - 1
             break
+        source = vector_quantize(latent, codebook) if request.quantize else latent
         with models.autocast():
-            source = models.vqgan.quantize(latent)[0] if request.quantize else latent
             images = decode(models, source, checkpointed)
         cutouts = make_cutouts(images, request.cutn, models.clip_size, generator,
                                request.cut_pow, request.noise_factor)
-        embeddings = _embed_images(models, cutouts)
-        cosines = embeddings @ targets.T  # (cutouts, prompts)
-        loss = -(cosines.mean(0) * weights).sum()
-        if negative is not None:
-            loss = loss + request.negative_weight * (embeddings @ negative).mean()
+        loss, similarity = _score(models, targets, weights, cutouts, request.negative_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -309,7 +335,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
                 latent.copy_(torch.maximum(torch.minimum(latent, high), low))
 
         losses[step - 1] = loss.detach()
-        similarities[step - 1] = (cosines.detach().mean(0) * weights).sum() / weights.abs().sum()
+        similarities[step - 1] = similarity
         info = StepInfo(step=step, total=request.steps, loss=losses[step - 1],
                         similarity=similarities[step - 1], elapsed=time.perf_counter() - began)
         if step % request.preview_every == 0 or step == request.steps:
@@ -324,7 +350,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
         if callback is not None:
             callback(info)
 
-    images = _decode_pil(models, latent, request.quantize)
+    images = _decode_pil(models, latent, request.quantize, exact=True)
     return GenerationResult(
         images=images,
         latent=latent.detach().cpu(),
@@ -339,10 +365,38 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
     )
 
 
-def _decode_pil(models: Models, latent: torch.Tensor, quantize: bool) -> list[Image.Image]:
-    with torch.no_grad(), models.autocast():
-        source = models.vqgan.quantize(latent)[0] if quantize else latent
-        return to_pil(decode(models, source))
+def _score(models: Models, targets: list[Targets], weights: torch.Tensor, cutouts: torch.Tensor,
+           negative_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The notebook's loss, summed over the CLIPs that score the same cutouts, and the mean weighted
+    similarity to the prompts (for progress)."""
+    loss = torch.zeros((), device=cutouts.device)
+    similarity = torch.zeros((), device=cutouts.device)
+    for target in targets:
+        embeddings = _embed_images(models, target.clip, cutouts)
+        cosines = embeddings @ target.prompts.T  # (cutouts, prompts)
+        loss = loss - (cosines.mean(0) * weights).sum()
+        if target.negative is not None:
+            loss = loss + negative_weight * (embeddings @ target.negative).mean()
+        similarity = similarity + (cosines.detach().mean(0) * weights).sum() / weights.abs().sum()
+    return loss, similarity / len(targets)
+
+
+def _decode_pil(models: Models, latent: torch.Tensor, quantize: bool,
+                exact: bool = False) -> list[Image.Image]:
+    """Previews decode at the run's precision; the final image (`exact`) in fp32."""
+    with torch.no_grad():
+        source = vector_quantize(latent, models.vqgan.codebook) if quantize else latent
+        with models.autocast() if not exact else contextlib.nullcontext():
+            return to_pil(decode(models, source))
+
+
+def _restore_rng(generator: torch.Generator, resume: GenerationState, seed: int) -> None:
+    """Continue the saved random stream where it was saved; a generator's state only fits its own kind
+    of device, so a run moved to another one continues on a stream derived from the seed and step."""
+    if resume.rng_device == generator.device.type:
+        generator.set_state(resume.rng)
+    else:
+        generator.manual_seed((seed * 1_000_003 + resume.step) % 2**63)
 
 
 def _snapshot(step: int, latent: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -355,13 +409,16 @@ def _snapshot(step: int, latent: torch.Tensor, optimizer: torch.optim.Optimizer,
         return value
 
     return GenerationState(step=step, latent=to_cpu(latent), optimizer=to_cpu(optimizer.state_dict()),
-                           rng=generator.get_state(), recipe=recipe)
+                           rng=generator.get_state(), recipe=recipe, rng_device=generator.device.type)
 
 
 def failure_reason(error: BaseException, request: GenerationRequest | None = None) -> str:
     """A short reason a user can act on, for any error `generate` may raise."""
     if isinstance(error, GenerationError):
         return str(error)
+    if isinstance(error, WeightsMissingError):  # also a damaged file: the admin's to fix
+        model = f"the {request.model} model" if request and request.model else "the model"
+        return f"{model}'s weight files are missing or damaged on the bot's machine; its admin can fix that"
     if isinstance(error, torch.OutOfMemoryError):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the memory back before the next job

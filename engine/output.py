@@ -28,6 +28,7 @@ class GenerationState:
     optimizer: dict
     rng: torch.Tensor
     recipe: dict
+    rng_device: str = "cpu"  # the kind of device whose generator `rng` is the state of
 
 
 def package_version() -> str:
@@ -44,6 +45,8 @@ def recipe(request: GenerationRequest, models: Models) -> dict:
         "preset": models.preset,
         "models": dict(models.ids),
         "precision": models.precision,
+        "device": models.device.type,  # images match bit for bit only on the same kind of device
+        "torch": torch.__version__,
         "engine": f"{PACKAGE} {package_version()}",
     }
     if models.random_weights:
@@ -81,15 +84,17 @@ def save_state(state: GenerationState, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
     torch.save({"step": state.step, "latent": state.latent, "optimizer": state.optimizer,
-                "rng": state.rng, "recipe": json.dumps(state.recipe)}, temp)
+                "rng": state.rng, "rng_device": state.rng_device, "recipe": json.dumps(state.recipe)}, temp)
     temp.replace(path)
     return path
 
 
 def load_state(path: Path) -> GenerationState:
     data = torch.load(path, map_location="cpu", weights_only=True)
+    # States saved before the device was recorded: a CPU generator's state is far larger than a CUDA one's.
+    rng_device = data.get("rng_device") or ("cpu" if data["rng"].numel() > 64 else "cuda")
     return GenerationState(step=data["step"], latent=data["latent"], optimizer=data["optimizer"],
-                           rng=data["rng"], recipe=json.loads(data["recipe"]))
+                           rng=data["rng"], recipe=json.loads(data["recipe"]), rng_device=rng_device)
 
 
 def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:

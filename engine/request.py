@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-LATENT_FACTOR = 16  # VQGAN f16: one latent cell per 16x16 pixels
+# Sides are multiples of 16: one latent cell per 16x16 pixels for f16 VQGANs, and per 8x8 for f8 ones.
+LATENT_FACTOR = 16
 MAX_SEED = 2**32 - 1
 
 # A trailing ":number" is a weight; any other colon belongs to the text ("photo: a dog").
@@ -55,6 +56,8 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(
         min_length=1, max_length=1000,
         description='what to draw; weighted parts: "a dog on the beach:1 | blurry:-0.5"')
+    model: str | None = Field(
+        None, max_length=100, description="the VQGAN preset that paints it (None: the engine's default)")
     negative: str = Field(
         "", max_length=1000, description="text the image should move away from (the notebook's exclude)")
     negative_weight: float = Field(
@@ -110,10 +113,6 @@ class GenerationRequest(BaseModel):
     @property
     def prompts(self) -> list[WeightedPrompt]:
         return parse_prompts(self.prompt)
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        return self.height // LATENT_FACTOR, self.width // LATENT_FACTOR
 
 
 def describe_validation_error(error: ValidationError) -> str:

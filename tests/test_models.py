@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoints import UnsafeCheckpointError
 from engine.generate import generate
 from engine.models import (
     FULL_CLIP_ARCH,
     FULL_VQGAN_CONFIG,
     TINY_CLIP_ARCH,
-    UnsafeCheckpointError,
     build_random_models,
     build_vqgan,
     load_preset,
@@ -43,8 +43,9 @@ def test_checkpoints_with_pickled_objects_need_explicit_permission(tiny_weights,
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save(checkpoint, unsafe)
 
-    with pytest.raises(UnsafeCheckpointError, match="ALLOW_UNSAFE_PICKLE"):
+    with pytest.raises(UnsafeCheckpointError, match="ALLOW_UNSAFE_PICKLE") as caught:
         build_vqgan(tiny_weights["vqgan_config"], unsafe)
+    assert "tests.test_models.NotATensor" in str(caught.value) and str(unsafe) in str(caught.value)
     vqgan = build_vqgan(tiny_weights["vqgan_config"], unsafe, allow_unsafe_pickle=True)
     assert torch.equal(vqgan.quantize.embedding.weight, checkpoint["state_dict"]["quantize.embedding.weight"])
 
@@ -60,13 +61,31 @@ def test_missing_real_weights_name_each_file_its_source_and_place(tmp_path: Path
 
 def test_overrides_replace_files_in_the_weights_dir(tiny_weights, tmp_path: Path) -> None:
     from engine import weights
-    from engine.models import PRESETS
+    from engine.models import required_files
 
-    files = PRESETS["vqgan-f16-16384"].weight_files
+    files = required_files("vqgan-f16-16384")
     assert len(weights.missing(files, tmp_path)) == 3
     assert weights.missing(files, tmp_path, tiny_weights) == []
     assert weights.resolve_path(weights.VQGAN_F16_16384_CHECKPOINT, tmp_path, tiny_weights) == \
         tiny_weights["vqgan_checkpoint"]
+
+
+def test_each_preset_and_clip_choice_names_its_files() -> None:
+    from engine.models import PRESETS, required_files
+
+    downloadable = [name for name, preset in PRESETS.items() if preset.random_config is None]
+    assert {"vqgan-f16-1024", "vqgan-f16-16384", "wikiart-16384", "gumbel-f8-8192", "sflckr", "coco",
+            "faceshq"} <= set(downloadable)
+    for name in downloadable:
+        files = required_files(name, "ViT-B-32+ViT-L-14")
+        assert [f.key for f in files] == ["vqgan_config", "vqgan_checkpoint", "clip_checkpoint",
+                                          "clip_checkpoint"]
+        assert all(f.urls for f in files)
+    with pytest.raises(ValueError, match="ViT-B-32, ViT-B-16, ViT-L-14"):
+        required_files("vqgan-f16-16384", "ViT-B-32+ViT-B-32")
+    with pytest.raises(ValueError, match="choose one of"):
+        required_files("vqgan-f16-9999")
+    assert required_files("tiny", "anything") == []
 
 
 def test_auto_device_is_cpu_here_and_tiny_preset_is_random() -> None:

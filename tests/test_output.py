@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from engine import output
@@ -49,3 +50,27 @@ def test_timelapse_has_one_frame_per_preview(tmp_path: Path) -> None:
         path = output.save_timelapse(frames, tmp_path / f"t{suffix}")
         with Image.open(path) as animation:
             assert animation.n_frames == 5
+
+
+def test_a_state_saved_on_another_kind_of_device_resumes_here(tiny_models, tmp_path: Path) -> None:
+    request = GenerationRequest(prompt="a red picture", width=64, height=64, steps=4, seed=3, cutn=4)
+    seen: list[int] = []
+    partial = generate(request, tiny_models, callback=lambda info: seen.append(info.step),
+                       should_stop=lambda: len(seen) == 1)
+    assert partial.state.step == 1 and partial.state.rng_device == "cpu"
+    # A CUDA generator's state is 16 bytes (seed and offset): it cannot be set on a CPU generator.
+    moved = output.GenerationState(step=1, latent=partial.state.latent, optimizer=partial.state.optimizer,
+                                   rng=torch.zeros(16, dtype=torch.uint8), recipe=partial.recipe,
+                                   rng_device="cuda")
+    output.save_state(moved, tmp_path / "moved.state.pt")
+    loaded = output.load_state(tmp_path / "moved.state.pt")
+    assert loaded.rng_device == "cuda"
+    resumed = generate(request, tiny_models, resume=loaded)
+    assert resumed.steps_done == 3 and resumed.image.size == (64, 64)
+
+    # States written before the device was recorded still load, as the CPU's they were.
+    legacy = torch.load(tmp_path / "moved.state.pt", weights_only=True)
+    del legacy["rng_device"]
+    legacy["rng"] = partial.state.rng
+    torch.save(legacy, tmp_path / "legacy.state.pt")
+    assert output.load_state(tmp_path / "legacy.state.pt").rng_device == "cpu"

@@ -25,7 +25,6 @@ def test_defaults_follow_the_notebook() -> None:
     assert (request.learning_rate, request.weight_decay, request.noise_factor) == (0.5, 0.15, 0.22)
     assert (request.w1, request.w2, request.cutn, request.batch_size) == (1.0, 0.1, 32, 1)
     assert (request.width, request.height) == (448, 448)
-    assert request.latent_shape == (28, 28)
     assert request.steps == 300
     assert GenerationRequest(prompt="x", steps=8000).steps == 8000
 
