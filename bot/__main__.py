@@ -23,7 +23,7 @@ from bot.app import ImagineBot, point_discord_at
 from bot.config import Settings
 from bot.store import Store
 from engine import weights
-from engine.models import PRESETS
+from engine.models import required_files
 
 log = logging.getLogger("bot")
 
@@ -71,16 +71,13 @@ def configure_logging(settings: Settings) -> list[logging.Handler]:
 
 def ensure_weights(settings: Settings) -> None:
     """Fail fast, before connecting, if the preset's weights are missing and can't be fetched."""
-    preset = PRESETS.get(settings.engine_preset)
-    if preset is None:
-        raise ValueError(f"ENGINE_PRESET={settings.engine_preset!r} is not a preset; "
-                         f"choose one of: {', '.join(PRESETS)}")
-    absent = weights.missing(preset.weight_files, settings.weights_dir, settings.weight_overrides)
+    files = required_files(settings.engine_preset, settings.engine_clip, settings.clip_checkpoint is not None)
+    absent = weights.missing(files, settings.weights_dir, settings.weight_overrides)
     if absent and not settings.download_weights:
         raise weights.WeightsMissingError(
             weights.missing_message(absent, settings.weights_dir, settings.weight_overrides))
     if absent:
-        weights.ensure(preset.weight_files, settings.weights_dir, settings.weight_overrides)
+        weights.ensure(files, settings.weights_dir, settings.weight_overrides)
 
 
 async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | None = None,

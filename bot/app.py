@@ -20,7 +20,7 @@ from bot.retention import run_retention
 from bot.store import Store
 from bot.views import JobButton
 from bot.worker import EngineWorker
-from engine.models import Models, load_preset
+from engine.models import VQGAN, ModelSet, installed_presets, load_preset, load_preset_vqgan
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,22 @@ def point_discord_at(settings: Settings) -> None:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 
 
-def preset_loader(settings: Settings) -> Callable[[], Models]:
-    def load() -> Models:
-        return load_preset(settings.engine_preset, settings.weights_dir, settings.weight_overrides,
-                           settings.engine_device, settings.engine_precision,
-                           settings.allow_unsafe_pickle, download=settings.download_weights)
+def preset_loader(settings: Settings) -> Callable[[], ModelSet]:
+    def load_vqgan(preset: str) -> tuple[VQGAN, str]:
+        return load_preset_vqgan(preset, settings.weights_dir,
+                                 allow_unsafe_pickle=settings.allow_unsafe_pickle)
+
+    def load() -> ModelSet:
+        default = load_preset(settings.engine_preset, settings.weights_dir, settings.weight_overrides,
+                              settings.engine_device, settings.engine_precision,
+                              settings.allow_unsafe_pickle, download=settings.download_weights,
+                              clip=settings.engine_clip)
+        return ModelSet(default, load_vqgan)
     return load
 
 
 class ImagineBot(commands.Bot):
-    def __init__(self, settings: Settings, store: Store, load_models: Callable[[], Models] | None = None,
+    def __init__(self, settings: Settings, store: Store, load_models: Callable[[], ModelSet] | None = None,
                  clock: Callable[[], float] = time.time, guild_ready_timeout: float = 2.0) -> None:
         # Interactions arrive whatever the intents; `guilds` keeps servers, channels and roles known.
         # Nothing else: the message events of every busy channel would be work for nothing.
@@ -92,6 +98,11 @@ class ImagineBot(commands.Bot):
         except Exception:
             log.exception("the engine task stopped; the bot keeps queueing but runs nothing")
             raise
+
+    def installed_models(self) -> list[str]:
+        """The VQGAN presets members may pick: the configured one, then others whose files are here."""
+        settings = self.settings
+        return installed_presets(settings.weights_dir, settings.weight_overrides, settings.engine_preset)
 
     @contextlib.contextmanager
     def submitting(self) -> Iterator[None]:

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     # Engine
     weights_dir: Path = Path("weights")
     engine_preset: str = "vqgan-f16-16384"
+    engine_clip: str = "ViT-B-32"  # or ViT-B-16, ViT-L-14, or two joined by '+' (an ensemble)
     engine_device: str = "auto"
     engine_precision: str = "auto"
     engine_memory_gib: float = Field(0, ge=0)  # plan pictures within this much; 0 = all the device has

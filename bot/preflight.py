@@ -22,7 +22,7 @@ from bot.limits import memory_budget
 from bot.store import MIGRATIONS
 from engine import weights
 from engine.device import GIB, describe_device
-from engine.models import PRESETS
+from engine.models import required_files
 from engine.request import GenerationRequest
 
 LOW_DISK_BYTES = GIB
@@ -78,17 +78,19 @@ def check_token(settings: Settings) -> Check:
 
 
 def check_weights(settings: Settings) -> Check:
-    preset = PRESETS.get(settings.engine_preset)
-    if preset is None:
-        return Check("weights", "fail", f"ENGINE_PRESET={settings.engine_preset!r} is not a preset; "
-                     f"choose one of: {', '.join(PRESETS)}")
-    if not preset.weight_files:
-        return Check("weights", "warn", f"preset {preset.name} needs none: random test models, "
+    preset = settings.engine_preset
+    try:
+        files = required_files(preset, settings.engine_clip, settings.clip_checkpoint is not None)
+    except ValueError as error:
+        return Check("weights", "fail", str(error))
+    if not files:
+        return Check("weights", "warn", f"preset {preset} needs none: random test models, "
                      "the pictures are noise")
     overrides = settings.weight_overrides
-    absent = weights.missing(preset.weight_files, settings.weights_dir, overrides)
+    absent = weights.missing(files, settings.weights_dir, overrides)
     if not absent:
-        return Check("weights", "ok", f"all {len(preset.weight_files)} files of {preset.name} present")
+        return Check("weights", "ok", f"all {len(files)} files of {preset} with CLIP "
+                     f"{settings.engine_clip} present")
     paths = ", ".join(str(weights.resolve_path(f, settings.weights_dir, overrides)) for f in absent)
     if not settings.download_weights:
         return Check("weights", "fail", f"{len(absent)} file(s) missing and DOWNLOAD_WEIGHTS=false: {paths}; "

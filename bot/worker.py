@@ -23,19 +23,19 @@ from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.config import Settings
-    from engine.models import Models
+    from engine.models import Models, ModelSet
 
 log = logging.getLogger(__name__)
 
 
 class EngineWorker:
     def __init__(self, store: Store, publisher: Publisher, settings: Settings,
-                 load_models: Callable[[], Models]) -> None:
+                 load_models: Callable[[], ModelSet]) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings
         self.load_models = load_models
-        self.models: Models | None = None
+        self.model_set: ModelSet | None = None
         self.current: Job | None = None
         self.ready = asyncio.Event()  # models loaded, interrupted jobs re-queued
         self._wake = asyncio.Event()
@@ -69,7 +69,7 @@ class EngineWorker:
             log.info("re-queued jobs interrupted by the last stop: %s", requeued)
         for job in await self.store.unposted_finished():
             await self.publisher.finished(job)
-        self.models = await asyncio.to_thread(self.load_models)
+        self.model_set = await asyncio.to_thread(self.load_models)
         if self.models.random_weights:
             self.publisher.random_weights_note = (
                 f"⚠️ test models (`{self.models.preset}` preset): images are noise, not art.\n")
@@ -84,13 +84,18 @@ class EngineWorker:
                 continue
             await self.run_job(job)
 
+    @property
+    def models(self) -> Models | None:
+        """The default preset's models, once loaded."""
+        return self.model_set.default if self.model_set else None
+
     def paths(self, job: Job) -> tuple[Path, Path, Path]:
         out = self.settings.output_dir
         return (out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt",
                 out / "checkpoints" / f"job-{job.id}.state.pt")
 
     async def run_job(self, job: Job) -> None:
-        assert self.models is not None
+        assert self.model_set is not None
         png_path, state_path, checkpoint_path = self.paths(job)
         self.current = job
         self._cancel_current.clear()
@@ -118,7 +123,8 @@ class EngineWorker:
             def should_stop() -> bool:
                 return self._cancel_current.is_set() or self._stopping.is_set()
 
-            result = await asyncio.to_thread(generate, request, self.models, on_step, should_stop, resume)
+            models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
+            result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume)
             await self._settle()
 
             if result.cancelled and not self._cancel_current.is_set():

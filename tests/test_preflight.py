@@ -15,7 +15,7 @@ from bot.__main__ import main
 from bot.config import Settings
 from bot.store import MIGRATIONS, NewJob, Store
 from engine import weights
-from engine.models import PRESETS
+from engine.models import required_files
 from tests.botrunner import TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_weights_present_or_downloadable(tmp_path: Path) -> None:
     assert downloadable.status == "warn"
     assert "3 file(s) missing" in downloadable.detail and "huggingface.co" in downloadable.detail
 
-    for file in PRESETS["vqgan-f16-16384"].weight_files:
+    for file in required_files("vqgan-f16-16384"):
         path = weights.resolve_path(file, settings.weights_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"weights")

@@ -54,6 +54,7 @@ class Imagine(commands.Cog):
         size="Picture size in pixels",
         seed="Random seed: the same seed and options give the same picture",
         init_image="Start from this picture instead of noise",
+        model="The VQGAN that paints it (the models installed on this bot)",
     )
     @app_commands.choices(size=SIZES)
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
@@ -62,13 +63,22 @@ class Imagine(commands.Cog):
                       steps: app_commands.Range[int, 1, 10000] | None = None,
                       size: str | None = None,
                       seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
-                      init_image: discord.Attachment | None = None) -> None:
+                      init_image: discord.Attachment | None = None,
+                      model: app_commands.Range[str, 1, 100] | None = None) -> None:
         """Paint a picture from a text prompt with VQGAN+CLIP."""
         fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "style": style or "",
-                                  "steps": steps or self.bot.settings.default_steps, "seed": seed}
+                                  "steps": steps or self.bot.settings.default_steps, "seed": seed,
+                                  "model": model}
         width, height = (size or self.bot.settings.default_size).split("x")
         fields.update(width=int(width), height=int(height))
         await self.submit(interaction, fields, init_attachment=init_image)
+
+    @imagine.autocomplete("model")
+    async def _model_choices(self, interaction: discord.Interaction,
+                             current: str) -> list[app_commands.Choice[str]]:
+        wanted = current.casefold()
+        return [app_commands.Choice(name=name, value=name) for name in self.bot.installed_models()
+                if wanted in name.casefold()][:25]
 
     # --- one way in for every new job: the command and the re-roll/continue buttons --------------
 
@@ -76,6 +86,13 @@ class Imagine(commands.Cog):
         """Validate against the engine's rules; raise UserError with what to fix."""
         fields = {k: v for k, v in fields.items() if v is not None}
         fields.setdefault("preview_every", self.bot.settings.preview_every)
+        # Autocomplete only suggests: a member can still send any text, or re-roll a picture whose
+        # model has been removed since.
+        installed = self.bot.installed_models()
+        fields.setdefault("model", installed[0])  # named, so that a re-roll keeps it
+        if fields["model"] not in installed:
+            raise UserError(f"Model: {fields['model']!r} is not installed on this bot; pick one of "
+                            f"{', '.join(installed)}.")
         try:
             return GenerationRequest(**fields)
         except ValidationError as error:
