@@ -12,6 +12,9 @@ device's dense bf16 peak reached: FLOPs of one step counted by `FlopCounterMode`
 The FLOPs counted are the model's (a step with the decoder not checkpointed); the engine does one
 more decoder forward than that, which is overhead, not useful work.
 
+First, a few steps at the smallest size under `torch.cuda.set_sync_debug_mode("error")`: a step that
+makes the host wait for the device fails the check, naming the call.
+
 Then, at 448², the layout and autotuning options the engine does not use on CUDA yet
 (channels-last decoder, cudnn.benchmark) and the cost of checkpointing, so the next person can
 switch on what pays. Last, the largest square (a multiple of 16) whose steps run inside the budget
@@ -158,6 +161,37 @@ def count_flops(models: Models, side: int, plan: Plan) -> int:
     return counter.get_total_flops()
 
 
+def check_no_host_sync(models: Models, plan: Plan, emit) -> bool:
+    """Steps between previews must never make the host wait for the device: they run under
+    `torch.cuda.set_sync_debug_mode("error")`, where any synchronising call raises. The first step
+    (which sets up caches) and the preview step at the end (which reads the loss) are left out."""
+    steps = max(4, plan.warmup + plan.steps)
+    calls = 0
+
+    def should_stop() -> bool:  # called before each step
+        nonlocal calls
+        calls += 1
+        if calls == 2 and not plan.dry_run:
+            torch.cuda.set_sync_debug_mode("error")
+        if calls == steps + 1:  # the run would now decode its preview: stop before it
+            if not plan.dry_run:
+                torch.cuda.set_sync_debug_mode(0)
+            return True
+        return False
+
+    error = ""
+    try:
+        generate(request_for(plan.sizes[0], plan, steps), models, should_stop=should_stop)
+    except RuntimeError as caught:
+        error = str(caught).splitlines()[0]
+    finally:
+        if not plan.dry_run:
+            torch.cuda.set_sync_debug_mode(0)
+    emit({"check": "no_host_sync", "size": plan.sizes[0], "steps": steps - 1, "ok": not error,
+          "error": error})
+    return not error
+
+
 def measure_sizes(models: Models, plan: Plan, peak_tflops: float | None, emit) -> dict[int, dict]:
     rows = {}
     for side in plan.sizes:
@@ -276,6 +310,7 @@ def main() -> None:
     emit({"benchmark": "gpu_check", "dry_run": plan.dry_run, "machine": machine(),
           "peak_bf16_tflops": peak_tflops, "peak_source": peak_source, "budget_gib": plan.budget_bytes / GIB})
 
+    no_sync = check_no_host_sync(models, plan, emit)
     rows = measure_sizes(models, plan, peak_tflops, emit)
     measure_options(models, plan, emit)
     side = largest_square(models, plan, deadline, emit)
@@ -285,7 +320,8 @@ def main() -> None:
                                                      models.precision)
     summary = {"summary": "gpu_check", "dry_run": plan.dry_run,
                "seconds": round(time.monotonic() - started, 1), "largest_square_in_budget": side,
-               "budget_gib": round(plan.budget_bytes / GIB, 2), "engine_memory_says": estimated_side}
+               "budget_gib": round(plan.budget_bytes / GIB, 2), "engine_memory_says": estimated_side,
+               "no_host_sync_in_steps": no_sync}
     if not plan.dry_run:
         summary["goal_25pct_of_peak_at_448"] = notebook.get("share_of_bf16_peak", 0) >= 0.25
         summary["goal_1536_in_24gb"] = side is not None and side >= 1536

@@ -35,4 +35,6 @@ def test_gpu_check_dry_run_covers_every_part() -> None:
     assert any(not p["fits"] for p in probes) and any(p["fits"] for p in probes)
     summary = records[-1]
     assert summary["summary"] == "gpu_check" and summary["dry_run"] is True
+    (no_sync,) = [r for r in records if r.get("check") == "no_host_sync"]
+    assert no_sync["ok"] and no_sync["steps"] >= 2 and summary["no_host_sync_in_steps"] is True
     assert summary["largest_square_in_budget"] == summary["engine_memory_says"] == 96
