@@ -9,8 +9,9 @@ bf16 autocast it prints seconds per step (over the timed steps, the device synch
 both ends of the stretch, as the engine itself never waits for the device mid-run), peak
 VRAM (`torch.cuda.max_memory_allocated`, beside engine/memory.py's estimate), and the share of the
 device's dense bf16 peak reached: FLOPs of one step counted by `FlopCounterMode` ÷ seconds ÷ peak.
-The FLOPs counted are the model's (a step with the decoder not checkpointed); the engine does one
-more decoder forward than that, which is overhead, not useful work.
+The FLOPs counted are the model's (a step with the decoder not checkpointed); where the engine
+checkpoints the decoder (only when the size would not fit without), it does one more decoder
+forward than that, which is overhead, not useful work.
 
 First, a few steps at the smallest size under `torch.cuda.set_sync_debug_mode("error")`: a step that
 makes the host wait for the device fails the check, naming the call.
@@ -122,9 +123,10 @@ def peak_memory(plan: Plan) -> int:
     return peak_rss_bytes() if plan.dry_run else torch.cuda.max_memory_allocated()
 
 
-def time_steps(models: Models, side: int, plan: Plan) -> float:
+def time_steps(models: Models, side: int, plan: Plan, budget: memory.MemoryBudget | None = None) -> float:
     """Seconds per step over `plan.steps` steps after `plan.warmup`, the device synchronised only at
-    both ends of that stretch, as the engine itself never waits for the device mid-run."""
+    both ends of that stretch, as the engine itself never waits for the device mid-run. The run may
+    use `budget` (default: the whole device), which decides whether the decoder is checkpointed."""
     marks: list[float] = []
     ends = (plan.warmup, plan.warmup + plan.steps)
 
@@ -133,7 +135,8 @@ def time_steps(models: Models, side: int, plan: Plan) -> float:
             synchronize(plan)
             marks.append(time.perf_counter())
 
-    generate(request_for(side, plan, ends[1]), models, callback, should_stop=lambda: len(marks) == 2)
+    generate(request_for(side, plan, ends[1]), models, callback, should_stop=lambda: len(marks) == 2,
+             memory=budget)
     return (marks[1] - marks[0]) / plan.steps
 
 
@@ -199,8 +202,11 @@ def measure_sizes(models: Models, plan: Plan, peak_tflops: float | None, emit) -
         reset_peak(plan)
         seconds = time_steps(models, side, plan)
         peak = peak_memory(plan)
-        estimate = memory.peak_bytes(side, side, plan.cutn, plan.device, models.precision)
-        row = {"size": side, "cutn": plan.cutn, "precision": models.precision,
+        whole = memory.MemoryBudget.for_device(str(models.device), models.precision)
+        checkpointed = whole is None or whole.needs_checkpointing(request_for(side, plan, 1))
+        estimate = memory.peak_bytes(side, side, plan.cutn, plan.device, models.precision,
+                                     checkpointed=checkpointed)
+        row = {"size": side, "cutn": plan.cutn, "precision": models.precision, "checkpointed": checkpointed,
                "s_per_step": round(seconds, 4), "model_tflop_per_step": round(flops / 1e12, 4),
                "peak_memory_gib": round(peak / GIB, 3), "estimated_peak_gib": round(estimate / GIB, 3),
                "achieved_tflops": round(flops / seconds / 1e12, 3)}
@@ -217,22 +223,25 @@ def measure_options(models: Models, plan: Plan, emit) -> None:
     options = {
         "channels_last_decoder": (engine_generate, "CHANNELS_LAST_DEVICES",
                                   engine_generate.CHANNELS_LAST_DEVICES | {plan.device}),
-        "no_decoder_checkpoint": (engine_generate, "CHECKPOINT_DECODER", False),
+        # What a card too small for this size without it pays: a budget nothing fits in forces it.
+        "decoder_checkpoint_forced": (None, None, memory.MemoryBudget(plan.device, models.precision, 1)),
     }
     if not plan.dry_run:
         options["cudnn_benchmark"] = (torch.backends.cudnn, "benchmark", True)
     baseline = time_steps(models, side, plan)
     for name, (owner, attribute, value) in options.items():
-        before = getattr(owner, attribute)
-        setattr(owner, attribute, value)
+        before = getattr(owner, attribute) if owner else None
+        if owner:
+            setattr(owner, attribute, value)
         try:
             reset_peak(plan)
-            seconds = time_steps(models, side, plan)
+            seconds = time_steps(models, side, plan, budget=None if owner else value)
             emit({"option": name, "size": side, "s_per_step": round(seconds, 4),
                   "baseline_s_per_step": round(baseline, 4), "ratio": round(seconds / baseline, 3),
                   "peak_memory_gib": round(peak_memory(plan) / GIB, 3)})
         finally:
-            setattr(owner, attribute, before)
+            if owner:
+                setattr(owner, attribute, before)
 
 
 def fits(models: Models, side: int, plan: Plan) -> bool:
@@ -245,8 +254,9 @@ def fits(models: Models, side: int, plan: Plan) -> bool:
     reset_peak(plan)
     request = GenerationRequest(prompt="a lighthouse", width=side, height=side, cutn=plan.cutn, steps=2,
                                 preview_every=2, seed=0)
+    budget = memory.MemoryBudget(plan.device, models.precision, plan.budget_bytes)
     try:
-        generate(request, models, fake_device_limit if plan.dry_run else None)
+        generate(request, models, fake_device_limit if plan.dry_run else None, memory=budget)
         return True
     except torch.OutOfMemoryError:
         return False

@@ -35,11 +35,13 @@ DEFAULT_FIT = "192x32,256x32,512x32,768x32,256x8,256x64"
 DEFAULT_CHECK = "384x32,640x32,448x16,256x32x2,128x32"
 
 
-def step_worker(size: int, cutn: int, batch: int, precision: str) -> dict:
+def step_worker(size: int, cutn: int, batch: int, precision: str, checkpointed: bool = True) -> dict:
+    from engine import generate as engine_generate
     from engine.generate import generate
     from engine.models import FULL_CLIP_ARCH, FULL_VQGAN_CONFIG, build_random_models
     from engine.request import GenerationRequest
 
+    engine_generate.CHECKPOINT_DECODER = checkpointed
     models = build_random_models(FULL_CLIP_ARCH, FULL_VQGAN_CONFIG, device="cpu", precision=precision)
     loaded = current_rss_bytes()
     request = GenerationRequest(prompt="a lighthouse at dusk", width=size, height=size, cutn=cutn,
@@ -126,6 +128,24 @@ def measure(precision: str, fit: list, check: list, emit) -> None:
               "engine_memory_error": round(current / real - 1, 3)})
 
 
+def measure_unchecked(precision: str, sizes: list[int], emit) -> None:
+    """The decoder's activations kept for the backward pass when it is not checkpointed: the bytes per
+    pixel a step needs beyond engine/memory.py's (checkpointed) estimate, fitted through the origin."""
+    from engine import memory
+
+    stored = memory.PEAK_MODELS[("cpu", precision)]
+    pixels, extra = [], []
+    for size in sizes:
+        record = _run_worker("step", str(size), "32", "1", precision, "unchecked")
+        pixels.append(size * size)
+        extra.append(record["peak_bytes"] - stored.peak_bytes(size, size, 32))
+        emit({"precision": precision, "size": size, "cutn": 32, "checkpointed": False, **record,
+              "above_checkpointed_estimate": extra[-1]})
+    per_pixel = float(np.dot(pixels, extra) / np.dot(pixels, pixels))
+    emit({"precision": precision, "fitted_per_pixel_unchecked": round(per_pixel),
+          "residuals": [round(e / p - per_pixel) for e, p in zip(extra, pixels, strict=True)]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precisions", default="bf16,fp32")
@@ -133,6 +153,8 @@ def main() -> None:
     parser.add_argument("--check", default=DEFAULT_CHECK, help="SIZExCUTN[xBATCH],… held out")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "memory_model.jsonl",
                         help="append the JSON lines here too ('-' for nowhere)")
+    parser.add_argument("--unchecked", default="",
+                        help="SIZE,… : only fit the extra memory of a decoder that is not checkpointed")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -140,10 +162,16 @@ def main() -> None:
         if kind == "attention":
             record = attention_worker(int(values[0]), values[1])
         else:
-            record = step_worker(int(values[0]), int(values[1]), int(values[2]), values[3])
+            record = step_worker(int(values[0]), int(values[1]), int(values[2]), values[3],
+                                 checkpointed=values[4:] != ["unchecked"])
         print(PROTOCOL + json.dumps(record), flush=True)
         return
     results = Results(None if str(args.out) == "-" else args.out)
+    if args.unchecked:
+        results.emit({"benchmark": "memory_model", "machine": machine(), "unchecked": args.unchecked})
+        for precision in args.precisions.split(","):
+            measure_unchecked(precision, [int(s) for s in args.unchecked.split(",")], results.emit)
+        return
     results.emit({"benchmark": "memory_model", "machine": machine(), "fit": args.fit, "check": args.check})
     for precision in args.precisions.split(","):
         measure(precision, _points(args.fit), _points(args.check), results.emit)

@@ -65,12 +65,13 @@ class ImagineBot(commands.Bot):
         self.settings = settings
         self.store = store
         self.publisher = Publisher(self, store, settings, clock=clock)
-        self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings))
         try:
             self.memory = memory_budget(settings)
         except ValueError as error:  # the engine task reports it too, failing to load the models there
             log.warning("requests are not checked against the device's memory: %s", error)
             self.memory = None
+        self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings),
+                                   self.memory)
         self.engine_task: asyncio.Task | None = None
         self.submissions: set[asyncio.Task] = set()  # /imagine commands between answer and queue
         self.retention_task: asyncio.Task | None = None

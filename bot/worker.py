@@ -23,6 +23,7 @@ from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.config import Settings
+    from engine.memory import MemoryBudget
     from engine.models import Models, ModelSet
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ log = logging.getLogger(__name__)
 
 class EngineWorker:
     def __init__(self, store: Store, publisher: Publisher, settings: Settings,
-                 load_models: Callable[[], ModelSet]) -> None:
+                 load_models: Callable[[], ModelSet], memory: MemoryBudget | None = None) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings
         self.load_models = load_models
+        self.memory = memory  # what a run may use (ENGINE_MEMORY_GIB): decides decoder checkpointing
         self.model_set: ModelSet | None = None
         self.current: Job | None = None
         self.ready = asyncio.Event()  # models loaded, interrupted jobs re-queued
@@ -124,7 +126,8 @@ class EngineWorker:
                 return self._cancel_current.is_set() or self._stopping.is_set()
 
             models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
-            result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume)
+            result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume,
+                                             self.memory)
             await self._settle()
 
             if result.cancelled and not self._cancel_current.is_set():

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine import output
 from engine.cutouts import make_cutouts
+from engine.memory import MemoryBudget
 from engine.models import Clip, Models
 from engine.output import GenerationState
 from engine.request import GenerationRequest
@@ -113,11 +114,10 @@ def prompt_targets(clip: Clip, request: GenerationRequest) -> Targets:
 # latent carries through every layer of the decoder, so the weights need not be converted.
 CHANNELS_LAST_DEVICES = {"cpu"}
 # Recompute the decoder's activations in the backward pass instead of keeping them: CLIP's and the
-# decoder's activations then never coexist. Full-size models, bf16 on the CPU: +5 % time for
-# -0.65 GB peak at 256², +16 % for about -3 GB at 512²; it is what lets large sizes fit at all
-# (engine/memory.py models the peak with it). Below CHECKPOINT_FROM_PIXELS (per batch) there is
-# little memory to win, and the fixed cost per block would make the tiny test models' steps twice
-# as slow.
+# decoder's activations then never coexist. It costs a decoder forward per step and is what lets large
+# sizes fit at all, so a run does it only when engine/memory.py says the request would not fit its
+# memory budget without (bench/results/engine_step.jsonl has the time and memory either way). Below
+# CHECKPOINT_FROM_PIXELS (per batch) there is little memory to win.
 CHECKPOINT_DECODER = True
 CHECKPOINT_FROM_PIXELS = 128 * 128
 
@@ -276,11 +276,13 @@ def vector_quantize(latent: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
 
 def generate(request: GenerationRequest, models: Models, callback: Callback | None = None,
              should_stop: Callable[[], bool] | None = None,
-             resume: GenerationState | None = None) -> GenerationResult:
+             resume: GenerationState | None = None, memory: MemoryBudget | None = None) -> GenerationResult:
     """Run the optimisation; `resume` continues an interrupted run exactly from its saved state.
 
     `should_stop()` is checked before every step; a stopped run returns what it has, with
-    `cancelled=True`. Raises GenerationError if the loss stops being finite.
+    `cancelled=True`. `memory` is what the run may use (default: all the device has); the decoder is
+    checkpointed only when the request would not fit it otherwise. Raises GenerationError if the loss
+    stops being finite.
     """
     if request.model is not None and request.model != models.preset:
         raise GenerationError(f"this request is for the {request.model} model, but {models.preset} is loaded")
@@ -308,8 +310,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
             group.update(lr=request.learning_rate, weight_decay=request.weight_decay)
     codebook = models.vqgan.codebook
     low, high = _codebook_bounds(models) if request.quantize else (None, None)
-    checkpointed = CHECKPOINT_DECODER and \
-        request.width * request.height * request.batch_size >= CHECKPOINT_FROM_PIXELS
+    checkpointed = _checkpoint_decoder(request, models, memory)
 
     losses = torch.zeros(request.steps, device=device)
     similarities = torch.zeros(request.steps, device=device)
@@ -388,6 +389,13 @@ def _decode_pil(models: Models, latent: torch.Tensor, quantize: bool,
         source = vector_quantize(latent, models.vqgan.codebook) if quantize else latent
         with models.autocast() if not exact else contextlib.nullcontext():
             return to_pil(decode(models, source))
+
+
+def _checkpoint_decoder(request: GenerationRequest, models: Models, memory: MemoryBudget | None) -> bool:
+    if not CHECKPOINT_DECODER or request.width * request.height * request.batch_size < CHECKPOINT_FROM_PIXELS:
+        return False
+    memory = memory or MemoryBudget.for_device(str(models.device), models.precision)
+    return memory is None or memory.needs_checkpointing(request)  # unknown memory: the safe way
 
 
 def _restore_rng(generator: torch.Generator, resume: GenerationState, seed: int) -> None:

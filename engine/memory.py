@@ -11,6 +11,8 @@ The model, for the full-size models (VQGAN f16-16384 + CLIP ViT-B/32) as the eng
   backward pass, one block's recomputed activations and their gradients: all proportional to
   the image's pixels.
 - `per_cutout`: CLIP's activations for one 224² cutout (fixed size, so a constant each).
+- `per_pixel_unchecked`: what the decoder keeps besides when it is not checkpointed, per pixel: the
+  engine runs it so when the unchecked peak fits the budget (faster), and checkpointed otherwise.
 - `per_attention`: the decoder's self-attention runs at the latent grid, tokens = pixels / 16²,
   and holds tokens² scores (and their gradients) at once: negligible at 512², dominant past 2048².
 
@@ -43,19 +45,25 @@ class PeakModel:
     per_pixel: float  # bytes per output pixel per image
     per_cutout: float  # bytes per cutout per image
     per_attention: float  # bytes per element of the decoder's (tokens x tokens) attention
+    per_pixel_unchecked: float  # more bytes per pixel when the decoder is not checkpointed
 
-    def peak_bytes(self, width: int, height: int, cutn: int, batch_size: int = 1) -> int:
+    def peak_bytes(self, width: int, height: int, cutn: int, batch_size: int = 1,
+                   checkpointed: bool = True) -> int:
         pixels = width * height
         tokens = pixels / LATENT_FACTOR**2
-        per_image = self.per_pixel * pixels + self.per_cutout * cutn + self.per_attention * tokens**2
+        per_pixel = self.per_pixel + (0 if checkpointed else self.per_pixel_unchecked)
+        per_image = per_pixel * pixels + self.per_cutout * cutn + self.per_attention * tokens**2
         return int(self.base + batch_size * per_image)
 
 
 # Fitted by `.venv/bin/python -m bench.memory_model` (bench/results/memory_model.jsonl) on a 2-core
 # Intel Xeon with AVX-512-BF16, torch 2.14.1, 2026-11-29: peak RSS of the whole process, models
-# included. Held-out sizes came within 7 % (README, "Performance").
-CPU_BF16 = PeakModel(base=1.949e9, per_pixel=4026, per_cutout=2.524e7, per_attention=8.11)
-CPU_FP32 = PeakModel(base=1.825e9, per_pixel=7910, per_cutout=3.933e7, per_attention=16.2)
+# included. Held-out sizes came within 7 % (README, "Performance"). `per_pixel_unchecked` was fitted by
+# `bench.memory_model --unchecked 192,256,384` (2026-12-01), through the origin: whole peaks within 4 %.
+CPU_BF16 = PeakModel(base=1.949e9, per_pixel=4026, per_cutout=2.524e7, per_attention=8.11,
+                     per_pixel_unchecked=9586)
+CPU_FP32 = PeakModel(base=1.825e9, per_pixel=7910, per_cutout=3.933e7, per_attention=16.2,
+                     per_pixel_unchecked=15735)
 
 PEAK_MODELS: dict[tuple[str, str], PeakModel] = {
     ("cpu", "bf16"): CPU_BF16,
@@ -73,15 +81,16 @@ def _model_for(device_type: str, precision: str) -> PeakModel:
 
 
 def peak_bytes(width: int, height: int, cutn: int, device_type: str, precision: str,
-               batch_size: int = 1) -> int:
+               batch_size: int = 1, checkpointed: bool = True) -> int:
     """Estimated peak memory of generating one `width`x`height` request on this kind of device."""
-    return _model_for(device_type, precision).peak_bytes(width, height, cutn, batch_size)
+    return _model_for(device_type, precision).peak_bytes(width, height, cutn, batch_size, checkpointed)
 
 
-def estimate_peak_bytes(request: GenerationRequest, device_type: str, precision: str) -> int:
+def estimate_peak_bytes(request: GenerationRequest, device_type: str, precision: str,
+                        checkpointed: bool = True) -> int:
     """Estimated peak memory of `request` (size, cutouts, batch) on `device_type` at `precision`."""
     return peak_bytes(request.width, request.height, request.cutn, device_type, precision,
-                      request.batch_size)
+                      request.batch_size, checkpointed)
 
 
 def largest_square_that_fits(budget_bytes: int, cutn: int, device_type: str, precision: str,
@@ -129,6 +138,12 @@ class MemoryBudget:
 
     def fits(self, request: GenerationRequest) -> bool:
         return self.estimate(request) <= self.budget_bytes
+
+    def needs_checkpointing(self, request: GenerationRequest) -> bool:
+        """Whether the decoder must recompute its activations for `request` to fit: checkpointing
+        costs time, so the engine does it only then."""
+        unchecked = estimate_peak_bytes(request, self.device_type, self.precision, checkpointed=False)
+        return unchecked > self.budget_bytes
 
     def largest_square(self, request: GenerationRequest) -> int:
         """The largest square side that fits with this request's cutouts and batch; 0 if none."""

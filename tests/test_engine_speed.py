@@ -9,6 +9,7 @@ import torch
 from engine import generate as engine_generate
 from engine import output
 from engine.generate import StepInfo, decode, generate, use_sequence_first_attention
+from engine.memory import MemoryBudget
 from engine.models import TINY_CLIP_ARCH, TINY_VQGAN_CONFIG, Models, build_random_models
 from engine.request import GenerationRequest
 from tests.tiny_models import colour_prompt
@@ -41,11 +42,13 @@ def test_sequence_first_attention_computes_the_same_embeddings() -> None:
 
 
 def test_a_checkpointed_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path) -> None:
-    side = 144  # above the size from which the decoder is checkpointed
+    side = 144  # above the size from which the decoder may be checkpointed
     assert side * side >= engine_generate.CHECKPOINT_FROM_PIXELS
     request = GenerationRequest(prompt=colour_prompt("red"), width=side, height=side, steps=4, seed=5,
                                 preview_every=2, cutn=4)
-    whole = generate(request, tiny_models)
+    tight = MemoryBudget("cpu", "fp32", budget_bytes=1)  # never enough: always checkpointed
+    assert tight.needs_checkpointing(request)
+    whole = generate(request, tiny_models, memory=tight)
 
     saved: list[output.GenerationState] = []
 
@@ -53,8 +56,9 @@ def test_a_checkpointed_run_resumes_to_the_identical_png(tiny_models: Models, tm
         if info.state is not None:
             saved.append(info.state)
 
-    generate(request, tiny_models, keep, should_stop=lambda: len(saved) == 1)
-    resumed = generate(request, tiny_models, resume=saved[0])
+    generate(request, tiny_models, keep, should_stop=lambda: len(saved) == 1, memory=tight)
+    resumed = generate(request, tiny_models, resume=saved[0], memory=tight)
     first = output.save_png(whole.image, tmp_path / "whole.png", whole.recipe).read_bytes()
     again = output.save_png(resumed.image, tmp_path / "again.png", resumed.recipe).read_bytes()
     assert first == again
+

@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_covers_every_part() -> None:
     # FLOPs grow with the image.
     assert sizes[0]["model_tflop_per_step"] < sizes[-1]["model_tflop_per_step"]
     options = {r["option"] for r in records if "option" in r}
-    assert options == {"channels_last_decoder", "no_decoder_checkpoint"}
+    assert options == {"channels_last_decoder", "decoder_checkpoint_forced"}
 
     # The search met the fake device's limit, recovered from its out-of-memory errors, and agrees
     # with the estimate the fake limit is made of.

@@ -81,3 +81,15 @@ def test_an_unusable_device_is_named() -> None:
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         peak_bytes(256, 256, 32, "cpu", "auto")
+
+
+def test_the_decoder_is_checkpointed_only_where_the_budget_needs_it() -> None:
+    request = GenerationRequest(prompt="a dog", width=512, height=512)
+    checked = estimate_peak_bytes(request, "cpu", "bf16")
+    unchecked = estimate_peak_bytes(request, "cpu", "bf16", checkpointed=False)
+    assert unchecked > checked
+    assert not MemoryBudget("cpu", "bf16", unchecked).needs_checkpointing(request)
+    assert MemoryBudget("cpu", "bf16", unchecked - 1).needs_checkpointing(request)
+    # A budget that holds a checkpointed run but not an unchecked one still admits the request.
+    between = MemoryBudget("cpu", "bf16", (checked + unchecked) // 2)
+    assert between.fits(request) and between.needs_checkpointing(request)
