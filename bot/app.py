@@ -103,7 +103,7 @@ class ImagineBot(commands.Bot):
     def installed_models(self) -> list[str]:
         """The VQGAN presets members may pick: the configured one, then others whose files are here."""
         settings = self.settings
-        return installed_presets(settings.weights_dir, settings.weight_overrides, settings.engine_preset)
+        return installed_presets(settings.weights_dir, settings.engine_preset)
 
     @contextlib.contextmanager
     def submitting(self) -> Iterator[None]:

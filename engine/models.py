@@ -54,32 +54,27 @@ class Preset:
         return [f for f in (self.vqgan_config, self.vqgan_weights) if f]
 
 
-def _download(name: str, description: str, config: WeightFile, checkpoint: WeightFile) -> Preset:
-    return Preset(name=name, description=description, vqgan_config=config, vqgan_weights=checkpoint)
-
-
 # The checkpoints nerdyrodent/VQGAN-CLIP's download script offers, under the names its users know.
-PRESETS = {
-    "vqgan-f16-16384": _download("vqgan-f16-16384", "VQGAN ImageNet f16-16384 (the notebook's)",
-                                 weights.VQGAN_F16_16384_CONFIG, weights.VQGAN_F16_16384_CHECKPOINT),
-    "vqgan-f16-1024": _download("vqgan-f16-1024", "VQGAN ImageNet f16-1024",
-                                weights.VQGAN_F16_1024_CONFIG, weights.VQGAN_F16_1024_CHECKPOINT),
-    "wikiart-16384": _download("wikiart-16384", "VQGAN WikiArt f16-16384 (paintings)",
-                               weights.VQGAN_WIKIART_16384_CONFIG, weights.VQGAN_WIKIART_16384_CHECKPOINT),
-    "gumbel-f8-8192": _download("gumbel-f8-8192", "VQGAN OpenImages f8-8192, Gumbel quantiser (finer detail)",
-                                weights.VQGAN_GUMBEL_F8_8192_CONFIG, weights.VQGAN_GUMBEL_F8_8192_CHECKPOINT),
-    "sflckr": _download("sflckr", "S-FLCKR landscapes (first stage of taming's transformer)",
-                        weights.VQGAN_SFLCKR_CONFIG, weights.VQGAN_SFLCKR_CHECKPOINT),
-    "coco": _download("coco", "COCO-Stuff scenes (first stage of taming's transformer)",
-                      weights.VQGAN_COCO_CONFIG, weights.VQGAN_COCO_CHECKPOINT),
-    "faceshq": _download("faceshq", "FacesHQ faces (first stage of taming's transformer)",
-                         weights.VQGAN_FACESHQ_CONFIG, weights.VQGAN_FACESHQ_CHECKPOINT),
-    "tiny": Preset(name="tiny", random_config=TINY_VQGAN_CONFIG, random_clip_arch=TINY_CLIP_ARCH,
-                   description="tiny random models for tests and smoke runs: images are noise, not art"),
-    "full-random": Preset(name="full-random", random_config=FULL_VQGAN_CONFIG,
-                          random_clip_arch=FULL_CLIP_ARCH,
-                          description="full-size architectures with random weights, for benchmarks"),
-}
+PRESETS = {preset.name: preset for preset in [
+    Preset("vqgan-f16-16384", "VQGAN ImageNet f16-16384 (the notebook's)",
+           weights.VQGAN_F16_16384_CONFIG, weights.VQGAN_F16_16384_CHECKPOINT),
+    Preset("vqgan-f16-1024", "VQGAN ImageNet f16-1024",
+           weights.VQGAN_F16_1024_CONFIG, weights.VQGAN_F16_1024_CHECKPOINT),
+    Preset("wikiart-16384", "VQGAN WikiArt f16-16384 (paintings)",
+           weights.VQGAN_WIKIART_16384_CONFIG, weights.VQGAN_WIKIART_16384_CHECKPOINT),
+    Preset("gumbel-f8-8192", "VQGAN OpenImages f8-8192, Gumbel quantiser (finer detail)",
+           weights.VQGAN_GUMBEL_F8_8192_CONFIG, weights.VQGAN_GUMBEL_F8_8192_CHECKPOINT),
+    Preset("sflckr", "S-FLCKR landscapes (first stage of taming's transformer)",
+           weights.VQGAN_SFLCKR_CONFIG, weights.VQGAN_SFLCKR_CHECKPOINT),
+    Preset("coco", "COCO-Stuff scenes (first stage of taming's transformer)",
+           weights.VQGAN_COCO_CONFIG, weights.VQGAN_COCO_CHECKPOINT),
+    Preset("faceshq", "FacesHQ faces (first stage of taming's transformer)",
+           weights.VQGAN_FACESHQ_CONFIG, weights.VQGAN_FACESHQ_CHECKPOINT),
+    Preset("tiny", "tiny random models for tests and smoke runs: images are noise, not art",
+           random_config=TINY_VQGAN_CONFIG, random_clip_arch=TINY_CLIP_ARCH),
+    Preset("full-random", "full-size architectures with random weights, for benchmarks",
+           random_config=FULL_VQGAN_CONFIG, random_clip_arch=FULL_CLIP_ARCH),
+]}
 DEFAULT_PRESET = "vqgan-f16-16384"
 
 
@@ -130,11 +125,9 @@ def required_files(preset: str, clip: str = DEFAULT_CLIP, own_clip: bool = False
     return [*chosen.weight_files, *(choice.weights for choice in choices if choice.weights)]
 
 
-def installed_presets(weights_dir: Path, overrides: dict[str, Path] | None = None,
-                      configured: str = DEFAULT_PRESET) -> list[str]:
-    """What the bot offers members: the configured preset first, then every other downloadable preset
-    whose VQGAN files are in `weights_dir`. Override files (VQGAN_CONFIG, …) stand in for the
-    configured preset only."""
+def installed_presets(weights_dir: Path, configured: str = DEFAULT_PRESET) -> list[str]:
+    """What the bot offers members: the configured preset first (its files may be override paths), then
+    every other downloadable preset whose VQGAN files are in `weights_dir`."""
     others = [name for name, preset in PRESETS.items() if name != configured and preset.random_config is None
               and not weights.missing(preset.weight_files, weights_dir)]
     return [configured, *others]
