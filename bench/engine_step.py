@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.engine_step                   # 256², cutn 32: ours vs seed
     .venv/bin/python -m bench.engine_step --impls ours,ours-before,ours-fp32 --steps 4
+    .venv/bin/python -m bench.engine_step --impls ours,ours-fp32,seed       # both ratios to the seed
+    .venv/bin/python -m bench.engine_step --impls ours-fp32,ours-fp32+compile-decoder+no-checkpoint
 
 Full-size architectures (VQGAN f16-16384 decoder, CLIP ViT-B/32) with random weights: compute
 does not depend on the weights. Each implementation lives in its own long-lived subprocess, so
@@ -15,7 +17,17 @@ Warm-up rounds run the same way and are reported but not counted; the figures ar
 for the parent's go and a callback that stops the clock, so a step is timed from its first line to
 its callback, and nothing but the step. `seed` is `bench.seed_loop.SeedLoop`. The `ours-*`
 variants switch off one of the engine's speed-ups each (or, for `ours-before`, all of those this
-benchmark introduced) to measure what each one buys.
+benchmark introduced) to measure what each one buys. Any implementation but `seed` takes modifiers
+joined with `+` (`ours-fp32+no-checkpoint+compile-clip`): candidate speed-ups the engine does not
+have, applied from outside in the worker (see MODIFIERS).
+
+The summary gives, for every implementation against `seed`, the ratios of seconds per step and of
+peak RSS: `ours` at the precision it picks and `ours-fp32` are the two the issue's bars are about.
+Each worker reports the kernel path it ran on (ATen's CPU capability and the environment variables
+that cap oneDNN's and MKL's instruction sets), so a run under `ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`, which is how an AVX2-only CPU runs, says so.
+A `compile-*` modifier compiles during the warm-up rounds: each implementation's first step time is
+in the summary, so the compile cost shows.
 """
 
 from __future__ import annotations
@@ -47,6 +59,32 @@ IMPLS = {
     "seed": "the seed notebook's loop (bench/seed_loop.py)",
 }
 
+MODIFIERS = {
+    "no-checkpoint": "the decoder never checkpointed",
+    "checkpoint": "the decoder always checkpointed (above CHECKPOINT_FROM_PIXELS), memory budget or not",
+    "compile-decoder": "the decoder compiled (torch.compile, inductor; checkpointed: the engine's "
+                       "_checkpointed_decoder, checkpoints and all)",
+    "compile-clip": "CLIP's image tower compiled (torch.compile, inductor)",
+    "decoder-weights-channels-last": "the decoder's weights converted to channels-last once, so that a "
+                                     "channels-last convolution stops copying its weight every call",
+    "transformer-sequence-first": "CLIP's image transformer run sequence-first throughout (open_clip's own "
+                                  "batch_first=False mode: one transpose per forward) instead of the "
+                                  "engine's per-attention hooks",
+    "mkldnn-off": "oneDNN off (torch.backends.mkldnn.enabled = False): ATen's own convolutions",
+    "cutouts-in-place": "the cutouts' noise and CLIP's normalisation done in place on the grid_sample output",
+}
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+
+
+def describe(impl: str) -> str:
+    base, *modifiers = impl.split("+")
+    return "; ".join([IMPLS[base], *(MODIFIERS[m] for m in modifiers)])
+
+
+def _unknown(impl: str) -> bool:
+    base, *modifiers = impl.split("+")
+    return base not in IMPLS or any(m not in MODIFIERS for m in modifiers) or (base == "seed" and modifiers)
+
 
 # --- worker side ---------------------------------------------------------------------------------
 
@@ -75,14 +113,60 @@ def _configure_variant(impl: str) -> None:
         engine_generate._attention_kernel = lambda device: contextlib.nullcontext()
 
 
+def configure(modifiers: list[str], models) -> None:
+    """Apply candidate speed-ups (MODIFIERS) from outside the engine; the engine's code is unchanged."""
+    import torch
+
+    from engine import generate as engine_generate
+
+    if "no-checkpoint" in modifiers:
+        engine_generate.CHECKPOINT_DECODER = False
+    if "checkpoint" in modifiers:
+        engine_generate._checkpoint_decoder = lambda request, models, memory: (
+            request.width * request.height * request.batch_size >= engine_generate.CHECKPOINT_FROM_PIXELS)
+    if "mkldnn-off" in modifiers:
+        torch.backends.mkldnn.enabled = False
+    if any(m.startswith("compile-") for m in modifiers):
+        torch._inductor.config.force_disable_caches = True  # compile from scratch: its cost is measured
+    if "compile-decoder" in modifiers:
+        # Checkpointed, the engine runs its own `_checkpointed_decoder`: compiled whole, dynamo keeps
+        # the checkpoints (their recomputation goes into the backward graph). Otherwise the decoder.
+        engine_generate._checkpointed_decoder = torch.compile(engine_generate._checkpointed_decoder)
+        models.vqgan.decoder.compile()
+    if "compile-clip" in modifiers:
+        models.clip.visual.compile()
+    if "decoder-weights-channels-last" in modifiers:
+        models.vqgan.decoder.to(memory_format=torch.channels_last)
+        models.vqgan.post_quant_conv.to(memory_format=torch.channels_last)
+    if "transformer-sequence-first" in modifiers:
+        engine_generate.use_sequence_first_attention = lambda clip: None
+        transformer = models.clip.visual.transformer
+        transformer.batch_first = False  # open_clip transposes to (tokens, batch, width) once, and back
+        for block in transformer.resblocks:
+            block.attn.batch_first = False
+    if "cutouts-in-place" in modifiers:
+        from bench.cutouts_in_place import install
+
+        install(engine_generate)
+
+
+def kernel_path() -> dict:
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
+
+
 def worker(impl: str, size: int, cutn: int, rounds: int, device: str) -> None:
     import torch
 
     from engine.models import FULL_CLIP_ARCH, FULL_VQGAN_CONFIG, build_random_models
 
+    impl, *modifiers = impl.split("+")
     precision = "fp32" if impl in ("seed", "ours-fp32") else "auto"
     models = build_random_models(FULL_CLIP_ARCH, FULL_VQGAN_CONFIG, device=device, precision=precision)
-    _say({"loaded": impl, "precision": models.precision, "rss_after_load": current_rss_bytes()})
+    _say({"loaded": impl, "precision": models.precision, "rss_after_load": current_rss_bytes(),
+          "kernel_path": kernel_path()})
 
     if impl == "seed":
         from bench.seed_loop import SeedLoop
@@ -97,6 +181,7 @@ def worker(impl: str, size: int, cutn: int, rounds: int, device: str) -> None:
         from engine.request import GenerationRequest
 
         _configure_variant(impl)
+        configure(modifiers, models)
         if impl == "ours-unfrozen":
             models.clip.requires_grad_(True)
             models.vqgan.requires_grad_(True)
@@ -154,22 +239,25 @@ def _median(values: list[float]) -> float:
 
 def compare(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict:
     impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLS]
+    unknown = [i for i in impls if _unknown(i)]
     if unknown:
-        raise SystemExit(f"unknown implementation(s) {unknown}; choose from: {', '.join(IMPLS)}")
+        raise SystemExit(f"unknown implementation(s) {unknown}; choose from: {', '.join(IMPLS)}, "
+                         f"any but seed with '+'-joined modifiers from: {', '.join(MODIFIERS)}")
     settings = {"size": args.size, "cutn": args.cutn, "steps": args.steps, "warmup": args.warmup,
                 "device": args.device}
     emit({"benchmark": "engine_step", "settings": settings, "machine": machine(),
-          "impls": {i: IMPLS[i] for i in impls}})
+          "impls": {i: describe(i) for i in impls}})
     workers = [Worker(impl, args) for impl in impls]
     loaded = {w.impl: w.read() for w in workers}  # they load at the same time; loading is not timed
     seconds: dict[str, list[float]] = {impl: [] for impl in impls}
+    first: dict[str, float] = {}
     for round_index in range(args.warmup + args.steps):
         shift = round_index % len(workers)
         for w in workers[shift:] + workers[:shift]:
             w.send("step")
             step = w.read()
             warmup = round_index < args.warmup
+            first.setdefault(w.impl, step["seconds"])
             if not warmup:
                 seconds[w.impl].append(step["seconds"])
             emit({"impl": w.impl, "round": round_index, "warmup": warmup,
@@ -186,21 +274,42 @@ def compare(args: argparse.Namespace, emit: Callable[[dict], None]) -> dict:
         summary[impl] = {"s_per_step": round(_median(seconds[impl]), 3),
                          "peak_rss_gib": round(peaks[impl]["peak_bytes"] / 2**30, 3),
                          "rss_after_load_gib": round(loaded[impl]["rss_after_load"] / 2**30, 3),
-                         "precision": loaded[impl]["precision"]}
+                         "first_step_s": round(first[impl], 3),
+                         "precision": loaded[impl]["precision"], "kernel_path": loaded[impl]["kernel_path"]}
         if "peak_cuda_bytes" in peaks[impl]:
             summary[impl]["peak_cuda_gib"] = round(peaks[impl]["peak_cuda_bytes"] / 2**30, 3)
-    if "ours" in impls and "seed" in impls:
-        ours, seed = summary["ours"], summary["seed"]
-        summary["ratios"] = {
-            "time_ours_over_seed": round(ours["s_per_step"] / seed["s_per_step"], 3),
-            "peak_rss_ours_over_seed": round(ours["peak_rss_gib"] / seed["peak_rss_gib"], 3),
-            # The same comparison without the ~1.6 GB both hold before the first step (torch, weights).
-            "peak_above_load_ours_over_seed": round(
-                (ours["peak_rss_gib"] - ours["rss_after_load_gib"])
-                / (seed["peak_rss_gib"] - seed["rss_after_load_gib"]), 3),
-        }
+    if "seed" in impls:
+        seed = summary["seed"]
+        summary["ratios_to_seed"] = {impl: _ratios(summary[impl], seed) for impl in impls if impl != "seed"}
     emit(summary)
+    for line in _readable(summary, impls):
+        print(line, file=sys.stderr, flush=True)
     return summary
+
+
+def _ratios(ours: dict, seed: dict) -> dict:
+    return {
+        "time": round(ours["s_per_step"] / seed["s_per_step"], 3),
+        "peak_rss": round(ours["peak_rss_gib"] / seed["peak_rss_gib"], 3),
+        # The same comparison without what both hold before the first step (torch, weights).
+        "peak_above_load": round((ours["peak_rss_gib"] - ours["rss_after_load_gib"])
+                                 / (seed["peak_rss_gib"] - seed["rss_after_load_gib"]), 3),
+    }
+
+
+def _readable(summary: dict, impls: list[str]) -> list[str]:
+    """The summary as a few lines for a person (stderr; the JSON line above is the record)."""
+    lines = [f"load average {summary['load_average']}"]
+    for impl in impls:
+        s = summary[impl]
+        line = (f"{impl:<40} {s['precision']:>4} {s['kernel_path']['cpu_capability']:>6}  "
+                f"{s['s_per_step']:7.3f} s/step  peak {s['peak_rss_gib']:.2f} GiB  "
+                f"first step {s['first_step_s']:.1f} s")
+        ratios = summary.get("ratios_to_seed", {}).get(impl)
+        if ratios:
+            line += f"  vs seed: time {ratios['time']:.3f}  peak RSS {ratios['peak_rss']:.3f}"
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
@@ -210,7 +319,9 @@ def main() -> None:
     parser.add_argument("--cutn", type=int, default=32, help="cutouts per step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--impls", default="ours,seed", help=f"comma-separated, from: {', '.join(IMPLS)}")
+    parser.add_argument("--impls", default="ours,seed",
+                        help=f"comma-separated, from: {', '.join(IMPLS)}; any but seed may take "
+                             f"'+'-joined modifiers from: {', '.join(MODIFIERS)}")
     parser.add_argument("--device", default="cpu", help="torch device of every implementation")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "engine_step.jsonl",
                         help="append the JSON lines here too ('-' for nowhere)")

@@ -62,3 +62,38 @@ def test_a_checkpointed_run_resumes_to_the_identical_png(tiny_models: Models, tm
     again = output.save_png(resumed.image, tmp_path / "again.png", resumed.recipe).read_bytes()
     assert first == again
 
+
+def test_the_seed_runs_clip_sequence_first_with_open_clips_embeddings_and_weight_gradients() -> None:
+    """bench/seed_loop.py's OpenAI-style image tower: same maths and weight gradients as open_clip's,
+    with every attention fed a contiguous sequence-first (tokens, batch, width) input."""
+    from bench.seed_loop import OpenAIVisionTower
+
+    models = build_random_models(TINY_CLIP_ARCH, TINY_VQGAN_CONFIG, device="cpu", precision="fp32")
+    visual = models.clip.visual.requires_grad_(True)
+    crops = torch.rand(3, 3, models.clip_size, models.clip_size)
+    weighting = torch.randn(visual.output_dim)
+
+    def embeddings_and_gradients(encode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        visual.zero_grad(set_to_none=True)
+        pixels = crops.clone().requires_grad_(True)
+        embeddings = encode(pixels)
+        (embeddings @ weighting).sum().backward()
+        grads = {name: p.grad.clone() for name, p in visual.named_parameters()}
+        return embeddings.detach(), {"pixels": pixels.grad, **grads}
+
+    seen: list[torch.Tensor] = []
+    tower = OpenAIVisionTower(visual)
+    for block in tower.resblocks:
+        assert not block.attn.batch_first
+        block.attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    expected, expected_grads = embeddings_and_gradients(models.clip.encode_image)
+    got, got_grads = embeddings_and_gradients(tower)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 10
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    tokens = (models.clip_size // visual.patch_size[0]) ** 2 + 1
+    assert [tuple(x.shape) for x in seen] == [(tokens, 3, visual.transformer.width)] * len(tower.resblocks)
+    assert all(x.is_contiguous() for x in seen)
+    # The tower shares open_clip's parameters (its gradients land there); it copies none.
+    assert {id(p) for p in tower.parameters()} <= {id(p) for p in visual.parameters()}
