@@ -26,9 +26,14 @@ NOT_A_MODERATOR = ("Only moderators can do that here: members with Manage Server
                    "server's moderator role.")
 
 
+async def guild_limits(bot: ImagineBot, guild_id: int | None) -> GuildLimits:
+    """The limits in force on a server: its own settings over the bot's defaults."""
+    return GuildLimits.resolve(bot.settings, await bot.store.guild_limits(guild_id))
+
+
 async def moderator_or_refuse(bot: ImagineBot, interaction: discord.Interaction, hint: str = "") -> bool:
     """True for a moderator of this server; anyone else is told why not (plus `hint`) and gets False."""
-    limits = GuildLimits.resolve(bot.settings, await bot.store.guild_limits(interaction.guild_id))
+    limits = await guild_limits(bot, interaction.guild_id)
     if is_moderator(interaction, limits.moderator_role):
         return True
     await interaction.response.send_message(f"{NOT_A_MODERATOR} {hint}".rstrip(), ephemeral=True)

@@ -181,6 +181,8 @@ class Publisher:
     async def edit(self, job: Job, **fields) -> bool:
         """Edit the job's message; returns False (and logs) if Discord could not be reached."""
         job = await self.store.get(job.id) or job  # the message id may have changed
+        if job.deleted_at is not None:  # deleted while it ran: its message stays gone
+            return True
         try:
             if job.message_id is not None and self._token_fresh(job):
                 try:

@@ -140,6 +140,7 @@ class EngineWorker:
             if result.cancelled:
                 await self.store.save_progress(job.id, result.state.step)
                 finished = await self.store.finish(job.id, "cancelled")
+                checkpoint_path.unlink(missing_ok=True)  # a cancelled job never resumes
                 log.info("job %s: cancelled at step %s", job.id, result.state.step)
             else:
                 await asyncio.to_thread(self._save_result, result, png_path, state_path)

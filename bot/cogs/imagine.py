@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 from pathlib import Path
@@ -14,8 +13,9 @@ from discord.ext import commands
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
-from bot.checks import is_moderator
-from bot.limits import GuildLimits, check_memory, check_request
+from bot import jobs
+from bot.checks import guild_limits
+from bot.limits import check_memory, check_request
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -98,13 +98,10 @@ class Imagine(commands.Cog):
         except ValidationError as error:
             raise UserError(f"That request isn't valid — {describe_validation_error(error)}.") from None
 
-    async def limits(self, guild_id: int | None) -> GuildLimits:
-        return GuildLimits.resolve(self.bot.settings, await self.bot.store.guild_limits(guild_id))
-
     async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
                      parent_job_id: int | None = None,
                      init_attachment: discord.Attachment | None = None) -> Job | None:
-        limits = await self.limits(interaction.guild_id)
+        limits = await guild_limits(self.bot, interaction.guild_id)
         try:
             request = self.build_request(fields)
             refusal = (check_request(limits, request, interaction.channel_id, init_attachment is not None)
@@ -163,14 +160,13 @@ class Imagine(commands.Cog):
     # --- buttons ---------------------------------------------------------------------------------
 
     async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
-        job = await self.bot.store.get(job_id)
+        job = await jobs.find_job(self.bot, interaction, job_id)
         if job is None:
-            await interaction.response.send_message(f"Job #{job_id} no longer exists.", ephemeral=True)
             return
         if action == "cancel":
-            await self.cancel_job(interaction, job)
+            await jobs.cancel_job(self.bot, interaction, job)
         elif action == "delete":
-            await self.delete_job(interaction, job)
+            await jobs.delete_job(self.bot, interaction, job)
         elif action in ("reroll", "continue"):
             await self.follow_up_job(interaction, job, action)
 
@@ -187,52 +183,6 @@ class Imagine(commands.Cog):
             fields.update(continue_from=job.latent_path, init_image=None,
                           steps=self.bot.settings.default_steps)
         await self.submit(interaction, fields, parent_job_id=job.id)
-
-    async def cancel_job(self, interaction: discord.Interaction, job: Job) -> None:
-        limits = await self.limits(interaction.guild_id)
-        if job.user_id != interaction.user.id and not is_moderator(interaction, limits.moderator_role):
-            await interaction.response.send_message(
-                f"Job #{job.id} belongs to <@{job.user_id}>; only they or a moderator can cancel it.",
-                ephemeral=True)
-            return
-        cancelled = await self.bot.store.request_cancel(job.id, interaction.user.id)
-        if cancelled is None:
-            await interaction.response.send_message(f"Job #{job.id} has already finished.", ephemeral=True)
-            return
-        if job.user_id != interaction.user.id:
-            await self.bot.store.audit(job.guild_id, interaction.user.id, "cancel", f"job {job.id}",
-                                       job.status, "cancelled")
-        if cancelled.status == "cancelled":  # it was still waiting: nothing to stop
-            await interaction.response.send_message(f"Cancelled job #{job.id}.", ephemeral=True)
-            await self.bot.publisher.finished(cancelled)
-        else:
-            self.bot.worker.cancel(job.id)
-            await interaction.response.send_message(
-                f"Stopping job #{job.id} after the current step.", ephemeral=True)
-
-    async def delete_job(self, interaction: discord.Interaction, job: Job) -> None:
-        limits = await self.limits(interaction.guild_id)
-        if job.user_id != interaction.user.id and not is_moderator(interaction, limits.moderator_role):
-            await interaction.response.send_message(
-                f"Only <@{job.user_id}> or a moderator can delete this picture.", ephemeral=True)
-            return
-        await interaction.response.defer(ephemeral=True)
-        await self.remove_generation(job, interaction.user.id)
-        await interaction.followup.send(f"Deleted job #{job.id}.", ephemeral=True)
-
-    async def remove_generation(self, job: Job, actor_id: int) -> None:
-        """The message and the files go; the log row stays, marked deleted with who and when."""
-        for path in (job.output_path, job.latent_path):
-            if path:
-                Path(path).unlink(missing_ok=True)
-        await self.bot.store.mark_deleted(job.id, actor_id)
-        if job.user_id != actor_id:
-            await self.bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
-                                       f"by <@{job.user_id}>", "deleted")
-        if job.message_id is not None:
-            channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-            with contextlib.suppress(discord.NotFound):
-                await channel.get_partial_message(job.message_id).delete()
 
 
 def _queue_full_message(error: QueueFull) -> str:

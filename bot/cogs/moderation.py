@@ -8,7 +8,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import moderator_or_refuse
+from bot import jobs
+from bot.checks import guild_limits, moderator_or_refuse
 from bot.limits import LIMITS, LimitError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class Moderation(commands.Cog):
         """Show every limit in force on this server."""
         if not await moderator_or_refuse(self.bot, interaction):
             return
-        limits = await self.bot.get_cog("Imagine").limits(interaction.guild_id)
+        limits = await guild_limits(self.bot, interaction.guild_id)
         stored = await self.bot.store.guild_limits(interaction.guild_id)
         lines = [f"**{name}**: {limit.show(limits.values[name])}"
                  + ("" if name in stored else " *(default)*") + f" — {limit.description}"
@@ -76,7 +77,7 @@ class Moderation(commands.Cog):
         except LimitError as error:
             await interaction.response.send_message(f"{error}.", ephemeral=True)
             return
-        before = await self.bot.get_cog("Imagine").limits(interaction.guild_id)
+        before = await guild_limits(self.bot, interaction.guild_id)
         old_shown = limit.show(before.values[name])
         new_shown = limit.show(limit.default(self.bot.settings) if value is None else value)
         await self.bot.store.set_guild_limit(interaction.guild_id, name, value, interaction.user.id,
@@ -128,17 +129,15 @@ class Moderation(commands.Cog):
         """Delete a generation: its message and files go, its log row stays, marked deleted."""
         if not await moderator_or_refuse(self.bot, interaction):
             return
-        found = await self.bot.store.get(job)
-        if found is None or found.guild_id != interaction.guild_id:
-            await interaction.response.send_message(f"There is no job #{job} on this server.", ephemeral=True)
+        found = await jobs.find_job(self.bot, interaction, job)
+        if found is None:
             return
         if found.deleted_at is not None:
             await interaction.response.send_message(f"Job #{job} is already deleted.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True)
-        await self.bot.get_cog("Imagine").remove_generation(found, interaction.user.id)
+        await jobs.remove_generation(self.bot, found, interaction.user.id)
         await interaction.followup.send(f"Deleted job #{job}.", ephemeral=True)
-
 
 async def setup(bot: ImagineBot) -> None:
     await bot.add_cog(Moderation(bot))

@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import jobs
 from bot.publisher import format_duration
 from engine.request import GenerationRequest
 
@@ -27,7 +28,7 @@ class Queue(commands.Cog):
         lines, remaining = [], 0
         for place, job in enumerate(active, start=1):
             remaining += job.remaining_steps
-            if job.user_id != interaction.user.id:
+            if job.user_id != interaction.user.id or not jobs.visible_to(job, interaction):
                 continue
             prompt = GenerationRequest.stored(job.request_json).prompt
             state = f"running, step {job.step}/{job.total_steps}" if job.status == "running" \
@@ -49,12 +50,9 @@ class Queue(commands.Cog):
                     "You have no pictures waiting or running.", ephemeral=True)
                 return
             job = max(j.id for j in mine)
-        found = await self.bot.store.get(job)
-        if found is None:
-            await interaction.response.send_message(f"There is no job #{job}.", ephemeral=True)
-            return
-        await self.bot.get_cog("Imagine").cancel_job(interaction, found)
-
+        found = await jobs.find_job(self.bot, interaction, job)
+        if found is not None:
+            await jobs.cancel_job(self.bot, interaction, found)
 
 async def setup(bot: ImagineBot) -> None:
     await bot.add_cog(Queue(bot))
