@@ -30,6 +30,8 @@ log = logging.getLogger("bot")
 # Interaction tokens appear in webhook URLs: /webhooks/<application id>/<token>/...
 _WEBHOOK_TOKEN = re.compile(r"(/webhooks/\d+/)[^/\s?]+")
 _INTERACTION_TOKEN = re.compile(r"(/interactions/\d+/)[^/\s?]+")
+# ...and as a field of the payloads discord.py logs at DEBUG (INTERACTION_CREATE), dict or JSON alike.
+_TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+""")
 
 
 class RedactSecrets(logging.Filter):
@@ -43,7 +45,8 @@ class RedactSecrets(logging.Filter):
         for secret in self.secrets:
             text = text.replace(secret, "[token]")
         text = _WEBHOOK_TOKEN.sub(r"\1[token]", text)
-        return _INTERACTION_TOKEN.sub(r"\1[token]", text)
+        text = _INTERACTION_TOKEN.sub(r"\1[token]", text)
+        return _TOKEN_FIELD.sub(r"\1[token]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = self.redact(record.getMessage()), None
@@ -66,6 +69,9 @@ def configure_logging(settings: Settings) -> list[logging.Handler]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(RedactSecrets([token]))
     logging.basicConfig(level=settings.log_level, handlers=handlers, force=True)
+    # aiosqlite logs every call with its parameters at DEBUG, interaction tokens among them, in a form
+    # no pattern can tell from other values: its DEBUG lines never reach the log.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
     return handlers
 
 

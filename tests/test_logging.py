@@ -10,7 +10,8 @@ import pytest
 
 from bot.__main__ import configure_logging
 from bot.config import Settings
-from tests.botrunner import TOKEN
+from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
+from tests.fakediscord import FakeDiscord
 
 INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ"
 
@@ -18,9 +19,10 @@ INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ"
 @pytest.fixture
 def root_logging() -> Iterator[None]:
     """configure_logging replaces the root handlers; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, quieted = logging.getLogger(), logging.getLogger("aiosqlite")
+    handlers, level, quieted_level = root.handlers[:], root.level, quieted.level
     yield
+    quieted.setLevel(quieted_level)
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
@@ -56,3 +58,18 @@ def test_the_log_file_is_redacted_and_rotated(tmp_path: Path, root_logging: None
 def test_an_empty_log_file_setting_means_standard_error_only(root_logging: None) -> None:
     handlers = configure_logging(Settings(_env_file=None, log_file=""))
     assert [type(handler) for handler in handlers] == [logging.StreamHandler]
+
+
+async def test_interaction_tokens_stay_out_of_discord_pys_debug_log(fake: FakeDiscord, tmp_path: Path,
+                                                                   root_logging: None) -> None:
+    """At DEBUG, discord.py logs every gateway event whole: INTERACTION_CREATE carries the token."""
+    log_file = tmp_path / "bot.log"
+    settings = bot_settings(fake, tmp_path, log_file=str(log_file), log_level="debug")
+    configure_logging(settings)
+    async with BotRunner(settings):
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a secret garden"})
+        await wait_for_reply(fake, interaction, "✅")
+    text = log_file.read_text()
+    assert "INTERACTION_CREATE" in text and "a secret garden" in text  # the event itself was logged
+    assert interaction.token not in text and TOKEN not in text
+    assert "'token': '[token]'" in text
