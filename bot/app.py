@@ -14,6 +14,7 @@ import yarl
 from discord.ext import commands
 
 from bot.config import Settings
+from bot.errors import answer_unexpected
 from bot.limits import memory_budget
 from bot.publisher import Publisher
 from bot.retention import run_retention
@@ -61,7 +62,9 @@ class ImagineBot(commands.Bot):
         # Nothing else: the message events of every busy channel would be work for nothing.
         super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
                          connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS),
-                         guild_ready_timeout=guild_ready_timeout, help_command=None)
+                         guild_ready_timeout=guild_ready_timeout, help_command=None,
+                         # Prompts are members' text: nothing the bot sends may ping anyone.
+                         allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
         self.store = store
         self.publisher = Publisher(self, store, settings, clock=clock)
@@ -80,6 +83,7 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
+        self.tree.error(answer_unexpected)
         await self.sync_commands()
         self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")

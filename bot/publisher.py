@@ -58,14 +58,14 @@ def format_duration(seconds: float | None) -> str:
 
 
 def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) -> discord.Embed:
-    embed = discord.Embed(description=request.prompt[:4000], colour=discord.Colour.blurple())
+    embed = discord.Embed(description=quote(request.prompt, 4000), colour=discord.Colour.blurple())
     embed.add_field(name="Seed", value=str(request.seed))
     embed.add_field(name="Size", value=f"{request.width}×{request.height}")
     embed.add_field(name="Steps", value=str(request.steps))
     if request.negative:
-        embed.add_field(name="Negative", value=request.negative[:1000], inline=False)
+        embed.add_field(name="Negative", value=quote(request.negative, 1000), inline=False)
     if request.style:
-        embed.add_field(name="Style", value=request.style[:1000], inline=False)
+        embed.add_field(name="Style", value=quote(request.style, 1000), inline=False)
     embed.set_footer(text=f"job #{job.id} · lr {request.learning_rate} · cutn {request.cutn}"
                           + (f" · {format_duration(seconds)}" if seconds else ""))
     return embed
@@ -105,7 +105,7 @@ class Publisher:
         request = GenerationRequest.stored(job.request_json)
         ahead = "next up" if position <= 1 else f"position {position} in the queue"
         await self.edit(job, content=self._content(
-            f"🕒 **{_quote(request.prompt)}** — queued, {ahead} · ETA {format_duration(eta_s)}"),
+            f"🕒 **{quote(request.prompt)}** — queued, {ahead} · ETA {format_duration(eta_s)}"),
             view=job_view(job.id, running=True))
 
     def progress(self, update: Progress) -> None:
@@ -130,7 +130,7 @@ class Publisher:
         files = [discord.File(io.BytesIO(update.preview_jpeg), f"job-{update.job.id}-preview.jpg")] \
             if update.preview_jpeg else []
         await self.edit(update.job, content=self._content(
-            f"🎨 **{_quote(request.prompt)}** — step {update.step}/{update.total} · "
+            f"🎨 **{quote(request.prompt)}** — step {update.step}/{update.total} · "
             f"ETA {format_duration(update.eta_s)}"),
             attachments=files, view=job_view(update.job.id, running=True))
 
@@ -153,19 +153,19 @@ class Publisher:
             files = [discord.File(path, path.name)] if fits else []
             note = "" if fits else " (the PNG is missing or larger than this server's upload limit)"
             ok = await self.edit(job, content=self._content(
-                f"✅ **{_quote(request.prompt)}** — {request.steps} steps in "
+                f"✅ **{quote(request.prompt)}** — {request.steps} steps in "
                 f"{format_duration(seconds)}{note}"),
                 embed=recipe_embed(job, request, seconds), attachments=files, view=job_view(job.id))
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
             why = f" ({note})" if note else ""
             ok = await self.edit(job, content=self._content(
-                f"🛑 **{_quote(request.prompt)}** — cancelled{who}{why} "
+                f"🛑 **{quote(request.prompt)}** — cancelled{who}{why} "
                 f"at step {job.step}/{job.total_steps}."),
                 view=None)
         else:
             ok = await self.edit(job, content=self._content(
-                f"❌ **{_quote(request.prompt)}** — failed: {job.error}"), view=None)
+                f"❌ **{quote(request.prompt)}** — failed: {job.error}"), view=None)
         if ok:
             await self.store.mark_posted(job.id)
         return ok
@@ -222,6 +222,8 @@ class Publisher:
         await self.store.set_message(job.id, message.id)
 
 
-def _quote(text: str, limit: int = 300) -> str:
-    text = discord.utils.escape_markdown(text.replace("\n", " "))
+def quote(text: str, limit: int = 300) -> str:
+    """Member-written text shown back: one line, with markdown (masked links too) and mentions escaped,
+    so that nothing pings (besides AllowedMentions.none() on every message) and no link masquerades."""
+    text = discord.utils.escape_mentions(discord.utils.escape_markdown(text.replace("\n", " ")))
     return text if len(text) <= limit else text[: limit - 1] + "…"

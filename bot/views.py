@@ -8,6 +8,8 @@ from typing import Any
 
 import discord
 
+from bot.errors import answer_unexpected
+
 ACTIONS = {
     "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
     "continue": ("Continue", "➕", discord.ButtonStyle.secondary),
@@ -36,7 +38,10 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         cog = interaction.client.get_cog("Imagine")
-        await cog.on_job_button(interaction, self.action, self.job_id)
+        try:
+            await cog.on_job_button(interaction, self.action, self.job_id)
+        except Exception as error:  # discord.py would only log it, leaving the member without an answer
+            await answer_unexpected(interaction, error)
 
 
 def job_view(job_id: int, running: bool = False) -> discord.ui.View:

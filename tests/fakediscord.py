@@ -655,6 +655,7 @@ class FakeDiscord:
         self._commands: dict[int | None, dict[tuple[str, int], dict[str, Any]]] = {}
         self._command_ids: dict[tuple[int | None, str, int], int] = {}
         self._attachment_files: dict[int, bytes] = {}
+        self.cdn_status: int | None = None  # set: attachment downloads get this HTTP status
         self._faults: list[Fault] = []
         self._connections: set[_Connection] = set()
         self._changed = asyncio.Condition()
@@ -1221,6 +1222,8 @@ class FakeDiscord:
     async def _get_attachment(self, request: web.Request) -> web.Response:
         # Stands in for cdn.discordapp.com, so Attachment.read()/save() work against the fake.
         data = self._attachment_files.get(int(request.match_info["attachment_id"]))
+        if self.cdn_status is not None:  # an expired signed URL, a CDN outage
+            return web.Response(status=self.cdn_status)
         if data is None:
             return web.Response(status=404)
         ctype = mimetypes.guess_type(request.match_info["filename"])[0] or "application/octet-stream"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
 import io
@@ -18,7 +19,7 @@ from discord.ext import commands
 
 from bot.checks import moderator_or_refuse
 from bot.cogs.moderation import MODERATORS
-from bot.publisher import format_duration
+from bot.publisher import format_duration, quote
 from bot.store import Job
 from engine.request import GenerationRequest
 
@@ -58,7 +59,7 @@ def message_link(job: Job) -> str | None:
 
 def log_line(job: Job) -> str:
     request = GenerationRequest.stored(job.request_json)
-    prompt = discord.utils.escape_markdown(request.prompt.replace("\n", " "))[:80]
+    prompt = quote(request.prompt, 80)
     seconds = job.finished_at - job.started_at if job.finished_at and job.started_at else None
     status = "deleted" if job.deleted_at else "expired" if job.expired_at else job.status
     link = message_link(job)
@@ -84,13 +85,22 @@ def export_rows(jobs: list[Job]) -> list[dict]:
     return rows
 
 
+# A spreadsheet runs a cell that starts like this as a formula (=HYPERLINK(...) and worse); members
+# write the prompts, so in CSV such a cell starts with an apostrophe, which shows it as plain text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _as_text(value: object) -> object:
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def encode_export(rows: list[dict], fmt: str) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["job"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: _as_text(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue().encode()
 
 
@@ -228,7 +238,8 @@ class Log(commands.Cog):
         jobs, _ = await self.bot.store.generation_log(interaction.guild_id, since=since_ts,
                                                       limit=EXPORT_ROWS)
         limit = interaction.filesize_limit - 64 * 1024  # room for the request around the files
-        files, how = export_files(export_rows(jobs), format, limit)
+        # Thousands of rows to encode and compress: in a thread, so other members' commands go on.
+        files, how = await asyncio.to_thread(lambda: export_files(export_rows(jobs), format, limit))
         # Discord takes at most 10 files per message: send the parts in batches.
         for start in range(0, len(files), 10):
             text = f"{len(jobs)} generation(s){how}." if start == 0 else "More parts."

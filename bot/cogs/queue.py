@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import jobs
-from bot.publisher import format_duration
+from bot.publisher import format_duration, quote
 from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Queue(commands.Cog):
             state = f"running, step {job.step}/{job.total_steps}" if job.status == "running" \
                 else f"#{place} in the queue"
             eta = format_duration(remaining * speed) if speed is not None else "unknown"
-            lines.append(f"**#{job.id}** {discord.utils.escape_markdown(prompt[:80])} — {state} · ETA {eta}")
+            lines.append(f"**#{job.id}** {quote(prompt, 80)} — {state} · ETA {eta}")
         summary = f"{len(active)} picture(s) waiting or running in all."
         text = "\n".join(lines) if lines else "You have no pictures waiting or running."
         await interaction.response.send_message(f"{text}\n{summary}", ephemeral=True)
