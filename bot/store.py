@@ -20,6 +20,34 @@ from typing import Any
 import aiosqlite
 
 ACTIVE = ("queued", "running")
+
+# The order jobs run in, fair to every server and member: round-robin across servers, then across the
+# members of a server (a member's 3rd picture waits behind other members' 1st). Each turn goes to the
+# server (and, within it, the member) served longest ago, by the start times the jobs table keeps:
+# nothing else to store, and it holds across restarts. `place` 1 is the running job; the queued jobs
+# follow in the order the claims will take them, if nothing new arrives. DM jobs take turns as one
+# more server.
+FAIR_ORDER = """
+    WITH queued AS (
+        SELECT id, status, guild_id, total_steps, step,
+               (SELECT max(started_at) FROM jobs AS s WHERE s.guild_id IS q.guild_id) AS server_served,
+               (SELECT max(started_at) FROM jobs AS s
+                WHERE s.guild_id IS q.guild_id AND s.user_id = q.user_id) AS member_served,
+               row_number() OVER (PARTITION BY guild_id, user_id ORDER BY id) AS member_turn
+        FROM jobs AS q WHERE status = 'queued'),
+    turns AS (
+        SELECT id, status, total_steps, step, server_served,
+               row_number() OVER (PARTITION BY guild_id
+                                  ORDER BY member_turn, coalesce(member_served, 0), id) AS server_turn
+        FROM queued
+        UNION ALL
+        SELECT id, status, total_steps, step, 0, 0 FROM jobs WHERE status = 'running'),
+    fair AS (
+        SELECT id, status, total_steps, step,
+               row_number() OVER (ORDER BY status = 'queued', server_turn, coalesce(server_served, 0), id)
+                   AS place
+        FROM turns)
+"""
 FINISHED = ("done", "failed", "cancelled")
 
 # Each entry upgrades the schema by one version (PRAGMA user_version); never edit a released one.
@@ -90,6 +118,11 @@ MIGRATIONS = [
     );
     CREATE INDEX audit_by_guild ON audit_log (guild_id, id);
     CREATE INDEX jobs_by_guild ON jobs (guild_id, created_at);
+    """,
+    # 4: the fair order asks when each server and member was last served.
+    """
+    CREATE INDEX jobs_served_by_server ON jobs (guild_id, started_at);
+    CREATE INDEX jobs_served_by_member ON jobs (guild_id, user_id, started_at);
     """,
 ]
 
@@ -304,11 +337,11 @@ class Store:
         return QueueFull("queue_length", max_queue_length)
 
     async def claim_next_job(self) -> Job | None:
-        """Atomically move the oldest queued job to running."""
+        """Atomically move the next queued job in the fair order (FAIR_ORDER) to running."""
         return await self._one(
-            """
+            f"""
             UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?)
-            WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1)
+            WHERE id = ({FAIR_ORDER} SELECT id FROM fair WHERE status = 'queued' ORDER BY place LIMIT 1)
             RETURNING *
             """,
             time.time(),
@@ -387,13 +420,11 @@ class Store:
         return await self._one("SELECT * FROM jobs WHERE id = ?", job_id)
 
     async def active_jobs(self, user_id: int | None = None) -> list[Job]:
-        """Running first, then queued in order: the position of a job is its index here."""
-        sql = "SELECT * FROM jobs WHERE status IN ('queued', 'running')"
-        params: tuple = ()
-        if user_id is not None:
-            sql += " AND user_id = ?"
-            params = (user_id,)
-        return await self._all(sql + " ORDER BY status = 'queued', id", *params)
+        """Running first, then queued in the order they will run: a job's place is its index here."""
+        mine = " WHERE jobs.user_id = ?" if user_id is not None else ""
+        params = (user_id,) if user_id is not None else ()
+        return await self._all(f"{FAIR_ORDER} SELECT jobs.* FROM jobs JOIN fair USING (id){mine} "
+                               "ORDER BY fair.place", *params)
 
     async def recent_seconds_per_step(self, sample: int = 20) -> float | None:
         """The median measured speed of recent jobs, for ETAs; None until one has run."""
@@ -408,16 +439,12 @@ class Store:
         # Counted in SQL: a burst of /imagine asks this for every new job, and loading each whole
         # queue as Job rows made that quadratic.
         rows = await self._rows(
-            """
-            WITH target AS (SELECT status = 'queued' AS waiting, id FROM jobs
-                            WHERE id = ? AND status IN ('queued', 'running'))
-            SELECT count(*), sum(max(0, total_steps - step)) FROM jobs, target
-            WHERE jobs.status IN ('queued', 'running')
-              AND ((jobs.status = 'queued') < target.waiting
-                   OR ((jobs.status = 'queued') = target.waiting AND jobs.id <= target.id))
+            f"""{FAIR_ORDER}
+            SELECT target.place, sum(max(0, fair.total_steps - fair.step))
+            FROM fair, fair AS target WHERE target.id = ? AND fair.place <= target.place
             """, (job_id,))
         place, remaining = rows[0]
-        if place == 0:
+        if place is None:
             return 0, None
         speed = await self.recent_seconds_per_step()
         return place, None if speed is None else remaining * speed

@@ -1,4 +1,5 @@
-"""The single engine task: claim the oldest queued job, run it, publish, finish; then the next.
+"""The single engine task: claim the next queued job (servers and members take turns), run it,
+publish, finish; then the next.
 
 `engine.generate` runs in a worker thread so the event loop never blocks. Its callback hands
 previews back to the loop; a cancel or a shutdown reaches `should_stop` within one step. A job

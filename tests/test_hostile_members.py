@@ -1,18 +1,24 @@
-"""Actions on a job by its number, tried by members of other servers: a job belongs to its server.
-
-Through the real bot and client against the loopback Discord, with two servers."""
+"""The bot tried as hostile members would: job numbers from other servers, pings and fake links in
+prompts. Through the real bot and client against the loopback Discord."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeFile
 from tests.test_moderation import command
 
 pytestmark = pytest.mark.timeout(120)
+
+MASKED_LINK = re.compile(r"(?<!\\)\[[^\]]*\]\(https?://")  # [text](url), its [ not escaped
 
 
 async def test_another_servers_moderator_cannot_touch_a_job_by_its_number(fake: FakeDiscord,
@@ -73,3 +79,98 @@ async def test_deleting_a_running_job_stops_it_and_its_message_stays_gone(fake: 
     # No progress edit or final post brought it back as a new message.
     assert not [m for m in fake.messages_in(fake.channel) if "a storm" in m.content and not m.deleted]
     assert not (tmp_path / "outputs" / "checkpoints" / "job-1.state.pt").exists()
+
+
+def message_bodies(fake: FakeDiscord) -> list[dict]:
+    """Every message body the bot sent or edited: posts, edits, webhook follow-ups, callbacks."""
+    bodies = []
+    for request in fake.requests_matching("*", r"/messages|/webhooks/|/callback$"):
+        body = request.json or {}
+        body = body.get("data") or body if "type" in body else body  # an interaction callback's message
+        if "content" in body or "embeds" in body:
+            bodies.append(body)
+    return bodies
+
+
+async def test_prompts_ping_nobody_and_show_no_masked_links(fake: FakeDiscord, tmp_path: Path) -> None:
+    role = fake.add_role("artists", 0)
+    victim = fake.add_member("victim")
+    prompt = f"@everyone @here <@&{role.id}> <@{victim.id}> [free nitro](https://evil.example) **loud**"
+    async with BotRunner(bot_settings(fake, tmp_path)):
+        first = await fake.send_slash_command("imagine", {"prompt": prompt, "negative": "@here",
+                                                          "style": "[art](https://evil.example)"})
+        done = await wait_for_reply(fake, first, "✅")
+        queued = await fake.send_slash_command("imagine", {"prompt": prompt, "steps": 1000})
+        await wait_for_reply(fake, queued, "step")
+        listed = await command(fake, "queue")
+        await command(fake, "cancel", {"job": 2})
+
+    bodies = message_bodies(fake)
+    assert len(bodies) >= 5
+    # Discord pings only what allowed_mentions allows: nothing, on every message, whatever the text.
+    assert all(body.get("allowed_mentions") == {"parse": []} for body in bodies), bodies
+    shown = [done.content, done.embeds[0]["description"], listed["content"],
+             *(field["value"] for field in done.embeds[0]["fields"])]
+    for text in shown:
+        assert "@everyone" not in text and "@here" not in text
+        assert f"<@{victim.id}>" not in text and f"<@&{role.id}>" not in text
+        assert not MASKED_LINK.search(text), text  # shown as text, not as a link
+    assert "free nitro" in done.embeds[0]["description"] and "art" in done.embeds[0]["fields"][-1]["value"]
+
+
+async def test_an_unexpected_error_answers_with_an_id_that_the_log_explains(
+        fake: FakeDiscord, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing the member did wrong: the CDN refuses the init image's download (an expired URL)."""
+    fake.cdn_status = 403
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(picture, format="PNG")
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        interaction = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "init_image": FakeFile("start.png", picture.getvalue())})
+        answer = await fake.wait_until(
+            lambda: (m := fake.original_response(interaction)) is not None and not m.loading and m, 10)
+        assert await bot.store.get(1) is None
+    error_id = re.search(r"error `([0-9a-f]{6})`", answer.content)[1]
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info and "403" in str(logged[0].exc_info[1])
+    assert "/imagine" in logged[0].getMessage()
+
+
+async def test_a_csv_export_shows_prompts_that_look_like_formulas_as_text(fake: FakeDiscord,
+                                                                           tmp_path: Path) -> None:
+    mod = fake.add_moderator()
+    prompts = ['=HYPERLINK("https://evil.example","click")', "+1+2 cats", "-2 dogs", "@SUM(A1)",
+               "a plain cat"]
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=1)):
+        for prompt in prompts:
+            await wait_for_reply(fake, await fake.send_slash_command("imagine", {"prompt": prompt}), "✅")
+        exported = await command(fake, "log export", {"format": "csv"}, user=mod)
+        as_jsonl = await command(fake, "log export", {"format": "jsonl"}, user=mod)
+    rows = list(csv.DictReader(io.StringIO(exported["_message"].attachment_bytes(0).decode())))
+    assert sorted(row["prompt"] for row in rows) == sorted(
+        ["'" + p if p[0] in "=+-@" else p for p in prompts])
+    # JSON Lines is data, not a spreadsheet: the prompts stay exactly as written.
+    lines = as_jsonl["_message"].attachment_bytes(0).decode().splitlines()
+    assert sorted(json.loads(line)["prompt"] for line in lines) == sorted(prompts)
+
+
+async def test_one_servers_burst_does_not_starve_another_servers_lone_job(fake: FakeDiscord,
+                                                                           tmp_path: Path) -> None:
+    other = fake.add_guild("other server")
+    loner = fake.add_member("loner", guild=other)
+    async with BotRunner(bot_settings(fake, tmp_path, max_queued_per_user=20, default_steps=2)) as bot:
+        running = await fake.send_slash_command("imagine", {"prompt": "burst 0", "steps": 1000})
+        await wait_for_reply(fake, running, "step")
+        burst = [await fake.send_slash_command("imagine", {"prompt": f"burst {i}"}) for i in range(1, 10)]
+        await wait_for_reply(fake, burst[-1], "queued, position 10")
+        lone = await fake.send_slash_command("imagine", {"prompt": "lone"}, user=loner, guild=other)
+        assert "queued, position 2" in (await wait_for_reply(fake, lone, "queued")).content
+        # /queue shows each member the places the jobs will really run in.
+        shown = await command(fake, "queue", user=loner, guild=other)
+        assert "#2 in the queue" in shown["content"]
+
+        await command(fake, "cancel", {"job": 1})
+        await wait_for_reply(fake, burst[-1], "✅", timeout=60)
+        await wait_for_reply(fake, lone, "✅", timeout=60)
+        started = sorted([await bot.store.get(i) for i in range(1, 12)], key=lambda job: job.started_at)
+    assert [job.id for job in started][:2] == [1, 11]  # the lone job (#11) right after the running one

@@ -67,6 +67,37 @@ async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tm
     await store.close()
 
 
+async def test_jobs_take_turns_across_servers_then_members(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    alice, bob, carol, dave = 1, 2, 3, 4
+    queued = [(10, alice), (10, alice), (10, alice), (10, bob), (20, carol), (None, dave)]  # in this order
+    ids = {}
+    for number, (guild, user) in enumerate(queued):
+        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, guild_id=guild,
+                                         total_steps=10), max_per_user=5, max_queue_length=10)
+        ids[job.id] = f"{'abcd'[user - 1]}{number}"
+    expected = ["a0", "c4", "d5", "b3", "a1", "a2"]  # server 10, 20, the DMs; then 10's other member
+
+    # The places and ETAs shown before anything ran are the order the claims then take.
+    assert [ids[j.id] for j in await store.active_jobs()] == expected
+    assert [(await store.position_and_eta(j))[0] for j in ids] == [expected.index(ids[j]) + 1 for j in ids]
+    claimed = []
+    while (job := await store.claim_next_job()) is not None:
+        claimed.append(ids[job.id])
+        # While it runs, it is place 1 and the others keep their order behind it.
+        assert [ids[j.id] for j in await store.active_jobs()] == expected[len(claimed) - 1:]
+        await store.finish(job.id, "done")
+    assert claimed == expected
+
+    # A server served just now waits behind one served earlier, whoever queued first.
+    first = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=alice, guild_id=10,
+                                       total_steps=10), max_per_user=5, max_queue_length=10)
+    second = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=carol, guild_id=20,
+                                        total_steps=10), max_per_user=5, max_queue_length=10)
+    assert [j.id for j in await store.active_jobs()] == [second.id, first.id]  # 20 ran before 10's last
+    await store.close()
+
+
 async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
     assert await store.guild_limits(7) == {}
