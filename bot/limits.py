@@ -9,11 +9,11 @@ The limits that depend on other rows (queue sizes, cooldown, daily quota, blocks
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bot.terms import contains_blocked_term, unmatchable
 from engine.memory import MemoryBudget
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class Limit:
         terms = sorted({term.strip() for term in text.split(",") if term.strip()})
         if any(len(term) > 100 for term in terms) or len(terms) > 500:
             raise LimitError(f"{self.name} takes up to 500 comma-separated terms of up to 100 characters")
+        if empty := unmatchable(terms):
+            raise LimitError(f"{self.name}: {', '.join(map(repr, empty))} has no letters or digits to match; "
+                             "a term needs at least one")
         return terms
 
     def show(self, value: Any) -> str:
@@ -118,34 +121,6 @@ class GuildLimits:
             return self.values[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-# --- blocked terms -------------------------------------------------------------------------------
-
-# Simple substitutions people use to slip past filters ("c@t", "d0g", "$pam").
-_SUBSTITUTIONS = str.maketrans({"0": "o", "3": "e", "4": "a", "@": "a", "5": "s", "$": "s", "7": "t",
-                                "8": "b", "9": "g", "!": "i", "|": "l", "+": "t"})
-
-
-def _normalise(text: str, one_as: str) -> str:
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = text.replace("1", one_as).translate(_SUBSTITUTIONS)
-    return " ".join(re.findall(r"[a-z0-9]+", text))
-
-
-def contains_blocked_term(text: str, terms: list[str]) -> bool:
-    """Whole-word, case-insensitive match that also sees through accents and simple substitutions."""
-    if not terms:
-        return False
-    variants = {_normalise(text, one_as) for one_as in ("i", "l")}
-    for term in terms:
-        for one_as in ("i", "l"):
-            wanted = _normalise(term, one_as)
-            if wanted and any(re.search(rf"(?<![a-z0-9]){re.escape(wanted)}(?![a-z0-9])", v)
-                              for v in variants):
-                return True
-    return False
 
 
 def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: int | None,

@@ -174,3 +174,19 @@ async def test_one_servers_burst_does_not_starve_another_servers_lone_job(fake: 
         await wait_for_reply(fake, lone, "✅", timeout=60)
         started = sorted([await bot.store.get(i) for i in range(1, 12)], key=lambda job: job.started_at)
     assert [job.id for job in started][:2] == [1, 11]  # the lone job (#11) right after the running one
+
+
+async def test_disguised_blocked_terms_are_refused_in_every_field(fake: FakeDiscord, tmp_path: Path) -> None:
+    mod = fake.add_moderator()
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        await command(fake, "limits set", {"name": "blocked_terms", "value": "cat, кошка"}, user=mod)
+        disguises = [{"prompt": text} for text in
+                     ("cat!", "a cat|a dog", "c.a.t", "c\u200bat", "\u0441at", "cats", "две кoшкa")]
+        disguises += [{"prompt": "a dog", "negative": "C A T"}, {"prompt": "a dog", "style": "ｃａｔｓ"}]
+        for options in disguises:
+            refused = await command(fake, "imagine", options)
+            assert "a term this server doesn't allow" in refused["content"], options
+            assert refused["flags"] & 64
+        allowed = await command(fake, "imagine", {"prompt": "a scattered category of dogs"})
+        assert allowed["_interaction"].response_type == 5
+        assert [job.id for job in await bot.store.active_jobs()] == [1]

@@ -5,21 +5,45 @@ import gzip
 import pytest
 
 from bot.cogs.log import SinceError, encode_export, export_files, parse_since
-from bot.limits import LIMITS, LimitError, contains_blocked_term
+from bot.limits import LIMITS, LimitError
+from bot.terms import contains_blocked_term
 
 
 @pytest.mark.parametrize(("text", "blocked"), [
     ("a cat on a mat", True),
     ("A CAT", True),
     ("a cät", True),          # accents
-    ("a c@t", True),          # simple substitutions
+    ("a c@t", True),          # stand-ins
     ("c4t", True),
+    ("cat!", True),           # a stand-in that is punctuation here
+    ("a cat|a dog", True),    # a weighted part
+    ("c.a.t", True),          # spaced letters
+    ("c a t", True),
+    ("c\u200bat", True),      # a zero-width space inside
+    ("\u0441at", True),       # Cyrillic с
+    ("ｃａｔ", True),          # full width
+    ("cats", True),           # plural
     ("category theory", False),  # whole words only
     ("scatter", False),
+    ("concat", False),
+    ("vitamin c at noon", False),  # letters spaced unevenly don't spell it
     ("a blue sky", False),
 ])
 def test_blocked_terms_match_whole_words_through_disguises(text: str, blocked: bool) -> None:
     assert contains_blocked_term(text, ["cat"]) is blocked
+
+
+def test_terms_in_other_scripts_are_blocked_too() -> None:
+    assert contains_blocked_term("я люблю кошку", ["кошку"])
+    assert contains_blocked_term("я люблю к\u043eшку".replace("\u043e", "o"), ["кошку"])  # a Latin o inside
+    assert not contains_blocked_term("я люблю собак", ["кошку"])
+    assert contains_blocked_term("一只猫在这里", ["猫"])  # no spaces between words: anywhere
+    assert contains_blocked_term("ΣΚΎΛΟΣ", ["σκυλος"])  # Greek, capitals and accents
+
+
+def test_a_term_with_nothing_to_match_is_refused_by_name() -> None:
+    with pytest.raises(LimitError, match="'!!!' has no letters or digits"):
+        LIMITS["blocked_terms"].parse("cat, !!!")
 
 
 def test_blocked_phrases_and_one_for_i_or_l() -> None:
