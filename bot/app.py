@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import discord
 import yarl
+from discord import app_commands
 from discord.ext import commands
 
 from bot.config import Settings
@@ -55,6 +56,30 @@ def preset_loader(settings: Settings) -> Callable[[], ModelSet]:
     return load
 
 
+class ImagineTree(app_commands.CommandTree):
+    """Every command passes here first: the bot answers only where its admin lets it (ALLOWED_GUILDS,
+    ALLOW_DMS), and an unexpected error still answers the member (bot/errors.py)."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        settings: Settings = self.client.settings
+        if interaction.guild_id is None:
+            refusal = None if settings.allow_dms else \
+                "I make pictures in servers only: use my commands in a server we share."
+        elif settings.allowed_guilds and interaction.guild_id not in settings.allowed_guilds:
+            refusal = ("This bot works only in the servers its admin chose, and this server isn't one of "
+                       "them, so I can't take requests here. Nothing was queued.")
+        else:
+            refusal = None
+        if refusal is None:
+            return True
+        if interaction.type is discord.InteractionType.application_command:  # not an autocomplete
+            await interaction.response.send_message(refusal, ephemeral=True)
+        return False
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await answer_unexpected(interaction, error)
+
+
 class ImagineBot(commands.Bot):
     def __init__(self, settings: Settings, store: Store, load_models: Callable[[], ModelSet] | None = None,
                  clock: Callable[[], float] = time.time, guild_ready_timeout: float = 2.0) -> None:
@@ -62,7 +87,11 @@ class ImagineBot(commands.Bot):
         # Nothing else: the message events of every busy channel would be work for nothing.
         super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
                          connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS),
-                         guild_ready_timeout=guild_ready_timeout, help_command=None,
+                         guild_ready_timeout=guild_ready_timeout, help_command=None, tree_cls=ImagineTree,
+                         # Declared to Discord: servers (and DMs if allowed), installed to servers only.
+                         allowed_contexts=app_commands.AppCommandContext(
+                             guild=True, dm_channel=settings.allow_dms, private_channel=False),
+                         allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
                          # Prompts are members' text: nothing the bot sends may ping anyone.
                          allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
@@ -83,7 +112,6 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
-        self.tree.error(answer_unexpected)
         await self.sync_commands()
         self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")

@@ -6,11 +6,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import discord
+from discord import app_commands
 
 from bot.limits import GuildLimits
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
+
+
+MODERATORS = discord.Permissions(manage_guild=True)  # who sees the moderator commands by default
+# Where moderator commands may run: a server's own tools have no meaning in a DM, even with ALLOW_DMS.
+SERVERS_ONLY = app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False)
 
 
 def is_moderator(interaction: discord.Interaction, moderator_role: int | None = None) -> bool:
@@ -38,3 +44,17 @@ async def moderator_or_refuse(bot: ImagineBot, interaction: discord.Interaction,
         return True
     await interaction.response.send_message(f"{NOT_A_MODERATOR} {hint}".rstrip(), ephemeral=True)
     return False
+
+
+def missing_channel_permissions(interaction: discord.Interaction) -> list[str]:
+    """What the bot lacks in this channel to deliver a picture. Edits go through the bot token after
+    the interaction's 15 minutes, and Discord checks these then; in a DM nothing is needed."""
+    if interaction.guild_id is None:
+        return []
+    have = interaction.app_permissions
+    in_thread = isinstance(interaction.channel, discord.Thread)
+    needed = {"View Channel": have.view_channel,
+              "Send Messages in Threads" if in_thread else "Send Messages":
+                  have.send_messages_in_threads if in_thread else have.send_messages,
+              "Attach Files": have.attach_files, "Embed Links": have.embed_links}
+    return [name for name, granted in needed.items() if not granted]

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     discord_api_base: str = "https://discord.com/api/v10"  # a REST rate-limit proxy or test server
     discord_gateway_url: str = "wss://gateway.discord.gg/"
     guild_ids: list[int] = Field(default_factory=list)  # sync commands here at once (else globally)
+    # Where the bot answers: only these servers (empty: any server that invites it), and DMs or not.
+    allowed_guilds: list[int] = Field(default_factory=list)
+    allow_dms: bool = False
 
     # Storage
     database_path: Path = Path("data/bot.sqlite3")

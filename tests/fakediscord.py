@@ -2034,6 +2034,16 @@ class FakeDiscord:
             otype = 3
         return {"name": name, "type": otype, "value": value}
 
+    def _check_context(self, name: str, guild: FakeGuild | None, dm: bool) -> None:
+        """Discord offers a command only where its `contexts` allow (0 a server, 1 the bot's DM, 2 a
+        group DM); elsewhere no member can send it, so no interaction can arrive. Undeclared: all."""
+        cmd, _ = self._lookup_command(name.split()[0], guild)
+        contexts = (cmd or {}).get("contexts")
+        where = 1 if dm else 0
+        if contexts is not None and where not in contexts:
+            raise PermissionError(f"Discord does not offer /{name} {'in DMs' if dm else 'in servers'}: "
+                                  f"its contexts are {contexts}")
+
     def _command_data(
         self,
         qualified_name: str,
@@ -2100,6 +2110,7 @@ class FakeDiscord:
         else:
             guild_obj = guild or self.guild
         data = self._command_data(name, options, guild_obj)
+        self._check_context(name, guild_obj, dm)
         return await self._send_interaction(
             IT_COMMAND, data, user=user, channel=channel, guild=guild, dm=dm, permissions=permissions,
             app_permissions=app_permissions, created_at=created_at, locale=locale,

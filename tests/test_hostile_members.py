@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import FakeDiscord, FakeFile
+from tests.fakediscord import SEND_MESSAGES, VIEW_CHANNEL, FakeDiscord, FakeFile
 from tests.test_moderation import command
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +49,7 @@ async def test_another_servers_moderator_cannot_touch_a_job_by_its_number(fake: 
 
 
 async def test_a_dm_cannot_reach_a_servers_job_by_its_number(fake: FakeDiscord, tmp_path: Path) -> None:
-    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+    async with BotRunner(bot_settings(fake, tmp_path, allow_dms=True)) as bot:
         running = await fake.send_slash_command("imagine", {"prompt": "ours", "steps": 1000})
         await wait_for_reply(fake, running, "step")
         # Even its owner, from a DM (where no server's moderator rights exist to check).
@@ -190,3 +190,44 @@ async def test_disguised_blocked_terms_are_refused_in_every_field(fake: FakeDisc
         allowed = await command(fake, "imagine", {"prompt": "a scattered category of dogs"})
         assert allowed["_interaction"].response_type == 5
         assert [job.id for job in await bot.store.active_jobs()] == [1]
+
+
+async def test_commands_are_for_servers_only_unless_dms_are_allowed(fake: FakeDiscord,
+                                                                    tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        commands = fake.commands()
+        assert commands and all(c["contexts"] == [0] and c["integration_types"] == [0] for c in commands)
+        with pytest.raises(PermissionError):  # Discord does not even offer it in a DM
+            await fake.send_slash_command("imagine", {"prompt": "a dm"}, dm=True)
+        assert await bot.store.get(1) is None
+
+    async with BotRunner(bot_settings(fake, tmp_path, allow_dms=True)) as bot:
+        assert sorted(fake.get_command("imagine")["contexts"]) == [0, 1]
+        assert fake.get_command("limits")["contexts"] == [0]  # moderation stays in servers
+        in_dm = await fake.send_slash_command("imagine", {"prompt": "a dm"}, dm=True)
+        await wait_for_reply(fake, in_dm, "✅")
+        job = await bot.store.get(1)
+    assert job.guild_id is None and job.status == "done"
+
+
+async def test_a_server_outside_allowed_guilds_is_answered_once_and_queues_nothing(fake: FakeDiscord,
+                                                                                   tmp_path: Path) -> None:
+    other = fake.add_guild("uninvited")
+    stranger = fake.add_member("stranger", guild=other)
+    async with BotRunner(bot_settings(fake, tmp_path, allowed_guilds=[fake.guild.id])) as bot:
+        refused = await command(fake, "imagine", {"prompt": "hello"}, user=stranger, guild=other)
+        assert "works only in the servers its admin chose" in refused["content"] and refused["flags"] & 64
+        assert len(fake.followups(refused["_interaction"])) == 0
+        here = await fake.send_slash_command("imagine", {"prompt": "hello"})
+        await wait_for_reply(fake, here, "✅")
+        assert [job.guild_id for job in [await bot.store.get(1)]] == [fake.guild.id]
+        assert await bot.store.get(2) is None
+
+
+async def test_a_channel_where_the_bot_cannot_deliver_is_refused_naming_the_permissions(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    can_only_talk = VIEW_CHANNEL | SEND_MESSAGES
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        refused = await command(fake, "imagine", {"prompt": "hello"}, app_permissions=can_only_talk)
+        assert "I'm missing Attach Files, Embed Links" in refused["content"] and refused["flags"] & 64
+        assert await bot.store.get(1) is None

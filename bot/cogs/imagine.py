@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from bot import jobs
-from bot.checks import guild_limits
+from bot.checks import guild_limits, missing_channel_permissions
 from bot.limits import check_memory, check_request
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
@@ -103,6 +103,10 @@ class Imagine(commands.Cog):
                      init_attachment: discord.Attachment | None = None) -> Job | None:
         limits = await guild_limits(self.bot, interaction.guild_id)
         try:
+            if missing := missing_channel_permissions(interaction):
+                raise UserError(f"I can't deliver pictures in this channel: I'm missing "
+                                f"{', '.join(missing)}. Ask a server admin to grant my role that here, "
+                                "or use another channel.")
             request = self.build_request(fields)
             refusal = (check_request(limits, request, interaction.channel_id, init_attachment is not None)
                        or check_memory(self.bot.memory, request))

@@ -17,8 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import moderator_or_refuse
-from bot.cogs.moderation import MODERATORS
+from bot.checks import MODERATORS, SERVERS_ONLY, moderator_or_refuse
 from bot.publisher import format_duration, quote
 from bot.store import Job
 from engine.request import GenerationRequest
@@ -163,7 +162,7 @@ class PagedView(discord.ui.View):
 
 class Log(commands.Cog):
     log = app_commands.Group(name="log", description="This server's generations and moderator actions",
-                             guild_only=True, default_permissions=MODERATORS)
+                             allowed_contexts=SERVERS_ONLY, default_permissions=MODERATORS)
 
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
@@ -211,7 +210,7 @@ class Log(commands.Cog):
                                     contains, since)
 
     @app_commands.command(name="history")
-    @app_commands.guild_only()
+    @app_commands.allowed_contexts(guilds=True, dms=False, private_channels=False)
     @app_commands.describe(status="Only with this status", contains="Only prompts containing this text",
                            since="e.g. 7d, 12h or 2026-11-01")
     @app_commands.choices(status=STATUSES)

@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import jobs
-from bot.checks import guild_limits, moderator_or_refuse
+from bot.checks import MODERATORS, SERVERS_ONLY, guild_limits, moderator_or_refuse
 from bot.limits import LIMITS, LimitError
 
 if TYPE_CHECKING:
@@ -21,16 +21,13 @@ async def limit_names(interaction: discord.Interaction, current: str) -> list[ap
             for name, limit in LIMITS.items() if current.lower() in name][:25]
 
 
-MODERATORS = discord.Permissions(manage_guild=True)  # who sees these commands by default
-
-
 class Moderation(commands.Cog):
     """Moderator tools; every action lands in the audit log (/log audit)."""
 
     limits_group = app_commands.Group(name="limits", description="Show or change this server's limits",
-                                      guild_only=True, default_permissions=MODERATORS)
+                                      allowed_contexts=SERVERS_ONLY, default_permissions=MODERATORS)
     moderate = app_commands.Group(name="moderate", description="Block members, delete generations",
-                                  guild_only=True, default_permissions=MODERATORS)
+                                  allowed_contexts=SERVERS_ONLY, default_permissions=MODERATORS)
 
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
