@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.checks import guild_limits, is_moderator
+from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -92,7 +93,8 @@ async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> None:
     await bot.store.mark_deleted(job.id, actor_id)
     if await bot.store.request_cancel(job.id, actor_id) is not None:
         bot.worker.cancel(job.id)
-    for path in (job.output_path, job.latent_path, job.checkpoint_path):
+    init_image = GenerationRequest.stored(job.request_json).init_image  # its own copy (bot/init_images.py)
+    for path in (job.output_path, job.latent_path, job.checkpoint_path, init_image):
         if path:
             Path(path).unlink(missing_ok=True)
     if job.user_id != actor_id:

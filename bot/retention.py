@@ -117,10 +117,12 @@ def _may_expire(job: Job) -> bool:
 
 
 def _job_files(job: Job) -> list[Path]:
-    paths = [Path(p) for p in (job.output_path, job.latent_path, job.checkpoint_path) if p]
+    request = json.loads(job.request_json)
+    paths = [Path(p) for p in (job.output_path, job.latent_path, job.checkpoint_path,
+                               request.get("init_image")) if p]
     if job.output_path:  # a batch's further images sit beside the first: job-7.png, job-7-2.png, ...
         first = Path(job.output_path)
-        batch = json.loads(job.request_json).get("batch_size", 1)
+        batch = request.get("batch_size", 1)
         paths += [first.with_stem(f"{first.stem}-{number}") for number in range(2, batch + 1)]
     return paths
 

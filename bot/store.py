@@ -458,9 +458,10 @@ class Store:
             await self.db.backup(copy)
 
     async def jobs_with_files(self, finished_before: float | None = None) -> list[Job]:
-        """Finished jobs whose output files may still be on disk, oldest first."""
+        """Finished jobs whose files (output, latent, init image) may still be on disk, oldest first."""
         sql = ("SELECT * FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND expired_at IS NULL "
-               "AND deleted_at IS NULL AND (output_path IS NOT NULL OR latent_path IS NOT NULL)")
+               "AND deleted_at IS NULL AND (output_path IS NOT NULL OR latent_path IS NOT NULL "
+               "OR json_extract(request_json, '$.init_image') IS NOT NULL)")
         if finished_before is not None:
             return await self._all(sql + " AND finished_at < ? ORDER BY finished_at", finished_before)
         return await self._all(sql + " ORDER BY finished_at")

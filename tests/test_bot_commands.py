@@ -71,7 +71,7 @@ async def test_an_unreadable_init_image_is_refused_after_the_defer(fake: FakeDis
             "imagine", {"prompt": "a dog", "init_image": FakeFile("notes.png", b"not a picture")})
         await fake.wait_until(lambda: interaction.followup_ids, 10)
         followup = fake.get_message(interaction.followup_ids[-1])
-        assert followup.ephemeral and "notes.png is not a picture I can read" in followup.content
+        assert followup.ephemeral and "notes.png is not a PNG, JPEG, WebP or GIF picture" in followup.content
         assert fake.original_response(interaction) is None or fake.original_response(interaction).deleted
         assert await job_count(bot) == 0
 

@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,67 @@ async def test_a_channel_where_the_bot_cannot_deliver_is_refused_naming_the_perm
         refused = await command(fake, "imagine", {"prompt": "hello"}, app_permissions=can_only_talk)
         assert "I'm missing Attach Files, Embed Links" in refused["content"] and refused["flags"] & 64
         assert await bot.store.get(1) is None
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height; its pixel data (a few bytes) would never fill that."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def picture(size: tuple[int, int], format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+async def test_init_images_are_checked_before_decoding_and_refusals_leave_nothing(fake: FakeDiscord,
+                                                                                  tmp_path: Path) -> None:
+    inputs = tmp_path / "outputs" / "inputs"
+    cases = [  # upload, what the member is told
+        (FakeFile("bomb.png", png_claiming(60_000, 60_000)), "bomb.png is larger than 16,777,216 pixels"),
+        (FakeFile("big.png", png_claiming(5000, 4000)), "5000×4000 (20,000,000 pixels); this server takes "
+                                                         "init images of up to 16,777,216 pixels"),
+        (FakeFile("cut.png", png_claiming(300, 200)), "is damaged or cut short"),
+        (FakeFile("scan.bmp", picture((40, 40), "BMP")), "not a PNG, JPEG, WebP or GIF"),
+        (FakeFile("scan.tiff", picture((40, 40), "TIFF")), "not a PNG, JPEG, WebP or GIF"),
+    ]
+    async with BotRunner(bot_settings(fake, tmp_path, max_pixels=512 * 512)) as bot:
+        for upload, told in cases:
+            refused = await command(fake, "imagine", {"prompt": "a dog", "init_image": upload})
+            assert told in refused["content"] and refused["flags"] & 64, refused["content"]
+        # Past every check, the queue's own limits refuse it: the saved copy goes again.
+        await command(fake, "limits set", {"name": "max_queue_length", "value": "1"},
+                      user=fake.add_moderator())
+        running = await fake.send_slash_command("imagine", {"prompt": "first", "steps": 1000})
+        await wait_for_reply(fake, running, "step")
+        full = await command(fake, "imagine", {"prompt": "a dog",
+                                               "init_image": FakeFile("ok.png", picture((64, 64), "PNG"))})
+        assert "The queue for this server is full" in full["content"]
+        await command(fake, "cancel", {"job": 1})
+        assert await bot.store.get(2) is None
+    assert not inputs.exists() or list(inputs.iterdir()) == []
+
+
+async def test_an_init_image_belongs_to_its_job_and_goes_with_it(fake: FakeDiscord, tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (48, 48), colour) for colour in ("red", "green")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])  # animated: frame 1 used
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        first = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "init_image": FakeFile("moving.gif", buffer.getvalue())})
+        done = await wait_for_reply(fake, first, "✅")
+        reroll = await fake.click_button("job:reroll:1", done)
+        await wait_for_reply(fake, reroll, "✅")
+        one, two = await bot.store.get(1), await bot.store.get(2)
+        mine, theirs = (Path(json.loads(job.request_json)["init_image"]) for job in (one, two))
+        assert mine != theirs and mine.is_file() and theirs.is_file()  # the re-roll has its own copy
+        with Image.open(mine) as kept:
+            assert kept.format == "PNG" and kept.getpixel((0, 0)) == (255, 0, 0)
+
+        await fake.click_button("job:delete:1", done)
+        await fake.wait_until(lambda: not mine.exists(), 10)
+        assert theirs.is_file()  # the re-roll keeps its init image, and can itself be re-rolled

@@ -124,3 +124,19 @@ async def test_the_bot_sweeps_at_start_up(fake: FakeDiscord, tmp_path: Path) -> 
         await fake.wait_until(lambda: not Path(old.output_path).exists(), timeout=10)
         assert (await bot.store.get(old.id)).expired_at is not None
     assert Path(recent.output_path).is_file()
+
+
+async def test_an_expired_jobs_init_image_goes_with_it(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "outputs"
+    inputs = out / "inputs"
+    inputs.mkdir()
+    (inputs / "init-1.png").write_bytes(b"i" * 500)
+    (inputs / "init-2.png").write_bytes(b"i" * 500)
+    failed = await make_job(store, out, days_ago=40, status="failed",  # nothing else of it is left
+                            request=GenerationRequest(prompt="a", init_image=inputs / "init-1.png"))
+    recent = await make_job(store, out, days_ago=1,
+                            request=GenerationRequest(prompt="b", init_image=inputs / "init-2.png"))
+    result = await sweep(store, out, retention_days=30)
+    assert result.expired == [failed.id]
+    assert not (inputs / "init-1.png").exists() and (inputs / "init-2.png").exists()
+    assert recent.id not in result.expired

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 from discord.ext import commands
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
-from bot import jobs
+from bot import init_images, jobs
 from bot.checks import guild_limits, missing_channel_permissions
 from bot.limits import check_memory, check_request
 from bot.store import NewJob, QueueFull
@@ -34,7 +33,6 @@ SIZES = [
     app_commands.Choice(name="portrait 384×512", value="384x512"),
     app_commands.Choice(name="wide 640×352", value="640x352"),
 ]
-MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
 
 
 class UserError(Exception):
@@ -71,7 +69,7 @@ class Imagine(commands.Cog):
                                   "model": model}
         width, height = (size or self.bot.settings.default_size).split("x")
         fields.update(width=int(width), height=int(height))
-        await self.submit(interaction, fields, init_attachment=init_image)
+        await self.submit(interaction, fields, init_from=init_image)
 
     @imagine.autocomplete("model")
     async def _model_choices(self, interaction: discord.Interaction,
@@ -100,7 +98,9 @@ class Imagine(commands.Cog):
 
     async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
                      parent_job_id: int | None = None,
-                     init_attachment: discord.Attachment | None = None) -> Job | None:
+                     init_from: discord.Attachment | Path | None = None) -> Job | None:
+        """Queue a picture, or tell the member why not. `init_from`: an upload, or the init image of the
+        job being re-rolled (each job gets its own copy)."""
         limits = await guild_limits(self.bot, interaction.guild_id)
         try:
             if missing := missing_channel_permissions(interaction):
@@ -108,10 +108,13 @@ class Imagine(commands.Cog):
                                 f"{', '.join(missing)}. Ask a server admin to grant my role that here, "
                                 "or use another channel.")
             request = self.build_request(fields)
-            refusal = (check_request(limits, request, interaction.channel_id, init_attachment is not None)
+            refusal = (check_request(limits, request, interaction.channel_id, init_from is not None)
                        or check_memory(self.bot.memory, request))
             if refusal:
                 raise UserError(refusal)
+            if isinstance(init_from, discord.Attachment) and init_from.size > init_images.MAX_BYTES:
+                raise UserError(f"Init image: {init_from.filename} is {init_from.size / 2**20:.1f} MiB; "
+                                f"the limit is {init_images.MAX_BYTES // 2**20} MiB.")
         except UserError as error:
             await interaction.response.send_message(str(error), ephemeral=True)
             return None
@@ -120,9 +123,11 @@ class Imagine(commands.Cog):
         # member has been answered, so closing the bot waits for the request to reach the queue.
         with self.bot.submitting():
             response = await interaction.response.defer(thinking=True)
+            path = None if init_from is None else init_images.path_for(self.bot.settings.output_dir,
+                                                                       interaction.id)
             try:
-                if init_attachment is not None:
-                    path = await self.save_init_image(init_attachment, interaction.id)
+                if path is not None:
+                    await self.keep_init_image(init_from, path, limits.max_pixels)
                     request = self.build_request({**fields, "init_image": path})
                 job = await self.bot.store.enqueue(
                     NewJob(request_json=request.model_dump_json(), total_steps=request.steps,
@@ -132,7 +137,11 @@ class Imagine(commands.Cog):
                            parent_job_id=parent_job_id, message_id=response.message_id),
                     max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
                     cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
-            except (UserError, QueueFull) as error:
+            except BaseException as error:
+                if path is not None:  # a refused request leaves nothing behind
+                    path.unlink(missing_ok=True)
+                if not isinstance(error, UserError | QueueFull):
+                    raise
                 message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
                 await interaction.delete_original_response()
                 await interaction.followup.send(message, ephemeral=True)
@@ -145,21 +154,21 @@ class Imagine(commands.Cog):
                 await self.bot.publisher.queued(job, position, eta)
             return job
 
-    async def save_init_image(self, attachment: discord.Attachment, interaction_id: int) -> Path:
-        if attachment.size > MAX_INIT_IMAGE_BYTES:
-            raise UserError(f"Init image: {attachment.filename} is {attachment.size / 2**20:.1f} MiB; "
-                            f"the limit is {MAX_INIT_IMAGE_BYTES // 2**20} MiB.")
-        data = await attachment.read()
-        path = self.bot.settings.output_dir / "inputs" / f"init-{interaction_id}.png"
+    async def keep_init_image(self, source: discord.Attachment | Path, path: Path, max_pixels: int) -> None:
+        """Download, check and decode an upload (off the event loop), or copy a parent job's, to `path`."""
+        if isinstance(source, Path):
+            try:
+                await asyncio.to_thread(init_images.copy, source, path)
+            except FileNotFoundError:
+                raise UserError("The init image of that picture is gone (deleted or expired), so it "
+                                "can't be re-rolled with it.") from None
+            return
+        data = await source.read()
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                image.convert("RGB").save(path)
-        except (UnidentifiedImageError, OSError):
-            raise UserError(f"Init image: {attachment.filename} is not a picture I can read "
-                            "(use PNG, JPEG or WebP).") from None
-        return path
+            image = await asyncio.to_thread(init_images.decode, data, source.filename, max_pixels)
+        except init_images.InitImageError as error:
+            raise UserError(str(error)) from None
+        await asyncio.to_thread(init_images.save, image, path)
 
     # --- buttons ---------------------------------------------------------------------------------
 
@@ -177,8 +186,16 @@ class Imagine(commands.Cog):
     async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str) -> None:
         fields = GenerationRequest.stored(job.request_json).model_dump(
             exclude={"continue_from"})
+        init_from = None
         if action == "reroll":
             fields["seed"] = None  # a new seed is drawn
+            if fields.get("init_image"):
+                init_from = Path(fields.pop("init_image"))  # copied for the new job
+                if not init_from.is_file():
+                    await interaction.response.send_message(
+                        f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be "
+                        "re-rolled.", ephemeral=True)
+                    return
         else:
             if job.status != "done" or not job.latent_path or not Path(job.latent_path).is_file():
                 await interaction.response.send_message(
@@ -186,7 +203,7 @@ class Imagine(commands.Cog):
                 return
             fields.update(continue_from=job.latent_path, init_image=None,
                           steps=self.bot.settings.default_steps)
-        await self.submit(interaction, fields, parent_job_id=job.id)
+        await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from)
 
 
 def _queue_full_message(error: QueueFull) -> str:
