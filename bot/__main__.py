@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from bot import preflight
 from bot.app import ImagineBot, point_discord_at
 from bot.config import Settings
+from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
 from bot.store import Store
 from engine import weights
 from engine.models import required_files
@@ -126,6 +127,25 @@ async def backup(settings: Settings, target: Path) -> int:
     return 0
 
 
+async def print_log(settings: Settings, guild_id: int | None, since: str | None, fmt: str) -> int:
+    """The generation log of one server (None: the DMs) to standard output, newest first."""
+    try:
+        since_ts = parse_since(since)
+    except SinceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not settings.database_path.is_file():
+        print(f"error: there is no database at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
+        return 2
+    store = await Store.read_only(settings.database_path)
+    try:
+        jobs, _ = await store.generation_log(guild_id, since=since_ts, limit=EXPORT_ROWS)
+    finally:
+        await store.close()
+    sys.stdout.write(encode_export(export_rows(jobs), fmt).decode())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description="The VQGAN+CLIP Discord bot; "
                                      "without a command it runs the bot. Settings come from the "
@@ -136,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
                                          "the bot runs")
     backup_command.add_argument("path", type=Path, metavar="PATH", help="the new backup file")
+    log_command = commands.add_parser("log", help="print the generation log of a server, or of the DMs "
+                                      "(which no server's moderators see), as CSV or JSON Lines")
+    where = log_command.add_mutually_exclusive_group(required=True)
+    where.add_argument("--guild", type=int, metavar="ID", help="a server's id")
+    where.add_argument("--dms", action="store_true", help="the jobs made in DMs with the bot")
+    log_command.add_argument("--since", help="e.g. 7d, 12h or 2026-11-01")
+    log_command.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     args = parser.parse_args(argv)
 
     try:
@@ -148,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return preflight.main(settings)
     if args.command == "backup":
         return asyncio.run(backup(settings, args.path))
+    if args.command == "log":
+        return asyncio.run(print_log(settings, None if args.dms else args.guild, args.since, args.format))
     return serve(settings)
 
 

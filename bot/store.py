@@ -236,6 +236,14 @@ class Store:
         await store._read_guild_limits()
         return store
 
+    @classmethod
+    async def read_only(cls, path: Path | str) -> Store:
+        """For reading beside a running bot (the command line): no migration, no writes."""
+        db = await aiosqlite.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA busy_timeout = 5000")
+        return cls(db)
+
     async def close(self) -> None:
         await self.db.close()
 
@@ -554,11 +562,12 @@ class Store:
                           (guild_id, actor_id, f"<@{user_id}>", time.time()))
         return bool(removed)
 
-    async def generation_log(self, guild_id: int, user_id: int | None = None, status: str | None = None,
-                             contains: str | None = None, since: float | None = None,
-                             limit: int = 10, offset: int = 0) -> tuple[list[Job], int]:
-        """A server's generations, newest first, filtered; one page and the total count."""
-        where = ["guild_id = ?"]
+    async def generation_log(self, guild_id: int | None, user_id: int | None = None,
+                             status: str | None = None, contains: str | None = None,
+                             since: float | None = None, limit: int = 10,
+                             offset: int = 0) -> tuple[list[Job], int]:
+        """A server's generations (None: the DM jobs), newest first, filtered; one page and the total."""
+        where = ["guild_id IS ?"]
         params: list[Any] = [guild_id]
         if user_id is not None:
             where.append("user_id = ?")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -208,8 +211,16 @@ async def test_commands_are_for_servers_only_unless_dms_are_allowed(fake: FakeDi
         assert fake.get_command("limits")["contexts"] == [0]  # moderation stays in servers
         in_dm = await fake.send_slash_command("imagine", {"prompt": "a dm"}, dm=True)
         await wait_for_reply(fake, in_dm, "✅")
+        in_server = await fake.send_slash_command("imagine", {"prompt": "in the server"})
+        await wait_for_reply(fake, in_server, "✅")
         job = await bot.store.get(1)
     assert job.guild_id is None and job.status == "done"
+    # No server's moderators see DM jobs; the bot's admin does, from the command line.
+    env = {**os.environ, "DATABASE_PATH": str(tmp_path / "bot.sqlite3")}
+    for where, prompts in ((["--dms"], ["a dm"]), (["--guild", str(fake.guild.id)], ["in the server"])):
+        shown = subprocess.run([sys.executable, "-m", "bot", "log", *where], capture_output=True, text=True,
+                               env=env, cwd=Path(__file__).parents[1], timeout=60, check=True).stdout
+        assert [row["prompt"] for row in csv.DictReader(io.StringIO(shown))] == prompts
 
 
 async def test_a_server_outside_allowed_guilds_is_answered_once_and_queues_nothing(fake: FakeDiscord,

@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-from bot.cogs.log import SinceError, encode_export, export_files, parse_since
+from bot.export import SinceError, encode_export, export_files, parse_since
 from bot.limits import LIMITS, LimitError
 from bot.terms import contains_blocked_term
 

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import gzip
-import io
-import json
-import re
-import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import discord
@@ -18,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import MODERATORS, SERVERS_ONLY, moderator_or_refuse
+from bot.export import EXPORT_ROWS, SinceError, export_files, export_rows, message_link, parse_since
 from bot.publisher import format_duration, quote
 from bot.store import Job
 from engine.request import GenerationRequest
@@ -26,34 +20,8 @@ if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 PAGE_SIZE = 10
-EXPORT_ROWS = 100_000
 STATUSES = [app_commands.Choice(name=s, value=s)
             for s in ("queued", "running", "done", "failed", "cancelled")]
-
-
-class SinceError(ValueError):
-    pass
-
-
-def parse_since(text: str | None, now: float | None = None) -> float | None:
-    """`7d`, `12h`, `30m` ago, or a date `2026-11-01`; None for no limit."""
-    if not text:
-        return None
-    now = time.time() if now is None else now
-    match = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", text.lower())
-    if match:
-        return now - int(match[1]) * {"d": 86400, "h": 3600, "m": 60}[match[2]]
-    try:
-        return datetime.strptime(text.strip(), "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        raise SinceError(f"since takes an age like 7d, 12h or 30m, or a date like 2026-11-01 "
-                         f"(got {text!r})") from None
-
-
-def message_link(job: Job) -> str | None:
-    if job.message_id is None or job.guild_id is None or job.deleted_at is not None:
-        return None
-    return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
 
 
 def log_line(job: Job) -> str:
@@ -65,60 +33,6 @@ def log_line(job: Job) -> str:
     where = f" · [message]({link})" if link else ""
     return (f"`#{job.id}` <t:{int(job.created_at)}:f> <@{job.user_id}> **{prompt}** — {status}, "
             f"{job.step}/{job.total_steps} steps, {format_duration(seconds)}{where}")
-
-
-def export_rows(jobs: list[Job]) -> list[dict]:
-    rows = []
-    for job in jobs:
-        request = GenerationRequest.stored(job.request_json)
-        rows.append({
-            "job": job.id, "created_at": datetime.fromtimestamp(job.created_at, UTC).isoformat(),
-            "member": job.user_id, "channel": job.channel_id, "message": message_link(job) or "",
-            "prompt": request.prompt, "negative": request.negative, "style": request.style,
-            "seed": request.seed, "width": request.width, "height": request.height, "steps": job.total_steps,
-            "status": job.status,
-            "seconds": round(job.finished_at - job.started_at, 1)
-            if job.finished_at and job.started_at else "",
-            "deleted_by": job.deleted_by or "", "expired": bool(job.expired_at),
-        })
-    return rows
-
-
-# A spreadsheet runs a cell that starts like this as a formula (=HYPERLINK(...) and worse); members
-# write the prompts, so in CSV such a cell starts with an apostrophe, which shows it as plain text.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _as_text(value: object) -> object:
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-
-
-def encode_export(rows: list[dict], fmt: str) -> bytes:
-    if fmt == "jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["job"])
-    writer.writeheader()
-    writer.writerows({key: _as_text(value) for key, value in row.items()} for row in rows)
-    return buffer.getvalue().encode()
-
-
-def export_files(rows: list[dict], fmt: str, limit: int) -> tuple[list[discord.File], str]:
-    """Files under the upload limit: plain if it fits, else gzip, else gzip split into parts."""
-    data = encode_export(rows, fmt)
-    name = f"generations.{fmt}"
-    if len(data) <= limit:
-        return [discord.File(io.BytesIO(data), name)], ""
-    packed = gzip.compress(data)
-    if len(packed) <= limit:
-        return [discord.File(io.BytesIO(packed), name + ".gz")], " (compressed with gzip)"
-    # Split the rows so that each gzip part fits; each part is a complete file on its own.
-    parts: list[bytes] = []
-    chunk = max(1, len(rows) * limit // (len(packed) * 2))
-    for start in range(0, len(rows), chunk):
-        parts.append(gzip.compress(encode_export(rows[start:start + chunk], fmt)))
-    files = [discord.File(io.BytesIO(p), f"generations-part{i + 1}.{fmt}.gz") for i, p in enumerate(parts)]
-    return files, f" (split into {len(files)} gzip parts to fit the upload limit)"
 
 
 class PagedView(discord.ui.View):
