@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "without a command it runs the bot. Settings come from the "
                                      "environment and .env (see .env.example).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("check", help="check this machine is ready: token, weights, GPU, database, "
-                        "outputs; exits 1 if a check fails")
+    check_command = commands.add_parser("check", help="check this machine is ready: token, weights, GPU, "
+                                        "database, outputs; exits 1 if a check fails")
+    check_command.add_argument("--live", action="store_true", help="instead, check that the running bot "
+                               "and its engine are up, from the bot's health file (touches no GPU)")
     backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
                                          "the bot runs")
     backup_command.add_argument("path", type=Path, metavar="PATH", help="the new backup file")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
         return 2
     if args.command == "check":
-        return preflight.main(settings)
+        return preflight.main(settings, live=args.live)
     if args.command == "backup":
         return asyncio.run(backup(settings, args.path))
     if args.command == "log":

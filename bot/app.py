@@ -14,10 +14,11 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot import health
 from bot.config import Settings
 from bot.errors import answer_unexpected
 from bot.limits import memory_budget
-from bot.publisher import Publisher
+from bot.publisher import UNPOSTED_SWEEP_S, Publisher
 from bot.retention import run_retention
 from bot.store import Store
 from bot.views import JobButton
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # bench.bot_latency: 15 % less event-loop CPU per /imagine, acknowledgements ~20 % sooner.
 HTTP_CONNECTIONS = 32
 SUBMISSION_GRACE_S = 20.0  # an init image download can take this long; systemd waits 90 s
+DELIVERY_GRACE_S = 10.0  # final posts in flight get this long at shutdown; the rest go at the next start
 EXTENSIONS = (
     "bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log", "bot.cogs.status",
 )
@@ -105,6 +107,8 @@ class ImagineBot(commands.Bot):
         self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings),
                                    self.memory)
         self.engine_task: asyncio.Task | None = None
+        self.unposted_task: asyncio.Task | None = None
+        self.health_task: asyncio.Task | None = None
         self.submissions: set[asyncio.Task] = set()  # /imagine commands between answer and queue
         self.retention_task: asyncio.Task | None = None
 
@@ -115,6 +119,8 @@ class ImagineBot(commands.Bot):
         await self.sync_commands()
         self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")
+        self.unposted_task = asyncio.create_task(self._sweep_unposted(), name="unposted results")
+        self.health_task = asyncio.create_task(self._report_health(), name="health")
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:  # a guild sync shows up at once; a global one can take a while
@@ -126,11 +132,31 @@ class ImagineBot(commands.Bot):
             await self.tree.sync()
 
     async def _run_engine(self) -> None:
-        try:
-            await self.worker.run()
-        except Exception:
-            log.exception("the engine task stopped; the bot keeps queueing but runs nothing")
-            raise
+        await self.worker.supervise()
+
+    async def _report_health(self) -> None:
+        """The health file, rewritten at once when the engine's state changes, else every interval."""
+        path = health.health_path(self.settings.database_path)
+        written, last = None, 0.0
+        while True:
+            worker = self.worker
+            now = (worker.state, worker.alive, worker.crashes)
+            if now != written or time.monotonic() - last >= health.HEALTH_INTERVAL_S:
+                try:
+                    await asyncio.to_thread(health.write, path, *now)
+                    written, last = now, time.monotonic()
+                except OSError as error:  # a full disk: the check then says the report is stale
+                    log.warning("could not write the health file %s: %s", path, error)
+            await asyncio.sleep(0.5)
+
+    async def _sweep_unposted(self) -> None:
+        """Results Discord did not take (an outage longer than a delivery's retries) go out again."""
+        while True:
+            await asyncio.sleep(UNPOSTED_SWEEP_S)
+            try:
+                await self.publisher.deliver_unposted()
+            except Exception:
+                log.exception("the sweep for unposted results failed; it runs again later")
 
     def installed_models(self) -> list[str]:
         """The VQGAN presets members may pick: the configured one, then others whose files are here."""
@@ -159,4 +185,9 @@ class ImagineBot(commands.Bot):
             await asyncio.gather(self.retention_task, return_exceptions=True)
         if self.engine_task is not None:
             await asyncio.gather(self.engine_task, return_exceptions=True)
+        for task in (self.unposted_task, self.health_task):
+            if task is not None:
+                task.cancel()
+        health.health_path(self.settings.database_path).unlink(missing_ok=True)  # stopped, not unhealthy
+        await self.publisher.close(grace_s=DELIVERY_GRACE_S)
         await super().close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bot import health
 from bot.config import Settings
 from bot.limits import memory_budget
 from bot.store import MIGRATIONS
@@ -44,8 +45,17 @@ def run_checks(settings: Settings) -> list[Check]:
             check_memory(settings), check_database(settings), check_outputs(settings)]
 
 
-def main(settings: Settings) -> int:
-    checks = run_checks(settings)
+def check_live(settings: Settings) -> Check:
+    """The running bot's own report (bot/health.py): no GPU is touched."""
+    path = health.health_path(settings.database_path)
+    trouble = health.problem(path)
+    if trouble:
+        return Check("live", "fail", trouble)
+    return Check("live", "ok", f"the bot and its engine are up ({path})")
+
+
+def main(settings: Settings, live: bool = False) -> int:
+    checks = [check_live(settings)] if live else run_checks(settings)
     for check in checks:
         print(check.line(), flush=True)
     failed = [check.name for check in checks if check.status == "fail"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 from PIL import Image
 
@@ -33,6 +34,8 @@ INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_WEBHOOK = 10015
 UNKNOWN_MESSAGE = 10008
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
+UNPOSTED_SWEEP_S = 900.0
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Publisher:
         self._latest: dict[int, Progress] = {}
         self._senders: dict[int, asyncio.Task] = {}
         self._last_sent: dict[int, float] = {}
+        self._deliveries: dict[int, asyncio.Task] = {}
 
     # --- what each state of a job looks like -----------------------------------------------------
 
@@ -170,6 +174,46 @@ class Publisher:
             await self.store.mark_posted(job.id)
         return ok
 
+    # --- final posts, off the engine's path --------------------------------------------------------
+
+    def deliver(self, job: Job) -> None:
+        """Post a finished job's result in the background, retrying with backoff (DELIVERY_RETRIES_S),
+        so that the engine starts the next job at once whatever Discord does (outages, dropped
+        connections, a 429 with a long retry_after). One delivery per job at a time."""
+        running = self._deliveries.get(job.id)
+        if running is None or running.done():
+            self._deliveries[job.id] = asyncio.create_task(self._deliver(job), name=f"deliver job {job.id}")
+
+    async def _deliver(self, job: Job) -> None:
+        try:
+            for attempt, delay in enumerate((0.0, *DELIVERY_RETRIES_S), start=1):
+                await asyncio.sleep(delay)
+                try:
+                    if await self.finished(job):
+                        return
+                except Exception:  # whatever it is, the next try (or the next sweep) may get through
+                    log.exception("job %s: posting its result failed (try %s)", job.id, attempt)
+            log.warning("job %s: its result is not posted after %s tries; the next sweep retries it",
+                        job.id, len(DELIVERY_RETRIES_S) + 1)
+        finally:
+            self._deliveries.pop(job.id, None)
+
+    async def deliver_unposted(self) -> None:
+        """Every finished job whose result never reached Discord goes out again (at start and every
+        UNPOSTED_SWEEP_S, not only at the next start)."""
+        for job in await self.store.unposted_finished():
+            self.deliver(job)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Give the deliveries in flight `grace_s`, then stop them; what they had not posted stays
+        unposted for the next start."""
+        if self._deliveries and grace_s > 0:
+            await asyncio.wait(list(self._deliveries.values()), timeout=grace_s)
+        tasks = [*self._deliveries.values(), *self._senders.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # --- how an edit reaches Discord -------------------------------------------------------------
 
     def _token_fresh(self, job: Job) -> bool:
@@ -199,8 +243,8 @@ class Publisher:
                     await self.store.forget_interaction_token(job.id)
             await self._edit_with_bot_token(job, **fields)
             return True
-        except (TimeoutError, discord.HTTPException, OSError) as error:
-            log.warning("job %s: could not update its message: %s", job.id, error)
+        except (TimeoutError, discord.HTTPException, OSError, aiohttp.ClientError) as error:
+            log.warning("job %s: could not update its message: %s", job.id, error or type(error).__name__)
             return False
 
     async def _edit_with_bot_token(self, job: Job, **fields) -> None:

@@ -9,6 +9,7 @@ that fails is marked failed with a short reason; the task itself goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Waits before restarting after the 1st, 2nd, 3rd and later crashes in a row, a row being broken by a
+# restart that got back to running jobs (a job that keeps crashing it is a poison job, below).
+RESTART_DELAYS_S = (1.0, 5.0, 15.0, 60.0)
+POISON_CRASHES = 2  # a job running at this many crashes fails instead of running again
+
 
 class EngineWorker:
     def __init__(self, store: Store, publisher: Publisher, settings: Settings,
@@ -44,7 +50,14 @@ class EngineWorker:
         self._wake = asyncio.Event()
         self._stopping = threading.Event()  # read from the engine thread
         self._cancel_current = threading.Event()
+        self._stop_requested = asyncio.Event()  # wakes the supervisor from its back-off
         self._pending: list[asyncio.Future] = []
+        self.state = "starting"  # for /status and the health file: what the engine task is doing
+        self.crashes = 0  # since start-up
+        self._crashes_of: dict[int, int] = {}  # job id: crashes while it ran
+        self._crash_reasons: dict[int, str] = {}
+        self._claimed: Job | None = None
+        self._came_up = False  # this run of the loop got as far as taking jobs
 
     # --- called by the cogs ----------------------------------------------------------------------
 
@@ -62,17 +75,72 @@ class EngineWorker:
     async def stop(self) -> None:
         """Stop after the current step; the running job is saved and re-queued for the next start."""
         self._stopping.set()
+        self._stop_requested.set()
         self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """Running its loop (or loading models), not down after a crash."""
+        return not self.state.startswith(("restarting", "stopped"))
+
+    # --- the supervisor --------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Run the engine loop, and after any unexpected error log it and start it again, backing off,
+        so that the bot never goes on queueing work that nothing runs. A job that was running at
+        POISON_CRASHES crashes fails with that reason at the restart (_fail_poison_jobs)."""
+        in_a_row = 0
+        while True:
+            self._came_up = False
+            try:
+                await self.run()
+                self.state = "stopped"
+                return
+            except Exception as error:
+                job, self._claimed, self.current = self._claimed, None, None
+                crash = _short(error)
+                self.crashes += 1
+                in_a_row = 1 if self._came_up else in_a_row + 1
+                log.exception("the engine task crashed (%s in a row)%s", in_a_row,
+                              f" while running job {job.id}" if job else "")
+                if job is not None:
+                    self._crashes_of[job.id] = self._crashes_of.get(job.id, 0) + 1
+                    self._crash_reasons[job.id] = crash
+            wait = RESTART_DELAYS_S[min(in_a_row, len(RESTART_DELAYS_S)) - 1]
+            self.state = f"restarting in {wait:.0f} s after a crash: {crash}"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), wait)
+            if self._stopping.is_set():
+                self.state = "stopped"
+                return
+
+    async def _fail_poison_jobs(self) -> None:
+        """At a restart, before anything is re-queued: a job that was running at POISON_CRASHES crashes
+        fails with that reason, so that one bad job cannot keep the engine in a crash loop."""
+        for job_id, crashes in list(self._crashes_of.items()):
+            if crashes < POISON_CRASHES:
+                continue
+            reason = (f"the engine crashed {crashes} times while running it ({self._crash_reasons[job_id]}); "
+                      "it was stopped so that the other pictures can run")
+            job = await self.store.get(job_id)
+            del self._crashes_of[job_id]
+            if job is None or job.status not in ("queued", "running"):
+                continue
+            finished = await self.store.finish(job_id, "failed", error=reason)
+            log.error("job %s: failed as a poison job: %s", job_id, reason)
+            self.publisher.deliver(finished)
 
     # --- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self._fail_poison_jobs()
         requeued = await self.store.requeue_interrupted()
         if requeued:
             log.info("re-queued jobs interrupted by the last stop: %s", requeued)
-        for job in await self.store.unposted_finished():
-            await self.publisher.finished(job)
-        self.model_set = await asyncio.to_thread(self.load_models)
+        await self.publisher.deliver_unposted()
+        if self.model_set is None:  # a restart after a crash keeps the models it has
+            self.state = "loading the models"
+            self.model_set = await asyncio.to_thread(self.load_models)
         if self.models.random_weights:
             self.publisher.random_weights_note = (
                 f"⚠️ test models (`{self.models.preset}` preset): images are noise, not art.\n")
@@ -81,11 +149,15 @@ class EngineWorker:
             self._wake.clear()  # before looking, so a job queued meanwhile is not missed
             if self._stopping.is_set():
                 return
+            self.state, self._came_up = "idle", True
             job = await self.store.claim_next_job()
             if job is None:
                 await self._wake.wait()
                 continue
+            self.state = f"running job {job.id}"
+            self._claimed = job  # until it is over: a crash on the way is this job's
             await self.run_job(job)
+            self._claimed = None
 
     @property
     def models(self) -> Models | None:
@@ -159,7 +231,7 @@ class EngineWorker:
             finished = await self.store.finish(job.id, "failed", error=reason)
         finally:
             self.current = None
-        await self.publisher.finished(finished)
+        self.publisher.deliver(finished)  # in the background: the next job starts now
 
     @staticmethod
     def _save_result(result, png_path: Path, state_path: Path) -> None:
@@ -181,3 +253,8 @@ class EngineWorker:
         for error in results:
             if isinstance(error, Exception):
                 log.warning("a progress update failed: %s", error)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__

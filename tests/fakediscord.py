@@ -549,11 +549,14 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     hits: int = 0
+    reset: bool = False  # drop the connection instead of answering (the client sees it disconnect)
+    when: Callable[[RecordedRequest], bool] | None = None  # only requests this accepts
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, request: RecordedRequest) -> bool:
         if self.times is not None and self.times <= 0:
             return False
-        return self.method in ("*", method) and re.search(self.path_regex, path) is not None
+        return (self.method in ("*", request.method) and re.search(self.path_regex, request.path) is not None
+                and (self.when is None or self.when(request)))
 
     def response(self) -> web.Response:
         assert self.status is not None
@@ -944,6 +947,8 @@ class FakeDiscord:
         json: Any = None,
         headers: dict[str, str] | None = None,
         delay: float = 0.0,
+        reset: bool = False,
+        when: Callable[[RecordedRequest], bool] | None = None,
     ) -> Fault:
         """Make the next ``times`` matching API requests (None: all, until ``clear_faults``) wait
         ``delay`` seconds and then, if ``status`` is set, fail with it instead of being handled.
@@ -951,7 +956,8 @@ class FakeDiscord:
         Without ``json`` a Discord-like error body is used for the status (401 → 50027 Invalid
         Webhook Token, 404 → 10008 Unknown Message, 429 → retry_after 0.05). Without ``headers``
         a 429 carries ``Via`` (discord.py retries a 429 only when it has one); pass ``headers={}``
-        for a 429 that discord.py raises at once."""
+        for a 429 that discord.py raises at once. ``reset`` drops the connection mid-request instead
+        of answering; ``when`` narrows the fault to the recorded requests it accepts (e.g. uploads)."""
         body = json
         if status == 429:
             if body is None:
@@ -961,7 +967,8 @@ class FakeDiscord:
                 headers = {"Via": "1.1 google", "Retry-After": str(max(1, round(body["retry_after"])))}
         elif status is not None and body is None:
             body = _DEFAULT_FAULT_BODIES.get(status, {"message": f"{status}", "code": 0})
-        fault = Fault(method.upper(), path_regex, status, times, body, dict(headers or {}), delay)
+        fault = Fault(method.upper(), path_regex, status, times, body, dict(headers or {}), delay,
+                      reset=reset, when=when)
         self._faults.append(fault)
         return fault
 
@@ -988,9 +995,9 @@ class FakeDiscord:
     def clear_faults(self) -> None:
         self._faults.clear()
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def _take_fault(self, request: RecordedRequest) -> Fault | None:
         for fault in self._faults:
-            if fault.matches(method, path):
+            if fault.matches(request):
                 fault.hits += 1
                 if fault.times is not None:
                     fault.times -= 1
@@ -1079,11 +1086,16 @@ class FakeDiscord:
         rec = await self._record(request)
         request[_REC_KEY] = rec
         try:
-            fault = self._take_fault(rec.method, rec.path)
+            fault = self._take_fault(rec)
             if fault is not None:
-                rec.fault = fault if fault.status is not None else None
+                rec.fault = fault if fault.status is not None or fault.reset else None
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
+            if fault is not None and fault.reset:
+                rec.status = 0
+                self.requests.append(rec)
+                request.transport.close()  # mid-request, as a dropped connection or a proxy reset
+                raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
             if fault is not None and fault.status is not None:
                 response = fault.response()
             else:

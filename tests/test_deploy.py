@@ -73,7 +73,7 @@ def test_the_image_runs_unprivileged_with_volumes_and_a_preflight_healthcheck() 
     assert args["USER"].split(":")[0] not in ("root", "0")
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
     assert set(yaml.safe_load(args["VOLUME"])) == {"/data", "/outputs", "/weights"}
-    assert args["HEALTHCHECK"].endswith('CMD ["python", "-m", "bot", "check"]')
+    assert args["HEALTHCHECK"].endswith('CMD ["python", "-m", "bot", "check", "--live"]')
     assert args["ENTRYPOINT"] == '["python", "-m", "bot"]'
 
     env = dict(pair.split("=", 1)

@@ -37,7 +37,9 @@ class Status(commands.Cog):
         lines = [f"**vqgan-clip-bot {package_version()}** · up {uptime}"]
 
         models = worker.models
-        if models is None:
+        if not worker.alive:
+            lines.append(f"Engine: ⚠️ down, {worker.state} (pictures wait in the queue meanwhile)")
+        elif models is None:
             lines.append("Engine: loading the models…")
         else:
             info = await asyncio.to_thread(describe_device, str(models.device))

@@ -1,0 +1,98 @@
+"""Failures that must not stop the engine or lose a picture, through the real bot and client against
+the loopback Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.botrunner import BotRunner, bot_settings, wait_for_reply
+from tests.fakediscord import FakeDiscord, RecordedRequest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll `check` (state inside the bot, which no Discord event announces; a coroutine is awaited)
+    until it is true."""
+    async with asyncio.timeout(timeout):
+        while not (await result if inspect.isawaitable(result := check()) else result):
+            await asyncio.sleep(0.05)
+
+
+async def live_check(tmp_path: Path) -> tuple[int, str]:
+    """`python -m bot check --live`, as the container's health check runs it: exit status, output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "check", "--live", stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "DATABASE_PATH": str(tmp_path / "bot.sqlite3")}, cwd=Path(__file__).parents[1])
+    output, _ = await process.communicate()
+    return process.returncode, output.decode()
+
+
+async def is_down(tmp_path: Path) -> bool:
+    status, output = await live_check(tmp_path)
+    return status == 1 and "the engine is down: restarting in" in output
+
+
+def uploads_a_png(request: RecordedRequest) -> bool:
+    return any(file.filename.endswith(".png") for file in request.files)
+
+
+async def test_a_connection_dropped_while_the_final_png_uploads_loses_nothing(fake: FakeDiscord,
+                                                                              tmp_path: Path) -> None:
+    """The engine goes on with the next job while the final post is retried, and it lands once."""
+    fake.inject("*", r"/messages/", reset=True, times=2, when=uploads_a_png)
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=2)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "first"})
+        second = await fake.send_slash_command("imagine", {"prompt": "second"})
+        final = await wait_for_reply(fake, first, "✅", timeout=60)
+        await wait_for_reply(fake, second, "✅", timeout=60)
+        one, two = await bot.store.get(1), await bot.store.get(2)
+        assert bot.worker.alive and bot.worker.crashes == 0
+    dropped = fake.requests_matching("*", r"/messages/", lambda r: r.status == 0)
+    assert len(dropped) == 2
+    assert final.attachments[0]["filename"] == "job-1.png" and one.final_posted and two.final_posted
+    assert two.started_at - one.finished_at < 6  # not held up by the retries (2 s, then 10 s)
+    finals = fake.requests_matching("*", r"/messages", lambda r: uploads_a_png(r) and r.status == 200)
+    assert sorted(f.files[0].filename for f in finals) == ["job-1.png", "job-2.png"]  # each once
+
+
+async def test_the_engine_restarts_after_a_crash_and_a_job_that_crashed_it_twice_fails(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    """The database refusing writes (as on a full or failing disk) crashes the engine loop where a
+    job ends; the supervisor restarts it, and the second crash on the same job makes it a poison job."""
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        poison = await fake.send_slash_command("imagine", {"prompt": "poison", "steps": 1000})
+        await wait_for_reply(fake, poison, "step")
+        after = await fake.send_slash_command("imagine", {"prompt": "after"})
+        await wait_for_reply(fake, after, "queued")
+
+        # Crash 1: while the writes fail the engine stays down, and /status says why.
+        await bot.store.db.execute("PRAGMA query_only = ON")  # every write fails from here
+        bot.worker.cancel(1)  # the engine writes the stop, and crashes
+        await eventually(lambda: bot.worker.crashes >= 1)
+        status = await fake.send_slash_command("status")
+        await fake.wait_for_response(status)
+        assert "Engine: ⚠️ down, restarting in" in status.response_data["content"]
+        assert "readonly database" in status.response_data["content"]
+        await eventually(lambda: is_down(tmp_path))  # the container's health check sees it
+        await bot.store.db.execute("PRAGMA query_only = OFF")  # the disk is back
+        await eventually(lambda: bot.worker.state == "running job 1")  # resumed from its checkpoint
+        assert (await live_check(tmp_path))[0] == 0
+
+        # Crash 2 on the same job: at the restart it fails instead of running again.
+        crashes = bot.worker.crashes
+        await bot.store.db.execute("PRAGMA query_only = ON")
+        bot.worker.cancel(1)
+        await eventually(lambda: bot.worker.crashes > crashes)
+        await bot.store.db.execute("PRAGMA query_only = OFF")
+        failed = await wait_for_reply(fake, poison, "❌", timeout=60)
+        await wait_for_reply(fake, after, "✅", timeout=60)  # the queue goes on
+        assert bot.worker.alive
+    assert "the engine crashed 2 times while running it" in failed.content
