@@ -22,7 +22,7 @@ from bot import preflight
 from bot.app import ImagineBot, point_discord_at
 from bot.config import Settings
 from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
-from bot.store import Store
+from bot.store import DatabaseInUse, Store, only_bot_on
 from engine import weights
 from engine.models import required_files
 
@@ -91,6 +91,12 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
                   handle_signals: bool = True) -> None:
     """Run until closed. SIGINT/SIGTERM stop after the current step, save it, and exit cleanly."""
     point_discord_at(settings)
+    with only_bot_on(settings.database_path):
+        await _run(settings, on_start, handle_signals)
+
+
+async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None,
+               handle_signals: bool) -> None:
     store = await Store.open(settings.database_path)
     bot = ImagineBot(settings, store)
     if handle_signals:
@@ -196,7 +202,12 @@ def serve(settings: Settings) -> int:
         return 2
     log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
              settings.engine_device, settings.database_path)
-    asyncio.run(run_bot(settings))
+    try:
+        asyncio.run(run_bot(settings))
+    except DatabaseInUse as error:
+        log.error("not starting: %s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     log.info("stopped")
     return 0
 

@@ -182,8 +182,9 @@ class EngineWorker:
         request: GenerationRequest | None = None
         try:
             request = GenerationRequest.stored(job.request_json)
-            resume = output.load_state(checkpoint_path) if job.checkpoint_path and checkpoint_path.is_file() \
-                else None
+            # torch.load of a checkpoint takes a while on a large picture: off the event loop.
+            resume = await asyncio.to_thread(output.load_state, checkpoint_path) \
+                if job.checkpoint_path and checkpoint_path.is_file() else None
 
             def on_step(info: StepInfo) -> None:  # runs in the engine thread
                 if info.state is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.botrunner import BotRunner, bot_settings, wait_for_reply
+from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
 from tests.fakediscord import FakeDiscord, RecordedRequest
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,3 +96,22 @@ async def test_the_engine_restarts_after_a_crash_and_a_job_that_crashed_it_twice
         await wait_for_reply(fake, after, "✅", timeout=60)  # the queue goes on
         assert bot.worker.alive
     assert "the engine crashed 2 times while running it" in failed.content
+
+
+async def test_a_second_bot_on_the_same_database_refuses_to_start_naming_the_first(fake: FakeDiscord,
+                                                                                  tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path)
+    async with BotRunner(settings):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "DATABASE_PATH": str(settings.database_path), "DISCORD_TOKEN": TOKEN,
+                 "DISCORD_API_BASE": fake.api_base, "DISCORD_GATEWAY_URL": fake.gateway_url,
+                 "ENGINE_PRESET": "tiny", "OUTPUT_DIR": str(tmp_path / "outputs")},
+            cwd=Path(__file__).parents[1])
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 2
+        assert f"another bot (process {os.getpid()}) is running on the database" in stderr.decode()
+        assert len(fake.requests_matching("GET", r"/users/@me$")) == 1  # only the first one logged in
+    # Once the first has stopped, the database is free again.
+    async with BotRunner(settings) as bot:
+        assert bot.is_ready()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from bot.store import MIGRATIONS, NewJob, Store
+from bot.store import MIGRATIONS, RECENT_SPEEDS, NewJob, Store
 
 
 async def test_migrations_are_numbered_and_reapplying_is_a_no_op(tmp_path: Path) -> None:
@@ -112,3 +112,11 @@ async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None
     reopened = await Store.open(tmp_path / "db.sqlite3")
     assert await reopened.guild_limits(7) == {}
     await reopened.close()
+
+
+async def test_the_eta_reads_the_latest_speeds_through_an_index_not_a_sort(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    async with store.db.execute(f"EXPLAIN QUERY PLAN {RECENT_SPEEDS}", (20,)) as cursor:
+        plan = " ".join(row[-1] for row in await cursor.fetchall())
+    assert "USING INDEX jobs_by_speed" in plan and "TEMP B-TREE" not in plan
+    await store.close()
