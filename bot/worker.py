@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # restart that got back to running jobs (a job that keeps crashing it is a poison job, below).
 RESTART_DELAYS_S = (1.0, 5.0, 15.0, 60.0)
 POISON_CRASHES = 2  # a job running at this many crashes fails instead of running again
+SPACE_CHECK_S = 5.0  # while paused for a full disk: how often to try writing again
+PROBE_BYTES = 1024 * 1024  # what a try writes: a picture and its state need about this much at least
 
 
 class EngineWorker:
@@ -58,6 +63,7 @@ class EngineWorker:
         self._crash_reasons: dict[int, str] = {}
         self._claimed: Job | None = None
         self._came_up = False  # this run of the loop got as far as taking jobs
+        self.paused: str | None = None  # why the queue waits (a full disk), if it does
 
     # --- called by the cogs ----------------------------------------------------------------------
 
@@ -150,6 +156,9 @@ class EngineWorker:
             if self._stopping.is_set():
                 return
             self.state, self._came_up = "idle", True
+            if self.paused is not None:
+                await self._wait_for_space()
+                continue
             job = await self.store.claim_next_job()
             if job is None:
                 await self._wake.wait()
@@ -228,11 +237,32 @@ class EngineWorker:
         except Exception as error:
             await self._settle()
             reason = failure_reason(error, request)
+            if _disk_full(error):  # every next job would fail the same way: the queue waits instead
+                self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
+                reason = (f"{self.paused}, so its picture could not be saved. The queue waits until the "
+                          "bot's admin frees some space; ask again then")
+                log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
             log.exception("job %s: failed: %s", job.id, reason)
             finished = await self.store.finish(job.id, "failed", error=reason)
         finally:
             self.current = None
         self.publisher.deliver(finished)  # in the background: the next job starts now
+
+    async def _wait_for_space(self) -> None:
+        """Paused: try writing every SPACE_CHECK_S where the pictures go; go on once that works."""
+        self.state = f"paused: {self.paused}; waiting for free space"
+        probe = self.settings.output_dir / ".free-space-probe"
+        while not self._stopping.is_set():
+            try:
+                await asyncio.to_thread(_probe_write, probe)
+            except OSError as error:
+                log.debug("still no space: %s", error)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), SPACE_CHECK_S)
+                continue
+            log.info("there is space again: the queue goes on")
+            self.paused = None
+            return
 
     @staticmethod
     def _save_result(result, png_path: Path, state_path: Path) -> None:
@@ -259,3 +289,30 @@ class EngineWorker:
 def _short(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
+
+
+def _where(error: BaseException, output_dir: Path) -> str:
+    if isinstance(error, sqlite3.Error):
+        return "the database"
+    if isinstance(error, OSError) and error.filename:
+        return f"writing {error.filename}"
+    return f"writing to {output_dir}"
+
+
+def _probe_write(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    finally:
+        if not path.is_symlink():  # ours to remove; a link someone made (to another disk) stays
+            with contextlib.suppress(OSError):
+                path.unlink()

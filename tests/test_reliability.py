@@ -115,3 +115,28 @@ async def test_a_second_bot_on_the_same_database_refuses_to_start_naming_the_fir
     # Once the first has stopped, the database is free again.
     async with BotRunner(settings) as bot:
         assert bot.is_ready()
+
+
+async def test_a_full_disk_fails_one_job_pauses_the_queue_and_it_resumes_when_space_returns(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    """ENOSPC for real: the picture's file and the engine's probe write go to /dev/full."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    full = [outputs / "job-1.png", outputs / ".free-space-probe"]
+    for path in full:
+        path.symlink_to("/dev/full")
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=2)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "first"})
+        second = await fake.send_slash_command("imagine", {"prompt": "second"})
+        failed = await wait_for_reply(fake, first, "❌", timeout=60)
+        await eventually(lambda: bot.worker.state.startswith("paused"))
+        status = await fake.send_slash_command("status")
+        await fake.wait_for_response(status)
+        assert (await bot.store.get(2)).status == "queued"  # waiting, not failed too
+        for path in full:
+            path.unlink()  # space again
+        await wait_for_reply(fake, second, "✅", timeout=60)
+        assert bot.worker.paused is None and bot.worker.crashes == 0
+    assert "the disk is full" in failed.content
+    assert "The queue waits until the bot's admin frees some space" in failed.content
+    assert "Engine: ⏸️ paused, the disk is full" in status.response_data["content"]

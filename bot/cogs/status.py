@@ -39,6 +39,8 @@ class Status(commands.Cog):
         models = worker.models
         if not worker.alive:
             lines.append(f"Engine: ⚠️ down, {worker.state} (pictures wait in the queue meanwhile)")
+        elif worker.paused is not None:
+            lines.append(f"Engine: ⏸️ paused, {worker.paused}: the queue waits until there is space again")
         elif models is None:
             lines.append("Engine: loading the models…")
         else:
