@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_WEBHOOK = 10015
 UNKNOWN_MESSAGE = 10008
+MISSING_PERMISSIONS = 50013
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
 UNPOSTED_SWEEP_S = 900.0
@@ -243,6 +244,18 @@ class Publisher:
                     await self.store.forget_interaction_token(job.id)
             await self._edit_with_bot_token(job, **fields)
             return True
+        except discord.Forbidden as error:
+            if error.code == MISSING_PERMISSIONS and fields.get("attachments"):
+                # Attach Files was taken from the bot in this channel since the job was queued: say so
+                # rather than retry a post that can never go through.
+                log.warning("job %s: no Attach Files in channel %s; posting without the file", job.id,
+                            job.channel_id)
+                note = ("\n⚠️ I may no longer attach files in this channel, so the picture is not here; "
+                        "ask a server admin to give my role Attach Files.")
+                return await self.edit(job, **{**fields, "attachments": [],
+                                               "content": (fields.get("content") or "") + note})
+            log.warning("job %s: could not update its message: %s", job.id, error)
+            return False
         except (TimeoutError, discord.HTTPException, OSError, aiohttp.ClientError) as error:
             log.warning("job %s: could not update its message: %s", job.id, error or type(error).__name__)
             return False

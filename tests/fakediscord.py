@@ -196,6 +196,7 @@ INVALID_WEBHOOK_TOKEN = (401, 50027, "Invalid Webhook Token")
 ALREADY_ACKNOWLEDGED = (400, 40060, "Interaction has already been acknowledged.")
 UNAUTHORIZED = (401, 0, "401: Unauthorized")
 MISSING_ACCESS = (403, 50001, "Missing Access")
+MISSING_PERMISSIONS = (403, 50013, "Missing Permissions")
 
 # What an injected fault answers when the caller gives no JSON body.
 _DEFAULT_FAULT_BODIES: dict[int, dict[str, Any]] = {
@@ -263,6 +264,7 @@ class FakeChannel:
     type: int = 0  # 0 guild text, 1 DM
     position: int = 0
     recipients: list[FakeUser] = field(default_factory=list)
+    bot_denied: int = 0  # permission bits an overwrite in this channel takes from the bot
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": str(self.id), "type": self.type}
@@ -1514,6 +1516,7 @@ class FakeDiscord:
 
     async def _channel_history(self, request: web.Request) -> web.Response:
         channel = self._channel_or_404(request)
+        self._bot_may(channel, READ_MESSAGE_HISTORY)
         limit = min(int(request.query.get("limit", 50)), 100)
         before, after = request.query.get("before"), request.query.get("after")
         msgs = self.messages_in(channel, include_ephemeral=False)
@@ -1524,9 +1527,25 @@ class FakeDiscord:
         newest_first = sorted(msgs, key=lambda m: m.id, reverse=True)
         return _json_response([m.data for m in newest_first[:limit]])
 
+    def _bot_may(self, channel: FakeChannel, needed: int, files: bool = False) -> None:
+        """Bot-token routes check the bot's permissions in the channel, as Discord does: without View
+        Channel it is 50001 Missing Access, without any other bit needed 50013 Missing Permissions."""
+        if channel.guild_id is None:
+            return  # a DM: the bot may do anything there
+        guild = self.guilds[channel.guild_id]
+        have = guild.permissions_for(guild.members[self.bot_user.id])
+        if not have & ADMINISTRATOR:
+            have &= ~channel.bot_denied
+        if not have & VIEW_CHANNEL:
+            raise _ApiError(*MISSING_ACCESS)
+        needed |= ATTACH_FILES if files else 0
+        if needed & ~have:
+            raise _ApiError(*MISSING_PERMISSIONS)
+
     async def _channel_send(self, request: web.Request) -> web.Response:
         channel = self._channel_or_404(request)
         rec = self._rec(request)
+        self._bot_may(channel, SEND_MESSAGES, files=bool(rec.files))
         payload = rec.json or {}
         self._validate(payload, rec.files, self.attachment_size_limit)
         self._require_not_empty(payload, rec.files)
@@ -1546,13 +1565,15 @@ class FakeDiscord:
         return _json_response(msg.data)
 
     async def _channel_get(self, request: web.Request) -> web.Response:
+        self._bot_may(self._channel_or_404(request), READ_MESSAGE_HISTORY)
         return _json_response(self._channel_message_or_404(request).data)
 
     async def _channel_edit(self, request: web.Request) -> web.Response:
+        rec = self._rec(request)
+        self._bot_may(self._channel_or_404(request), 0, files=bool(rec.files))
         msg = self._channel_message_or_404(request)
         if msg.data["author"]["id"] != str(self.bot_user.id):
             raise _ApiError(403, 50005, "Cannot edit a message authored by another user")
-        rec = self._rec(request)
         payload = rec.json or {}
         self._validate(payload, rec.files, self.attachment_size_limit)
         self._apply_payload(msg, payload, rec.files, creating=False)
@@ -1560,7 +1581,11 @@ class FakeDiscord:
         return _json_response(msg.data)
 
     async def _channel_delete(self, request: web.Request) -> web.Response:
-        await self._delete(self._channel_message_or_404(request))
+        channel = self._channel_or_404(request)
+        msg = self._channel_message_or_404(request)
+        others = msg.data["author"]["id"] != str(self.bot_user.id)
+        self._bot_may(channel, MANAGE_MESSAGES if others else 0)
+        await self._delete(msg)
         return _no_content()
 
     # -- REST: interaction callback ----------------------------------------------------------
@@ -1963,6 +1988,8 @@ class FakeDiscord:
         if guild is not None and member is not None:
             member_perms = guild.permissions_for(member) if permissions is None else permissions
             bot_perms = guild.permissions_for(guild.members[self.bot_user.id])
+            if not bot_perms & ADMINISTRATOR:
+                bot_perms &= ~channel.bot_denied  # app_permissions are the bot's in this channel
             payload.update(
                 guild_id=str(guild.id),
                 guild={"id": str(guild.id), "locale": guild.locale, "features": []},

@@ -20,7 +20,15 @@ import yarl
 from discord import app_commands
 from PIL import Image
 
-from tests.fakediscord import MANAGE_GUILD, MIB, FakeDiscord, FakeFile
+from tests.fakediscord import (
+    ATTACH_FILES,
+    MANAGE_GUILD,
+    MIB,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
+    FakeDiscord,
+    FakeFile,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -427,6 +435,28 @@ async def test_edit_of_deleted_message_is_not_found(fake: FakeDiscord, bot: Prob
     with pytest.raises(discord.NotFound) as info:
         await sent.edit(content="progress 20%")
     assert (info.value.status, info.value.code) == (404, 10008)
+
+
+async def test_bot_token_routes_check_the_bots_channel_permissions(fake: FakeDiscord, bot: ProbeBot) -> None:
+    channel = bot.get_channel(fake.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    sent = await channel.send("hello")
+    fake.channel.bot_denied = ATTACH_FILES
+    with pytest.raises(discord.Forbidden) as info:
+        await channel.send("a picture", file=discord.File(io.BytesIO(b"png"), "a.png"))
+    assert (info.value.status, info.value.code) == (403, 50013)
+    with pytest.raises(discord.Forbidden) as info:
+        await sent.edit(attachments=[discord.File(io.BytesIO(b"png"), "a.png")])
+    assert info.value.code == 50013
+    await sent.edit(content="text still goes")
+    fake.channel.bot_denied = SEND_MESSAGES
+    with pytest.raises(discord.Forbidden) as info:
+        await channel.send("hello again")
+    assert info.value.code == 50013
+    fake.channel.bot_denied = VIEW_CHANNEL
+    with pytest.raises(discord.Forbidden) as info:
+        await sent.edit(content="where?")
+    assert (info.value.status, info.value.code) == (403, 50001)
 
 
 async def test_followup_fills_the_thinking_placeholder_first(fake: FakeDiscord, bot: ProbeBot) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import FakeDiscord, RecordedRequest
+from tests.fakediscord import ATTACH_FILES, FakeDiscord, RecordedRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,6 +33,10 @@ async def live_check(tmp_path: Path) -> tuple[int, str]:
         env={**os.environ, "DATABASE_PATH": str(tmp_path / "bot.sqlite3")}, cwd=Path(__file__).parents[1])
     output, _ = await process.communicate()
     return process.returncode, output.decode()
+
+
+async def posted(bot, job_id: int) -> bool:
+    return bool((await bot.store.get(job_id)).final_posted)
 
 
 async def is_down(tmp_path: Path) -> bool:
@@ -140,3 +144,21 @@ async def test_a_full_disk_fails_one_job_pauses_the_queue_and_it_resumes_when_sp
     assert "the disk is full" in failed.content
     assert "The queue waits until the bot's admin frees some space" in failed.content
     assert "Engine: ⏸️ paused, the disk is full" in status.response_data["content"]
+
+
+async def test_without_attach_files_the_final_post_says_so_instead_of_retrying(fake: FakeDiscord,
+                                                                               tmp_path: Path) -> None:
+    """Attach Files taken from the bot in the channel while the job runs; edits go by the bot token
+    (the interaction's 15 minutes are over), which Discord checks: 50013 Missing Permissions."""
+    async with BotRunner(bot_settings(fake, tmp_path, token_lifetime_s=0.5)) as bot:
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "steps": 60})
+        await wait_for_reply(fake, interaction, "step")
+        fake.channel.bot_denied = ATTACH_FILES
+        final = await wait_for_reply(fake, interaction, "✅", timeout=60)
+        await eventually(lambda: posted(bot, 1))  # and it counts as delivered: no retries
+        # A new request in that channel is refused up front, naming the permission.
+        refused = await fake.send_slash_command("imagine", {"prompt": "again"})
+        await fake.wait_for_response(refused)
+    assert "I may no longer attach files in this channel" in final.content and not final.attachments
+    assert fake.requests_matching("PATCH", r"^/channels/", lambda r: r.status == 403)  # Discord said no
+    assert "I'm missing Attach Files" in refused.response_data["content"]
