@@ -1595,9 +1595,11 @@ class FakeDiscord:
         inter = self._interactions_by_token.get(request.match_info["token"])
         if inter is None or inter.id != self._snow(request, "interaction_id"):
             raise _ApiError(*UNKNOWN_INTERACTION)
-        # Too late (3 s from dispatch) or token dead: Discord has forgotten the interaction.
+        # Too late (3 s from the interaction's creation, which its snowflake id records: a backdated
+        # interaction is late however fast the bot is) or token dead: Discord has forgotten it.
         window = self.response_window
-        late = window is not None and rec.received_at - inter.dispatched_at > window
+        age = (_now() - snowflake_time(inter.id)).total_seconds()
+        late = window is not None and max(age, rec.received_at - inter.dispatched_at) > window
         if late or self._token_dead(inter):
             raise _ApiError(*UNKNOWN_INTERACTION)
         if inter.acknowledged:
@@ -2074,10 +2076,13 @@ class FakeDiscord:
         return {"name": name, "type": otype, "value": value}
 
     def _check_context(self, name: str, guild: FakeGuild | None, dm: bool) -> None:
-        """Discord offers a command only where its `contexts` allow (0 a server, 1 the bot's DM, 2 a
-        group DM); elsewhere no member can send it, so no interaction can arrive. Undeclared: all."""
+        """Discord offers a command only once it is synced, and only where its `contexts` allow (0 a
+        server, 1 the bot's DM, 2 a group DM); elsewhere no member can send it, so no interaction can
+        arrive. Undeclared contexts: all."""
         cmd, _ = self._lookup_command(name.split()[0], guild)
-        contexts = (cmd or {}).get("contexts")
+        if cmd is None:
+            raise LookupError(f"/{name.split()[0]} was never synced: Discord offers no such command")
+        contexts = cmd.get("contexts")
         where = 1 if dm else 0
         if contexts is not None and where not in contexts:
             raise PermissionError(f"Discord does not offer /{name} {'in DMs' if dm else 'in servers'}: "

@@ -494,10 +494,17 @@ async def test_backdated_interaction_is_expired_and_too_late(fake: FakeDiscord, 
     assert isinstance(err, discord.NotFound) and err.code == 10062  # Unknown interaction
     assert fake.interactions[inter.id].created_at < discord.utils.utcnow() - timedelta(minutes=15)
 
-    inter = await fake.send_slash_command("hold", created_at=timedelta(minutes=14, seconds=59))
-    seen = await bot.next_result("hold")
-    assert not seen["is_expired"]  # still answerable for a moment
-    assert bot.held[inter.id].expires_at - discord.utils.utcnow() < timedelta(seconds=2)
+    # Not expired yet, but created 4 s ago: the 3 s to acknowledge count from then, not from delivery.
+    inter = await fake.send_slash_command("hold", created_at=timedelta(seconds=4))
+    err = await bot.next_result("hold")
+    assert isinstance(err, discord.NotFound) and err.code == 10062
+    assert not fake.interactions[inter.id].acknowledged
+
+
+async def test_a_command_that_was_never_synced_cannot_be_sent(fake: FakeDiscord, bot: ProbeBot) -> None:
+    with pytest.raises(LookupError, match="never synced"):
+        await fake.send_slash_command("nosuchcommand")
+    assert not fake.interactions
 
 
 async def test_acknowledgement_after_window_is_unknown_interaction(fake: FakeDiscord, bot: ProbeBot) -> None:
