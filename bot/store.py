@@ -126,9 +126,11 @@ MIGRATIONS = [
     CREATE INDEX jobs_served_by_server ON jobs (guild_id, started_at);
     CREATE INDEX jobs_served_by_member ON jobs (guild_id, user_id, started_at);
     """,
-    # 5: every /imagine's ETA reads the latest measured speeds: an index, not a sort of the whole table.
+    # 5: every /imagine's ETA reads the latest measured speeds: an index, not a sort of the whole table;
+    # and a job is found by the command that made it.
     """
     CREATE INDEX jobs_by_speed ON jobs (coalesce(finished_at, started_at)) WHERE seconds_per_step IS NOT NULL;
+    CREATE INDEX jobs_by_interaction ON jobs (interaction_id);
     """,
 ]
 
@@ -463,6 +465,13 @@ class Store:
 
     async def get(self, job_id: int) -> Job | None:
         return await self._one("SELECT * FROM jobs WHERE id = ?", job_id)
+
+    async def get_by_interaction(self, interaction_id: int) -> Job | None:
+        """The job a command made (each /imagine or button press makes at most one)."""
+        return await self._one("SELECT * FROM jobs WHERE interaction_id = ?", interaction_id)
+
+    async def count_jobs(self) -> int:
+        return (await self._rows("SELECT count(*) FROM jobs"))[0][0]
 
     async def active_jobs(self, user_id: int | None = None) -> list[Job]:
         """Running first, then queued in the order they will run: a job's place is its index here."""
