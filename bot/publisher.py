@@ -153,10 +153,8 @@ class Publisher:
         request = GenerationRequest.stored(job.request_json)
         seconds = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
         if job.status == "done" and job.output_path:
-            path = Path(job.output_path)
-            fits = path.is_file() and path.stat().st_size <= DEFAULT_UPLOAD_LIMIT
-            files = [discord.File(path, path.name)] if fits else []
-            note = "" if fits else " (the PNG is missing or larger than this server's upload limit)"
+            files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
+                                                  job.upload_limit or DEFAULT_UPLOAD_LIMIT)
             ok = await self.edit(job, content=self._content(
                 f"✅ **{quote(request.prompt)}** — {request.steps} steps in "
                 f"{format_duration(seconds)}{note}"),
@@ -284,3 +282,18 @@ def quote(text: str, limit: int = 300) -> str:
     so that nothing pings (besides AllowedMentions.none() on every message) and no link masquerades."""
     text = discord.utils.escape_mentions(discord.utils.escape_markdown(text.replace("\n", " ")))
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _final_files(path: Path, limit: int) -> tuple[list[discord.File], str]:
+    """The PNG if the channel takes it; else a JPEG of it that fits, and a note saying so."""
+    room = limit - 64 * 1024  # the request around the file
+    if not path.is_file():
+        return [], " (its PNG is gone from the bot's machine)"
+    if path.stat().st_size <= room:
+        return [discord.File(path, path.name)], ""
+    with Image.open(path) as image:
+        jpeg = encode_preview(image, room)
+    if jpeg is None:
+        return [], " (the picture is larger than this server's upload limit)"
+    return ([discord.File(io.BytesIO(jpeg), path.with_suffix(".jpg").name)],
+            " (a JPEG: the PNG is over this server's upload limit)")

@@ -132,6 +132,11 @@ MIGRATIONS = [
     CREATE INDEX jobs_by_speed ON jobs (coalesce(finished_at, started_at)) WHERE seconds_per_step IS NOT NULL;
     CREATE INDEX jobs_by_interaction ON jobs (interaction_id);
     """,
+    # 6: the largest file the job's channel takes (the interaction's attachment_size_limit: it depends
+    # on the server's boosts), for the final post.
+    """
+    ALTER TABLE jobs ADD COLUMN upload_limit INTEGER;
+    """,
 ]
 
 
@@ -195,6 +200,7 @@ class Job:
     deleted_at: float | None
     deleted_by: int | None
     expired_at: float | None
+    upload_limit: int | None = None
 
     @property
     def remaining_steps(self) -> int:
@@ -213,6 +219,7 @@ class NewJob:
     interaction_token: str | None = dataclasses.field(default=None, repr=False)
     parent_job_id: int | None = None
     message_id: int | None = None  # the reply that shows the job, when it exists before the job
+    upload_limit: int | None = None  # bytes per file in the job's channel, as the interaction said
 
 
 class QueueFull(Exception):
@@ -335,8 +342,9 @@ class Store:
         row = await self._one(
             """
             INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id, interaction_id,
-                              interaction_token, parent_job_id, message_id, total_steps, created_at)
-            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+                              interaction_token, parent_job_id, message_id, total_steps, created_at,
+                              upload_limit)
+            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
             WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ? AND guild_id IS ?)
               AND (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
                    AND status IN ('queued', 'running')) < ?
@@ -349,7 +357,7 @@ class Store:
             """,
             job.request_json, job.guild_id, job.channel_id, job.user_id, job.application_id,
             job.interaction_id, job.interaction_token, job.parent_job_id, job.message_id,
-            job.total_steps, now,
+            job.total_steps, now, job.upload_limit,
             *member,
             *member, max_per_user,
             job.guild_id, max_queue_length,

@@ -162,3 +162,18 @@ async def test_without_attach_files_the_final_post_says_so_instead_of_retrying(f
     assert "I may no longer attach files in this channel" in final.content and not final.attachments
     assert fake.requests_matching("PATCH", r"^/channels/", lambda r: r.status == 403)  # Discord said no
     assert "I'm missing Attach Files" in refused.response_data["content"]
+
+
+async def test_a_png_over_the_channels_upload_limit_goes_out_as_a_jpeg_that_fits(fake: FakeDiscord,
+                                                                                 tmp_path: Path) -> None:
+    """Each file must fit the limit the interaction gave (it follows the server's boosts)."""
+    limit = 64 * 1024 + 6000  # 64 KiB stay free for the rest of the request
+    async with BotRunner(bot_settings(fake, tmp_path, default_size="128x128")) as bot:
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a big one"},
+                                                    attachment_size_limit=limit)
+        final = await wait_for_reply(fake, interaction, "✅", timeout=60)
+        png = Path((await bot.store.get(1)).output_path)
+    assert png.stat().st_size > 6000  # so the PNG itself would not have fitted
+    assert final.attachments[0]["filename"] == "job-1.jpg" and final.attachment_bytes(0)[:2] == b"\xff\xd8"
+    assert len(final.attachment_bytes(0)) <= 6000
+    assert "a JPEG: the PNG is over this server's upload limit" in final.content

@@ -134,7 +134,8 @@ class Imagine(commands.Cog):
                            channel_id=interaction.channel_id, user_id=interaction.user.id,
                            guild_id=interaction.guild_id, application_id=interaction.application_id,
                            interaction_id=interaction.id, interaction_token=interaction.token,
-                           parent_job_id=parent_job_id, message_id=response.message_id),
+                           parent_job_id=parent_job_id, message_id=response.message_id,
+                           upload_limit=interaction.filesize_limit),
                     max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
                     cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
             except BaseException as error:
