@@ -18,6 +18,7 @@ LATENT_FACTOR = 16
 MAX_SEED = 2**32 - 1
 
 # A trailing ":number" is a weight; any other colon belongs to the text ("photo: a dog").
+MAX_PROMPT_WEIGHT = 100.0
 _WEIGHT_SUFFIX = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*$",
                             re.IGNORECASE | re.DOTALL)
 
@@ -92,6 +93,10 @@ class GenerationRequest(BaseModel):
         prompts = parse_prompts(value)
         if not prompts:
             raise ValueError("it has no text; write what to draw, e.g. 'a dog on the beach'")
+        for part in prompts:  # a huge weight makes the loss overflow at the first step
+            if not -MAX_PROMPT_WEIGHT <= part.weight <= MAX_PROMPT_WEIGHT:
+                raise ValueError(f"the weight of '{part.text[:40]}' is {part.weight:g}; weights go from "
+                                 f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
         if all(p.weight == 0 for p in prompts):
             raise ValueError("every prompt part has weight 0; give at least one part a non-zero weight")
         return value

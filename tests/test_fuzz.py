@@ -33,3 +33,6 @@ def test_the_engine_survived_the_fuzzing_and_both_outcomes_occurred(live: LiveBo
     assert OUTCOMES["queued"] > 0 and sum(OUTCOMES.values()) - OUTCOMES["queued"] > 0, OUTCOMES
     assert live.bot.worker.alive and live.bot.worker.crashes == 0
     assert live.call(live.bot.store.count_jobs()) == OUTCOMES["queued"]
+    # What validation let through, the engine can run: no accepted weight overflows the loss.
+    failed, _ = live.call(live.bot.store.generation_log(live.fake.guild.id, status="failed", limit=1000))
+    assert not [job.error for job in failed if "loss became" in (job.error or "")]

@@ -62,3 +62,11 @@ def test_a_stored_request_outlives_its_files(tmp_path) -> None:
     assert GenerationRequest.stored(request.model_dump_json()) == request
     with pytest.raises(ValidationError, match="file not found"):
         GenerationRequest.model_validate_json(request.model_dump_json())
+
+
+@pytest.mark.parametrize("prompt", ["a dog:1e309", "a dog:1 | blurry:-1e5", "a dog:101"])
+def test_prompt_weights_outside_a_hundred_either_way_are_refused_by_name(prompt: str) -> None:
+    """Found by bench/fuzz.py: an infinite or huge weight passed, and the loss overflowed at step 1."""
+    with pytest.raises(ValidationError, match="weights go from -100 to 100"):
+        GenerationRequest(prompt=prompt)
+    assert GenerationRequest(prompt="a dog:100 | blurry:-100").prompts[1].weight == -100
