@@ -8,6 +8,8 @@ import gzip
 import io
 import json
 import re
+import shutil
+import tempfile
 import time
 from datetime import UTC, datetime
 
@@ -17,6 +19,7 @@ from bot.store import Job
 from engine.request import GenerationRequest
 
 EXPORT_ROWS = 100_000  # the most rows one export holds
+EXPORT_PAGE = 1000  # rows read at a time
 
 
 class SinceError(ValueError):
@@ -70,29 +73,70 @@ def _as_text(value: object) -> object:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def encode_export(rows: list[dict], fmt: str) -> bytes:
+def encode_export(rows: list[dict], fmt: str, header: bool = True) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["job"])
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows({key: _as_text(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue().encode()
 
 
+class ExportWriter:
+    """An export built as its rows come, page by page, in a temporary file that moves to disk past
+    SPOOL_BYTES: no export is ever held whole in memory. Its methods encode and compress: call them
+    in a thread, never on the event loop."""
+
+    SPOOL_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.header = b""
+        self.starts: list[int] = []  # where each row begins: a CSV row may span lines
+        # It leaves with the discord.File that sends it, which closes it.
+        self.data = tempfile.SpooledTemporaryFile(self.SPOOL_BYTES)  # noqa: SIM115
+
+    def add(self, rows: list[dict]) -> None:
+        for index, row in enumerate(rows):
+            if not self.starts and index == 0 and self.fmt == "csv":
+                self.header = encode_export([row], "csv")[: -len(encode_export([row], "csv", header=False))]
+                self.data.write(self.header)
+            self.starts.append(self.data.tell())
+            self.data.write(encode_export([row], self.fmt, header=False))
+
+    def files(self, limit: int) -> tuple[list[discord.File], str]:
+        """Files under the upload limit: plain if it fits, else gzip, else gzip split into parts (each
+        a complete file, with its own CSV header)."""
+        name = f"generations.{self.fmt}"
+        if not self.starts and self.fmt == "csv":
+            self.data.write(b"job\r\n")  # an empty export is still a CSV file
+        size = self.data.tell()
+        self.data.seek(0)
+        if size <= limit:
+            return [discord.File(self.data, name)], ""
+        packed = tempfile.SpooledTemporaryFile(self.SPOOL_BYTES)  # noqa: SIM115 (as above)
+        with gzip.GzipFile(fileobj=packed, mode="wb") as gz:
+            shutil.copyfileobj(self.data, gz)
+        if packed.tell() <= limit:
+            packed.seek(0)
+            return [discord.File(packed, name + ".gz")], " (compressed with gzip)"
+        # Rows per part from the whole's compression ratio, with room to spare.
+        per_part = max(1, len(self.starts) * limit // (packed.tell() * 2))
+        bounds = [*self.starts, size]
+        parts = []
+        for first in range(0, len(self.starts), per_part):
+            last = min(first + per_part, len(self.starts))
+            self.data.seek(bounds[first])
+            parts.append(gzip.compress(self.header + self.data.read(bounds[last] - bounds[first])))
+        self.data.close()
+        files = [discord.File(io.BytesIO(p), f"generations-part{i + 1}.{self.fmt}.gz")
+                 for i, p in enumerate(parts)]
+        return files, f" (split into {len(files)} gzip parts to fit the upload limit)"
+
+
 def export_files(rows: list[dict], fmt: str, limit: int) -> tuple[list[discord.File], str]:
-    """Files under the upload limit: plain if it fits, else gzip, else gzip split into parts."""
-    data = encode_export(rows, fmt)
-    name = f"generations.{fmt}"
-    if len(data) <= limit:
-        return [discord.File(io.BytesIO(data), name)], ""
-    packed = gzip.compress(data)
-    if len(packed) <= limit:
-        return [discord.File(io.BytesIO(packed), name + ".gz")], " (compressed with gzip)"
-    # Split the rows so that each gzip part fits; each part is a complete file on its own.
-    parts: list[bytes] = []
-    chunk = max(1, len(rows) * limit // (len(packed) * 2))
-    for start in range(0, len(rows), chunk):
-        parts.append(gzip.compress(encode_export(rows[start:start + chunk], fmt)))
-    files = [discord.File(io.BytesIO(p), f"generations-part{i + 1}.{fmt}.gz") for i, p in enumerate(parts)]
-    return files, f" (split into {len(files)} gzip parts to fit the upload limit)"
+    writer = ExportWriter(fmt)
+    writer.add(rows)
+    return writer.files(limit)

@@ -616,11 +616,15 @@ class Store:
 
     async def generation_log(self, guild_id: int | None, user_id: int | None = None,
                              status: str | None = None, contains: str | None = None,
-                             since: float | None = None, limit: int = 10,
-                             offset: int = 0) -> tuple[list[Job], int]:
-        """A server's generations (None: the DM jobs), newest first, filtered; one page and the total."""
+                             since: float | None = None, limit: int = 10, offset: int = 0,
+                             before_id: int | None = None) -> tuple[list[Job], int]:
+        """A server's generations (None: the DM jobs), newest first, filtered; one page and the total.
+        `before_id` pages by key (jobs older than that one), steady while new jobs arrive."""
         where = ["guild_id IS ?"]
         params: list[Any] = [guild_id]
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
         if user_id is not None:
             where.append("user_id = ?")
             params.append(user_id)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 
 import pytest
 
@@ -98,3 +100,15 @@ def test_exports_compress_then_split_to_fit_the_upload_limit() -> None:
     assert "split into" in how and len(files) > 1
     lines = b"".join(gzip.decompress(f.fp.read()) for f in files).splitlines()
     assert len(lines) == 3000  # every row exactly once across the parts
+
+
+def test_split_csv_parts_are_whole_files_even_when_a_prompt_spans_lines() -> None:
+    rows = [{"job": i, "prompt": f"line one of {i}\nline two\r\n=SUM(A1)" if i % 3 == 0 else f"plain {i}"}
+            for i in range(2000)]
+    files, how = export_files(rows, "csv", limit=4096)
+    assert "split into" in how and len(files) > 2
+    parsed = [list(csv.DictReader(io.StringIO(gzip.decompress(f.fp.read()).decode()))) for f in files]
+    assert all(part and list(part[0]) == ["job", "prompt"] for part in parsed)  # each has its header
+    back = [row for part in parsed for row in part]
+    assert [int(row["job"]) for row in back] == list(range(2000))
+    assert back[3]["prompt"] == "line one of 3\nline two\r\n=SUM(A1)"  # whole, in one part

@@ -11,7 +11,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import MODERATORS, SERVERS_ONLY, moderator_or_refuse
-from bot.export import EXPORT_ROWS, SinceError, export_files, export_rows, message_link, parse_since
+from bot.export import (
+    EXPORT_PAGE,
+    EXPORT_ROWS,
+    ExportWriter,
+    SinceError,
+    export_rows,
+    message_link,
+    parse_since,
+)
 from bot.publisher import format_duration, quote
 from bot.store import Job
 from engine.request import GenerationRequest
@@ -148,14 +156,21 @@ class Log(commands.Cog):
             await interaction.response.send_message(f"{error}.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        jobs, _ = await self.bot.store.generation_log(interaction.guild_id, since=since_ts,
-                                                      limit=EXPORT_ROWS)
+        # Page by page into a temporary file, encoded and compressed in a thread: a big server's log
+        # is never whole in memory, and other members' commands go on meanwhile.
+        writer, before = ExportWriter(format), None
+        while len(writer.starts) < EXPORT_ROWS:
+            jobs, _ = await self.bot.store.generation_log(interaction.guild_id, since=since_ts,
+                                                          limit=EXPORT_PAGE, before_id=before)
+            if not jobs:
+                break
+            await asyncio.to_thread(lambda page=jobs: writer.add(export_rows(page)))
+            before = jobs[-1].id
         limit = interaction.filesize_limit - 64 * 1024  # room for the request around the files
-        # Thousands of rows to encode and compress: in a thread, so other members' commands go on.
-        files, how = await asyncio.to_thread(lambda: export_files(export_rows(jobs), format, limit))
+        files, how = await asyncio.to_thread(writer.files, limit)
         # Discord takes at most 10 files per message: send the parts in batches.
         for start in range(0, len(files), 10):
-            text = f"{len(jobs)} generation(s){how}." if start == 0 else "More parts."
+            text = f"{len(writer.starts)} generation(s){how}." if start == 0 else "More parts."
             await interaction.followup.send(text, files=files[start:start + 10], ephemeral=True)
 
     @log.command(name="audit")
