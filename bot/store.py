@@ -500,12 +500,14 @@ class Store:
         # queue as Job rows made that quadratic.
         rows = await self._rows(
             f"""{FAIR_ORDER}
-            SELECT target.place, sum(max(0, fair.total_steps - fair.step))
-            FROM fair, fair AS target WHERE target.id = ? AND fair.place <= target.place
+            SELECT place, remaining FROM (
+                SELECT id, place, sum(max(0, total_steps - step)) OVER (ORDER BY place) AS remaining
+                FROM fair)
+            WHERE id = ?
             """, (job_id,))
-        place, remaining = rows[0]
-        if place is None:
+        if not rows:
             return 0, None
+        place, remaining = rows[0]
         speed = await self.recent_seconds_per_step()
         return place, None if speed is None else remaining * speed
 
