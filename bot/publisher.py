@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import discord
 from PIL import Image
+from pydantic import ValidationError
 
 from bot.store import Job, Store
 from bot.views import job_view
@@ -150,25 +152,26 @@ class Publisher:
     async def finished(self, job: Job, note: str | None = None) -> bool:
         """Show a finished job's final state; returns whether Discord accepted it."""
         await self._quiet_progress(job.id)
-        request = GenerationRequest.stored(job.request_json)
+        prompt = quote(_prompt_of(job))
         seconds = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
         if job.status == "done" and job.output_path:
+            request = GenerationRequest.stored(job.request_json)  # it ran, so it is valid
             files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
             ok = await self.edit(job, content=self._content(
-                f"✅ **{quote(request.prompt)}** — {request.steps} steps in "
+                f"✅ **{prompt}** — {request.steps} steps in "
                 f"{format_duration(seconds)}{note}"),
                 embed=recipe_embed(job, request, seconds), attachments=files, view=job_view(job.id))
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
             why = f" ({note})" if note else ""
             ok = await self.edit(job, content=self._content(
-                f"🛑 **{quote(request.prompt)}** — cancelled{who}{why} "
+                f"🛑 **{prompt}** — cancelled{who}{why} "
                 f"at step {job.step}/{job.total_steps}."),
                 view=None)
         else:
             ok = await self.edit(job, content=self._content(
-                f"❌ **{quote(request.prompt)}** — failed: {job.error}"), view=None)
+                f"❌ **{prompt}** — failed: {job.error}"), view=None)
         if ok:
             await self.store.mark_posted(job.id)
         return ok
@@ -297,3 +300,14 @@ def _final_files(path: Path, limit: int) -> tuple[list[discord.File], str]:
         return [], " (the picture is larger than this server's upload limit)"
     return ([discord.File(io.BytesIO(jpeg), path.with_suffix(".jpg").name)],
             " (a JPEG: the PNG is over this server's upload limit)")
+
+
+def _prompt_of(job: Job) -> str:
+    """The job's prompt, even from a stored request that today's rules no longer accept."""
+    try:
+        return GenerationRequest.stored(job.request_json).prompt
+    except ValidationError:
+        try:
+            return str(json.loads(job.request_json).get("prompt") or "(no prompt)")
+        except (ValueError, AttributeError):
+            return "(an unreadable request)"

@@ -20,11 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from bot.publisher import Progress, Publisher, encode_preview
 from bot.store import Job, Store
 from engine import output
 from engine.generate import StepInfo, failure_reason, generate
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, describe_validation_error
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -237,6 +239,9 @@ class EngineWorker:
         except Exception as error:
             await self._settle()
             reason = failure_reason(error, request)
+            if request is None and isinstance(error, ValidationError):  # queued by an older version
+                reason = (f"its stored request is no longer valid ({describe_validation_error(error)}); "
+                          "please ask again")
             if _disk_full(error):  # every next job would fail the same way: the queue waits instead
                 self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
                 reason = (f"{self.paused}, so its picture could not be saved. The queue waits until the "

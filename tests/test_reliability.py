@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.store import NewJob, Store
 from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
 from tests.fakediscord import ATTACH_FILES, FakeDiscord, RecordedRequest
 
@@ -177,3 +178,23 @@ async def test_a_png_over_the_channels_upload_limit_goes_out_as_a_jpeg_that_fits
     assert final.attachments[0]["filename"] == "job-1.jpg" and final.attachment_bytes(0)[:2] == b"\xff\xd8"
     assert len(final.attachment_bytes(0)) <= 6000
     assert "a JPEG: the PNG is over this server's upload limit" in final.content
+
+
+async def test_a_queued_request_that_no_longer_validates_fails_with_a_reason_and_is_posted(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    """A job an older version queued, which today's rules refuse (here: a weight now out of range)."""
+    settings = bot_settings(fake, tmp_path)
+    store = await Store.open(settings.database_path)
+    await store.enqueue(NewJob(request_json='{"prompt": "an old dog:500", "steps": 2}', total_steps=2,
+                               channel_id=fake.channel.id, guild_id=fake.guild.id, user_id=fake.owner.id),
+                        max_per_user=5, max_queue_length=5)
+    await store.close()
+    async with BotRunner(settings) as bot:
+        posted_message = await fake.wait_until(
+            lambda: next((m for m in fake.messages_in(fake.channel) if "❌" in m.content), None), 30)
+        after = await fake.send_slash_command("imagine", {"prompt": "a new dog"})
+        await wait_for_reply(fake, after, "✅", timeout=60)
+        assert bot.worker.alive and bot.worker.crashes == 0
+    assert "an old dog" in posted_message.content
+    assert "its stored request is no longer valid" in posted_message.content
+    assert "weights go from -100 to 100" in posted_message.content
