@@ -1396,7 +1396,8 @@ class FakeDiscord:
                     upload = by_index.pop(int(key))
                     new_atts.append(self._attachment(upload, entry.get("description"), msg.ephemeral))
             data["attachments"] = new_atts
-        if by_index:  # files not listed in "attachments" are appended
+        if by_index and "attachments" not in payload:  # no list given: the uploads are added
+            # (API v10: with a list, only what it names stays, uploads the list leaves out included.)
             data.setdefault("attachments", [])
             data["attachments"] += [self._attachment(f, None, msg.ephemeral) for f in by_index.values()]
         msg.files = {int(a["id"]): self._attachment_files[int(a["id"])] for a in data.get("attachments", [])}

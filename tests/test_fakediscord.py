@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -557,6 +558,25 @@ async def test_json_replies_have_exact_content_type(fake: FakeDiscord) -> None:
         async with http.get(fake.api_base + "/users/@me") as resp:
             assert resp.status == 401
             assert (await resp.json())["message"] == "401: Unauthorized"
+
+
+async def test_an_edit_keeps_only_the_attachments_its_list_names(fake: FakeDiscord, bot: ProbeBot) -> None:
+    """API v10: `attachments` is the whole new set, old ones by id and uploads by index."""
+    channel = bot.get_channel(fake.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    sent = await channel.send("two files", files=[discord.File(io.BytesIO(b"a"), "a.png"),
+                                                  discord.File(io.BytesIO(b"b"), "b.png")])
+    kept = sent.attachments[1]
+    form = aiohttp.FormData()
+    form.add_field("payload_json", json.dumps({"attachments": [{"id": str(kept.id)}, {"id": "0"}]}),
+                   content_type="application/json")
+    form.add_field("files[0]", b"c", filename="c.png")
+    form.add_field("files[1]", b"d", filename="d.png")  # uploaded, but not in the list
+    async with aiohttp.ClientSession() as http:
+        url = f"{fake.api_base}/channels/{fake.channel.id}/messages/{sent.id}"
+        async with http.patch(url, data=form, headers={"Authorization": "Bot x"}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert [a["filename"] for a in fake.get_message(sent.id).attachments] == ["b.png", "c.png"]
 
 
 async def test_token_is_checked_but_never_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
