@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -88,10 +89,11 @@ def ensure_weights(settings: Settings) -> None:
 
 
 async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | None = None,
-                  handle_signals: bool = True) -> None:
-    """Run until closed. SIGINT/SIGTERM stop after the current step, save it, and exit cleanly."""
+                  handle_signals: bool = True, hold_database: bool = True) -> None:
+    """Run until closed. SIGINT/SIGTERM stop after the current step, save it, and exit cleanly.
+    `hold_database=False`: the caller already holds it (only_bot_on)."""
     point_discord_at(settings)
-    with only_bot_on(settings.database_path):
+    with only_bot_on(settings.database_path) if hold_database else contextlib.nullcontext():
         await _run(settings, on_start, handle_signals)
 
 
@@ -196,14 +198,15 @@ def serve(settings: Settings) -> int:
         return 2
     configure_logging(settings)
     try:
-        ensure_weights(settings)
-    except (ValueError, weights.WeightsMissingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
-             settings.engine_device, settings.database_path)
-    try:
-        asyncio.run(run_bot(settings))
+        with only_bot_on(settings.database_path):  # first: a second bot downloads nothing either
+            try:
+                ensure_weights(settings)
+            except (ValueError, weights.WeightsMissingError) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
+                     settings.engine_device, settings.database_path)
+            asyncio.run(run_bot(settings, hold_database=False))
     except DatabaseInUse as error:
         log.error("not starting: %s", error)
         print(f"error: {error}", file=sys.stderr)
