@@ -61,8 +61,7 @@ class EngineWorker:
         self._pending: list[asyncio.Future] = []
         self.state = "starting"  # for /status and the health file: what the engine task is doing
         self.crashes = 0  # since start-up
-        self._crashes_of: dict[int, int] = {}  # job id: crashes while it ran
-        self._crash_reasons: dict[int, str] = {}
+        self._crashes_of: dict[int, tuple[int, str]] = {}  # job id: crashes while it ran, the last one
         self._claimed: Job | None = None
         self._came_up = False  # this run of the loop got as far as taking jobs
         self.paused: str | None = None  # why the queue waits (a full disk), if it does
@@ -112,8 +111,7 @@ class EngineWorker:
                 log.exception("the engine task crashed (%s in a row)%s", in_a_row,
                               f" while running job {job.id}" if job else "")
                 if job is not None:
-                    self._crashes_of[job.id] = self._crashes_of.get(job.id, 0) + 1
-                    self._crash_reasons[job.id] = crash
+                    self._crashes_of[job.id] = (self._crashes_of.get(job.id, (0, ""))[0] + 1, crash)
             wait = RESTART_DELAYS_S[min(in_a_row, len(RESTART_DELAYS_S)) - 1]
             self.state = f"restarting in {wait:.0f} s after a crash: {crash}"
             with contextlib.suppress(TimeoutError):
@@ -125,10 +123,10 @@ class EngineWorker:
     async def _fail_poison_jobs(self) -> None:
         """At a restart, before anything is re-queued: a job that was running at POISON_CRASHES crashes
         fails with that reason, so that one bad job cannot keep the engine in a crash loop."""
-        for job_id, crashes in list(self._crashes_of.items()):
+        for job_id, (crashes, last) in list(self._crashes_of.items()):
             if crashes < POISON_CRASHES:
                 continue
-            reason = (f"the engine crashed {crashes} times while running it ({self._crash_reasons[job_id]}); "
+            reason = (f"the engine crashed {crashes} times while running it ({last}); "
                       "it was stopped so that the other pictures can run")
             job = await self.store.get(job_id)
             del self._crashes_of[job_id]
