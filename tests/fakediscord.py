@@ -20,6 +20,11 @@ discord.py 2.7.1 to log in, receive events and answer interactions, all on 127.0
 * Discord's rules that matter to a bot: 3 s to acknowledge an interaction, 15 min token lifetime,
   per-file size limit (413/40005), message length limits (400/50035), ephemeral messages unreachable
   with the bot token, edits of deleted messages → 404/10008.
+* Rate limits as Discord applies them: per-route buckets keyed by their major parameter (channel,
+  webhook token) with ``X-RateLimit-*`` headers on every answer, a global limit per bot token
+  (interaction routes exempt), 429s with ``Via`` and ``X-RateLimit-Scope`` (user, global, shared),
+  and Cloudflare's ban — a 429 without ``Via`` and with a text body — once too many 401/403/429s
+  came in ten minutes (``RateLimits``).
 * Recording and fault injection: every API request is recorded (never the Authorization value);
   ``inject()`` makes matching requests fail (429 with ``Via``, 5xx, 401/50027 …) or answer slowly.
 
@@ -31,12 +36,15 @@ logs in. This module itself does not import discord.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import math
 import mimetypes
 import re
 import secrets
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,6 +62,7 @@ __all__ = [
     "MANAGE_MESSAGES",
     "SEND_MESSAGES",
     "VIEW_CHANNEL",
+    "Bucket",
     "FakeChannel",
     "FakeDiscord",
     "FakeFile",
@@ -65,6 +74,7 @@ __all__ = [
     "FakeUser",
     "Fault",
     "GatewaySession",
+    "RateLimits",
     "RecordedFile",
     "RecordedRequest",
     "snowflake_time",
@@ -208,6 +218,43 @@ _DEFAULT_FAULT_BODIES: dict[int, dict[str, Any]] = {
     502: {"message": "502: Bad Gateway", "code": 0},
     503: {"message": "503: Service Unavailable", "code": 0},
 }
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """At most ``limit`` requests per ``per`` seconds, counted per major parameter."""
+
+    name: str  # what X-RateLimit-Bucket carries (Discord sends an opaque hash)
+    limit: int
+    per: float
+
+
+@dataclass
+class RateLimits:
+    """Discord's rate limits (figures Discord has published or bots observe; where it publishes
+    none, a figure at least as strict). ``routes`` maps (method, route template below the API
+    prefix) to its bucket; routes sharing a Bucket share the count, per major parameter."""
+
+    routes: dict[tuple[str, str], Bucket] = field(default_factory=lambda: dict(_DISCORD_BUCKETS))
+    global_limit: int = 50  # requests per second per bot token; interaction routes don't count
+    invalid_limit: int = 10_000  # 401/403/429 answers in ten minutes before Cloudflare bans the IP
+    invalid_window_s: float = 600.0
+    ban_s: float = 3600.0
+
+
+_MESSAGES = Bucket("channel-messages", 5, 5.0)  # send and edit in a channel share one bucket
+_WEBHOOK = Bucket("webhook", 5, 2.0)  # per webhook token: an interaction's followups and edits
+_DISCORD_BUCKETS: dict[tuple[str, str], Bucket] = {
+    ("POST", "/channels/{channel_id}/messages"): _MESSAGES,
+    ("PATCH", "/channels/{channel_id}/messages/{message_id}"): _MESSAGES,
+    ("DELETE", "/channels/{channel_id}/messages/{message_id}"): Bucket("channel-message-delete", 5, 1.0),
+    ("POST", "/webhooks/{app_id}/{token}"): _WEBHOOK,
+    ("GET", "/webhooks/{app_id}/{token}/messages/{message_id}"): _WEBHOOK,
+    ("PATCH", "/webhooks/{app_id}/{token}/messages/{message_id}"): _WEBHOOK,
+    ("DELETE", "/webhooks/{app_id}/{token}/messages/{message_id}"): _WEBHOOK,
+    ("POST", "/channels/{channel_id}/typing"): Bucket("typing", 5, 5.0),
+}
+_MAJOR_PARAMETERS = ("channel_id", "guild_id", "token")  # Discord's bucket keys (webhook id + token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +579,7 @@ class RecordedRequest:
     response: Any = None  # JSON the fake answered with, if any
     fault: Fault | None = None  # the injected fault that answered it, if any
     unhandled: bool = False  # no route matched: a call this fake does not emulate
+    limited: str | None = None  # answered 429 by a rate limit: its scope ("user", "global", "cloudflare")
 
     def __repr__(self) -> str:
         extra = f" files={len(self.files)}" if self.files else ""
@@ -635,12 +683,14 @@ class FakeDiscord:
         heartbeat_interval_ms: int = 41_250,
         response_window: float | None = 3.0,
         attachment_size_limit: int = 10 * MIB,
+        rate_limits: RateLimits | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         # token: when set, REST calls and IDENTIFY must carry it (401 / close 4004 otherwise);
         #   when None any token is accepted. It is only compared, never recorded.
         # response_window: seconds the bot has to acknowledge an interaction (None: unlimited).
+        # rate_limits: Discord's by default (RateLimits()); pass stricter ones for a storm.
         self._expected_token = token
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.response_window = response_window
@@ -662,6 +712,10 @@ class FakeDiscord:
         self._attachment_files: dict[int, bytes] = {}
         self.cdn_status: int | None = None  # set: attachment downloads get this HTTP status
         self._faults: list[Fault] = []
+        self.rate_limits = rate_limits or RateLimits()
+        self._windows: dict[tuple[str, str], tuple[float, int]] = {}  # bucket: (resets at, used)
+        self._invalid: collections.deque[float] = collections.deque()  # when 401/403/429s were answered
+        self.banned_until = 0.0  # loop time: Cloudflare answers every request with a bare 429 until then
         self._connections: set[_Connection] = set()
         self._changed = asyncio.Condition()
 
@@ -981,16 +1035,18 @@ class FakeDiscord:
         *,
         retry_after: float = 0.05,
         times: int | None = 1,
-        is_global: bool = False,
+        scope: str = "user",
         via: bool = True,
     ) -> Fault:
-        """A 429 like Discord's; ``via=False`` leaves out the Via header (as a proxy would)."""
+        """A 429 like Discord's, of `scope` "user" (a route's bucket), "global" (the bot's) or
+        "shared" (a resource's, not counted against the bot); ``via=False`` leaves out the Via header
+        (as an answer that never passed Discord's proxy, e.g. a Cloudflare ban)."""
         body = {"message": "You are being rate limited.", "retry_after": retry_after,
-                "global": is_global, "code": 0}
-        headers = {"Retry-After": str(max(1, round(retry_after))), "X-RateLimit-Scope": "user"}
+                "global": scope == "global"}
+        headers = {"Retry-After": str(math.ceil(retry_after)), "X-RateLimit-Scope": scope}
         if via:
             headers["Via"] = "1.1 google"
-        if is_global:
+        if scope == "global":
             headers["X-RateLimit-Global"] = "true"
         return self.inject(method, path_regex, 429, times=times, json=body, headers=headers)
 
@@ -1087,6 +1143,7 @@ class FakeDiscord:
             return await handler(request)
         rec = await self._record(request)
         request[_REC_KEY] = rec
+        limit_headers: dict[str, str] = {}
         try:
             fault = self._take_fault(rec)
             if fault is not None:
@@ -1098,8 +1155,12 @@ class FakeDiscord:
                 self.requests.append(rec)
                 request.transport.close()  # mid-request, as a dropped connection or a proxy reset
                 raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
-            if fault is not None and fault.status is not None:
+            if asyncio.get_running_loop().time() < self.banned_until:
+                response = self._cloudflare_ban(rec)
+            elif fault is not None and fault.status is not None:
                 response = fault.response()
+            elif (limited := self._rate_limit(request, rec, limit_headers)) is not None:
+                response = limited
             else:
                 response = await handler(request)
         except _ApiError as exc:
@@ -1107,12 +1168,80 @@ class FakeDiscord:
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
             rec.unhandled = True
             response = _json_response({"message": f"{exc.status}: {exc.reason}", "code": 0}, exc.status)
+        if rec.limited is None:
+            response.headers.update(limit_headers)
+        self._count_invalid(response)
         rec.status = response.status
         if isinstance(response, web.Response) and response.content_type == "application/json":
             rec.response = json.loads(response.body) if response.body else None
         self.requests.append(rec)
         await self._notify()
         return response
+
+    # -- rate limits -----------------------------------------------------------------------------
+
+    def _rate_limit(self, request: web.Request, rec: RecordedRequest,
+                    headers: dict[str, str]) -> web.Response | None:
+        """Count the request against the global limit and its route's bucket; a 429 like Discord's
+        when either is spent, else None with the bucket's X-RateLimit-* headers put in `headers`."""
+        now = asyncio.get_running_loop().time()
+        if rec.bot_auth and not rec.path.startswith("/interactions/"):
+            resets, used = self._windows.get(("global", ""), (0.0, 0))
+            if now >= resets:
+                resets, used = now + 1.0, 0
+            if used >= self.rate_limits.global_limit:
+                return self._too_many(rec, "global", resets - now, {"X-RateLimit-Global": "true"})
+            self._windows["global", ""] = (resets, used + 1)
+        resource = request.match_info.route.resource
+        if resource is None or not resource.canonical.startswith(API_PREFIX):
+            return None
+        bucket = self.rate_limits.routes.get((request.method, resource.canonical[len(API_PREFIX):]))
+        if bucket is None:
+            return None
+        major = ":".join(request.match_info.get(name, "") for name in _MAJOR_PARAMETERS)
+        resets, used = self._windows.get((bucket.name, major), (0.0, 0))
+        if now >= resets:
+            resets, used = now + bucket.per, 0
+        headers.update({
+            "X-RateLimit-Limit": str(bucket.limit),
+            "X-RateLimit-Remaining": str(max(0, bucket.limit - used - 1)),
+            "X-RateLimit-Reset": f"{time.time() + resets - now:.3f}",
+            "X-RateLimit-Reset-After": f"{resets - now:.3f}",
+            "X-RateLimit-Bucket": bucket.name,
+        })
+        if used >= bucket.limit:
+            return self._too_many(rec, "user", resets - now, {**headers, "X-RateLimit-Remaining": "0"})
+        self._windows[bucket.name, major] = (resets, used + 1)
+        return None
+
+    @staticmethod
+    def _too_many(rec: RecordedRequest, scope: str, retry_after: float,
+                  headers: dict[str, str]) -> web.Response:
+        rec.limited = scope
+        retry_after = round(max(retry_after, 0.001), 3)
+        return _json_response(
+            {"message": "You are being rate limited.", "retry_after": retry_after,
+             "global": scope == "global"},
+            status=429,
+            headers={**headers, "Retry-After": str(math.ceil(retry_after)), "X-RateLimit-Scope": scope,
+                     "Via": "1.1 google"})
+
+    def _cloudflare_ban(self, rec: RecordedRequest) -> web.Response:
+        """What a banned IP gets: a 429 that never passed Discord's proxy (no Via) with a text body."""
+        rec.limited = "cloudflare"
+        wait = math.ceil(self.banned_until - asyncio.get_running_loop().time())
+        return web.Response(status=429, text="error code: 1015", headers={"Retry-After": str(wait)})
+
+    def _count_invalid(self, response: web.StreamResponse) -> None:
+        """401, 403 and 429 answers (except shared-scope 429s) count towards Cloudflare's ban."""
+        if response.status not in (401, 403, 429) or response.headers.get("X-RateLimit-Scope") == "shared":
+            return
+        now = asyncio.get_running_loop().time()
+        self._invalid.append(now)
+        while self._invalid and self._invalid[0] < now - self.rate_limits.invalid_window_s:
+            self._invalid.popleft()
+        if len(self._invalid) >= self.rate_limits.invalid_limit and now >= self.banned_until:
+            self.banned_until = now + self.rate_limits.ban_s
 
     async def _record(self, request: web.Request) -> RecordedRequest:
         """Parse the body (JSON, or multipart payload_json + files[n]) into a RecordedRequest."""

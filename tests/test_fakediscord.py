@@ -27,8 +27,10 @@ from tests.fakediscord import (
     MIB,
     SEND_MESSAGES,
     VIEW_CHANNEL,
+    Bucket,
     FakeDiscord,
     FakeFile,
+    RateLimits,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -382,6 +384,78 @@ async def test_rate_limit_with_via_is_retried_and_without_raises(fake: FakeDisco
     fake.inject_rate_limit("PATCH", r"/messages/@original$")
     await interaction.edit_original_response(content="after 429")
     assert [r.status for r in fake.requests_matching("PATCH", r"/messages/@original$")] == [429, 200]
+
+
+async def test_route_buckets_carry_headers_that_discord_py_obeys_and_overruns_get_429(
+        fake: FakeDiscord, bot: ProbeBot) -> None:
+    """Per channel: discord.py reads X-RateLimit-* and waits for the reset instead of overrunning;
+    a client that ignores them gets Discord's 429 (Via, scope user, retry_after)."""
+    messages = Bucket("messages", 2, 0.5)
+    fake.rate_limits = RateLimits(routes={("POST", "/channels/{channel_id}/messages"): messages})
+    channel = bot.get_channel(fake.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for n in range(5):
+        await channel.send(f"message {n}")
+    sent = fake.requests_matching("POST", rf"^/channels/{fake.channel.id}/messages$")
+    assert [r.status for r in sent] == [200] * 5  # it waited; nothing was refused
+    assert loop.time() - started >= 2 * messages.per * 0.9  # five sends need three windows
+    assert sent[0].received_at < started + 0.2
+
+    url = f"{fake.api_base}/channels/{fake.channel.id}/messages"
+    async with aiohttp.ClientSession(headers={"Authorization": "Bot x"}) as http:
+        await asyncio.sleep(messages.per)  # a fresh window
+        answers = []
+        for _ in range(3):
+            async with http.post(url, json={"content": "hurry"}) as resp:
+                answers.append((resp.status, dict(resp.headers), await resp.json()))
+        other = fake.add_channel("other")  # has its own bucket
+        async with http.post(f"{fake.api_base}/channels/{other.id}/messages", json={"content": "hi"}) as resp:
+            assert resp.status == 200
+    (first, h1, _), (_, h2, _), (third, h3, body) = answers
+    assert (first, h1["X-RateLimit-Limit"], h1["X-RateLimit-Remaining"], h2["X-RateLimit-Remaining"]) \
+        == (200, "2", "1", "0")
+    assert 0 < float(h1["X-RateLimit-Reset-After"]) <= messages.per and h1["X-RateLimit-Bucket"] == "messages"
+    assert third == 429 and h3["Via"] and h3["X-RateLimit-Scope"] == "user" and body["global"] is False
+    assert 0 < body["retry_after"] <= messages.per
+
+
+async def test_the_global_limit_and_cloudflares_ban(fake: FakeDiscord, bot: ProbeBot) -> None:
+    """Past the bot's global limit: 429 global; past the invalid-request limit: Cloudflare's bare 429
+    (no Via, a text body), which discord.py raises at once instead of retrying."""
+    fake.rate_limits = RateLimits(global_limit=3, invalid_limit=4, ban_s=60)
+    async with aiohttp.ClientSession(headers={"Authorization": "Bot x"}) as http:
+        await asyncio.sleep(1.0)  # the bot's own start-up calls are out of this second's window
+        statuses = []
+        for _ in range(4):
+            async with http.get(fake.api_base + "/users/@me") as resp:
+                statuses.append(resp.status)
+                body = await resp.json()
+        assert statuses == [200, 200, 200, 429]
+        assert body["global"] is True and resp.headers["X-RateLimit-Global"] == "true"
+        assert resp.headers["X-RateLimit-Scope"] == "global"
+        # Interactions don't count against the global limit.
+        inter = await fake.send_slash_command("ping")
+        await fake.wait_for_response(inter)
+        # A shared-scope 429 is not the bot's fault and does not count towards a ban.
+        fake.inject_rate_limit("GET", "^/users/@me$", scope="shared", times=10)
+        for _ in range(5):
+            async with http.get(fake.api_base + "/users/@me") as resp:
+                assert resp.headers["X-RateLimit-Scope"] == "shared"
+        fake.clear_faults()
+        assert fake.banned_until == 0
+        fake.inject("GET", "^/users/@me$", 401, times=3)  # with the global 429: four invalid requests
+        for _ in range(3):
+            async with http.get(fake.api_base + "/users/@me") as resp:
+                assert resp.status == 401
+    assert fake.banned_until > 0
+    channel = bot.get_channel(fake.channel.id)
+    with pytest.raises(discord.HTTPException) as info:
+        await channel.send("banned")  # type: ignore[union-attr]
+    assert info.value.status == 429 and info.value.text == "error code: 1015"
+    banned = fake.requests_matching("POST", r"/messages$")
+    assert len(banned) == 1 and banned[0].limited == "cloudflare"  # raised at once, not retried
 
 
 async def test_server_error_is_retried(fake: FakeDiscord, bot: ProbeBot) -> None:
