@@ -39,6 +39,7 @@ MISSING_PERMISSIONS = 50013
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
 UNPOSTED_SWEEP_S = 900.0
+BAN_WAIT_S = 600.0  # how long to keep quiet after a bare 429 that says nothing of when to come back
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Publisher:
         self._senders: dict[int, asyncio.Task] = {}
         self._last_sent: dict[int, float] = {}
         self._deliveries: dict[int, asyncio.Task] = {}
+        # A 429 that never passed Discord's API (no Via: Cloudflare banned this IP, after too many
+        # 401/403/429s) is not retried by discord.py; every call before it lifts only prolongs it.
+        self._banned_until = 0.0  # time.monotonic()
 
     # --- what each state of a job looks like -----------------------------------------------------
 
@@ -133,6 +137,8 @@ class Publisher:
             self._last_sent[job_id] = time.monotonic()
 
     async def _send_progress(self, update: Progress) -> None:
+        if self.banned:
+            return  # a frame is not worth prolonging a ban; the final post waits it out
         request = GenerationRequest.stored(update.job.request_json)
         files = [discord.File(io.BytesIO(update.preview_jpeg), f"job-{update.job.id}-preview.jpg")] \
             if update.preview_jpeg else []
@@ -190,6 +196,8 @@ class Publisher:
         try:
             for attempt, delay in enumerate((0.0, *DELIVERY_RETRIES_S), start=1):
                 await asyncio.sleep(delay)
+                while self.banned:
+                    await asyncio.sleep(self._banned_until - time.monotonic())
                 try:
                     if await self.finished(job):
                         return
@@ -218,6 +226,21 @@ class Publisher:
 
     # --- how an edit reaches Discord -------------------------------------------------------------
 
+    @property
+    def banned(self) -> bool:
+        return time.monotonic() < self._banned_until
+
+    def _note_ban(self, error: discord.HTTPException) -> None:
+        """A bare 429 (discord.py retries only those that carry Via): keep quiet until it lifts."""
+        try:
+            wait = float(error.response.headers.get("Retry-After", BAN_WAIT_S))
+        except ValueError:
+            wait = BAN_WAIT_S
+        if not self.banned:
+            log.error("Discord's proxy refused the bot with a bare 429 (a Cloudflare ban, which follows "
+                      "too many invalid requests from this address); no messages for %.0f s", wait)
+        self._banned_until = max(self._banned_until, time.monotonic() + wait)
+
     def _token_fresh(self, job: Job) -> bool:
         if not job.interaction_token or not job.interaction_id or not job.application_id:
             return False
@@ -226,6 +249,8 @@ class Publisher:
 
     async def edit(self, job: Job, **fields) -> bool:
         """Edit the job's message; returns False (and logs) if Discord could not be reached."""
+        if self.banned:
+            return False
         job = await self.store.get(job.id) or job  # the message id may have changed
         if job.deleted_at is not None:  # deleted while it ran: its message stays gone
             return True
@@ -258,6 +283,9 @@ class Publisher:
             log.warning("job %s: could not update its message: %s", job.id, error)
             return False
         except (TimeoutError, discord.HTTPException, OSError, aiohttp.ClientError) as error:
+            if isinstance(error, discord.HTTPException) and error.status == 429:
+                self._note_ban(error)
+                return False
             log.warning("job %s: could not update its message: %s", job.id, error or type(error).__name__)
             return False
 

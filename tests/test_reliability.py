@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bot.store import NewJob, Store
-from tests.botrunner import TOKEN, BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import ATTACH_FILES, FakeDiscord, RecordedRequest
+from tests.botrunner import TOKEN, BotRunner, bot_settings, reply, wait_for_reply
+from tests.fakediscord import ATTACH_FILES, Bucket, FakeDiscord, RateLimits, RecordedRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,6 +40,10 @@ async def live_check(tmp_path: Path) -> tuple[int, str]:
 
 async def posted(bot, job_id: int) -> bool:
     return bool((await bot.store.get(job_id)).final_posted)
+
+
+async def has_status(bot, job_id: int, status: str) -> bool:
+    return (await bot.store.get(job_id)).status == status
 
 
 async def is_down(tmp_path: Path) -> bool:
@@ -198,3 +204,61 @@ async def test_a_queued_request_that_no_longer_validates_fails_with_a_reason_and
     assert "an old dog" in posted_message.content
     assert "its stored request is no longer valid" in posted_message.content
     assert "weights go from -100 to 100" in posted_message.content
+
+
+async def test_an_edit_storm_meets_discords_buckets_and_every_picture_lands_once(fake: FakeDiscord,
+                                                                                 tmp_path: Path) -> None:
+    """A preview at every step of four jobs, every edit by the bot token into one channel whose
+    bucket (2 a second here) cannot take them: discord.py waits as the headers say, older frames give
+    way to newer ones, the engine never waits for Discord, and each picture lands once, last."""
+    storm = Bucket("messages", 2, 1.0)
+    fake.rate_limits = RateLimits(routes={("POST", "/channels/{channel_id}/messages"): storm,
+                                          ("PATCH", "/channels/{channel_id}/messages/{message_id}"): storm})
+    members = [fake.add_member(f"member{n}") for n in range(4)]
+    settings = bot_settings(fake, tmp_path, preview_every=1, default_steps=12, token_lifetime_s=0.001)
+    async with BotRunner(settings) as bot:
+        interactions = [await fake.send_slash_command("imagine", {"prompt": f"storm {n}"}, user=member)
+                        for n, member in enumerate(members)]
+        for interaction in interactions:
+            await wait_for_reply(fake, interaction, "✅", timeout=90)
+        jobs = [await bot.store.get(n) for n in range(1, 5)]
+        await eventually(lambda: all(posted(bot, job.id) for job in jobs))
+        await asyncio.sleep(0.5)  # a progress edit landing after the final one would show by now
+    edits = fake.requests_matching("PATCH", r"^/channels/")
+    # discord.py keeps to the headers; a rare 429 comes from two answers of one window read out of
+    # order inside it (it then believes one request is left), and it retries that one after retry_after.
+    limited = [r for r in fake.requests if r.limited]
+    assert all(r.limited == "user" for r in limited) and len(limited) <= len(edits) / 4
+    assert fake.banned_until == 0
+    times = [r.received_at for r in edits]
+    assert all(later - earlier >= storm.per * 0.95 for earlier, later in zip(times, times[2:], strict=False))
+    assert len(edits) < 4 * 12  # frames were dropped for newer ones
+    for before, after in itertools.pairwise(jobs):
+        assert after.started_at - before.finished_at < 2.0  # the engine went on at once
+    wall_minus_loop = time.time() - asyncio.get_running_loop().time()  # received_at is loop time
+    assert jobs[-1].finished_at < edits[-1].received_at + wall_minus_loop - storm.per  # Discord lagged
+    finals = [r for r in edits if uploads_a_png(r) and r.status == 200]
+    assert sorted(r.files[0].filename for r in finals) == [f"job-{n}.png" for n in range(1, 5)]
+    for interaction in interactions:
+        assert "✅" in reply(fake, interaction).content  # type: ignore[union-attr]
+
+
+async def test_a_cloudflare_ban_quiets_the_bot_until_it_lifts_then_the_picture_lands(fake: FakeDiscord,
+                                                                                  tmp_path: Path) -> None:
+    """A bare 429 (no Via) is not retried by discord.py, and each further call prolongs a ban: no more
+    calls until its Retry-After has passed, then the final post goes out once."""
+    loop = asyncio.get_running_loop()
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=20, preview_every=1)) as bot:
+        interaction = await fake.send_slash_command("imagine", {"prompt": "banned"})
+        await wait_for_reply(fake, interaction, "🎨")
+        lifts = fake.banned_until = loop.time() + 5.0
+        await eventually(lambda: has_status(bot, 1, "done"))
+        assert loop.time() < lifts  # the job ended while the ban was on
+        final = await wait_for_reply(fake, interaction, "✅", timeout=60)
+        await eventually(lambda: posted(bot, 1))
+        assert bot.worker.crashes == 0
+    refused = [r for r in fake.requests if r.limited == "cloudflare"]
+    assert 1 <= len(refused) <= 2  # the edit that met the ban (and the final post, if it raced it)
+    landed = next(r for r in fake.requests_matching("PATCH", r"/messages/") if uploads_a_png(r))
+    assert lifts <= landed.received_at < lifts + 2.0  # as soon as it lifted, not at a later retry
+    assert final.attachments[0]["filename"] == "job-1.png"
