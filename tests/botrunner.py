@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -77,3 +79,15 @@ def recipe_of(png: bytes) -> dict:
     """The recipe in a PNG's text chunk."""
     with Image.open(io.BytesIO(png)) as image:
         return json.loads(image.text["vqgan-clip-recipe"])
+
+
+async def eventually(check: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll `check` (state inside the bot, which no Discord event announces; a coroutine is awaited)
+    until it is true."""
+    async with asyncio.timeout(timeout):
+        while not (await result if inspect.isawaitable(result := check()) else result):
+            await asyncio.sleep(0.05)
+
+
+async def posted(bot: ImagineBot, job_id: int) -> bool:
+    return bool((await bot.store.get(job_id)).final_posted)

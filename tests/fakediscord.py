@@ -1037,6 +1037,7 @@ class FakeDiscord:
         times: int | None = 1,
         scope: str = "user",
         via: bool = True,
+        when: Callable[[RecordedRequest], bool] | None = None,
     ) -> Fault:
         """A 429 like Discord's, of `scope` "user" (a route's bucket), "global" (the bot's) or
         "shared" (a resource's, not counted against the bot); ``via=False`` leaves out the Via header
@@ -1048,7 +1049,7 @@ class FakeDiscord:
             headers["Via"] = "1.1 google"
         if scope == "global":
             headers["X-RateLimit-Global"] = "true"
-        return self.inject(method, path_regex, 429, times=times, json=body, headers=headers)
+        return self.inject(method, path_regex, 429, times=times, json=body, headers=headers, when=when)
 
     def clear_faults(self) -> None:
         self._faults.clear()

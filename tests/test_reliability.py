@@ -4,29 +4,19 @@ the loopback Discord."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bot.store import NewJob, Store
-from tests.botrunner import TOKEN, BotRunner, bot_settings, reply, wait_for_reply
+from tests.botrunner import TOKEN, BotRunner, bot_settings, eventually, posted, reply, wait_for_reply
 from tests.fakediscord import ATTACH_FILES, Bucket, FakeDiscord, RateLimits, RecordedRequest
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def eventually(check: Callable[[], object], timeout: float = 30.0) -> None:
-    """Poll `check` (state inside the bot, which no Discord event announces; a coroutine is awaited)
-    until it is true."""
-    async with asyncio.timeout(timeout):
-        while not (await result if inspect.isawaitable(result := check()) else result):
-            await asyncio.sleep(0.05)
 
 
 async def live_check(tmp_path: Path) -> tuple[int, str]:
@@ -36,10 +26,6 @@ async def live_check(tmp_path: Path) -> tuple[int, str]:
         env={**os.environ, "DATABASE_PATH": str(tmp_path / "bot.sqlite3")}, cwd=Path(__file__).parents[1])
     output, _ = await process.communicate()
     return process.returncode, output.decode()
-
-
-async def posted(bot, job_id: int) -> bool:
-    return bool((await bot.store.get(job_id)).final_posted)
 
 
 async def has_status(bot, job_id: int, status: str) -> bool:
