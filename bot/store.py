@@ -28,26 +28,27 @@ ACTIVE = ("queued", "running")
 # server (and, within it, the member) served longest ago, by the start times the jobs table keeps:
 # nothing else to store, and it holds across restarts. `place` 1 is the running job; the queued jobs
 # follow in the order the claims will take them, if nothing new arrives. DM jobs take turns as one
-# more server.
+# more server. A job that a stop or a crash interrupted (started, then queued again) goes first: it
+# was the one running, and it resumes where it was.
 FAIR_ORDER = """
     WITH queued AS (
-        SELECT id, status, guild_id, total_steps, step,
+        SELECT id, status, guild_id, total_steps, step, started_at IS NOT NULL AS interrupted,
                (SELECT max(started_at) FROM jobs AS s WHERE s.guild_id IS q.guild_id) AS server_served,
                (SELECT max(started_at) FROM jobs AS s
                 WHERE s.guild_id IS q.guild_id AND s.user_id = q.user_id) AS member_served,
                row_number() OVER (PARTITION BY guild_id, user_id ORDER BY id) AS member_turn
         FROM jobs AS q WHERE status = 'queued'),
     turns AS (
-        SELECT id, status, total_steps, step, server_served,
+        SELECT id, status, total_steps, step, interrupted, server_served,
                row_number() OVER (PARTITION BY guild_id
                                   ORDER BY member_turn, coalesce(member_served, 0), id) AS server_turn
         FROM queued
         UNION ALL
-        SELECT id, status, total_steps, step, 0, 0 FROM jobs WHERE status = 'running'),
+        SELECT id, status, total_steps, step, 1, 0, 0 FROM jobs WHERE status = 'running'),
     fair AS (
         SELECT id, status, total_steps, step,
-               row_number() OVER (ORDER BY status = 'queued', server_turn, coalesce(server_served, 0), id)
-                   AS place
+               row_number() OVER (ORDER BY status = 'queued', NOT interrupted, server_turn,
+                                           coalesce(server_served, 0), id) AS place
         FROM turns)
 """
 FINISHED = ("done", "failed", "cancelled")

@@ -98,6 +98,20 @@ async def test_jobs_take_turns_across_servers_then_members(tmp_path: Path) -> No
     await store.close()
 
 
+async def test_a_job_interrupted_by_a_restart_resumes_before_the_rest(tmp_path: Path) -> None:
+    """Its own start time would otherwise make its server look served just now, and send it back."""
+    store = await Store.open(tmp_path / "db.sqlite3")
+    for guild in (10, 20, 30):
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=guild, guild_id=guild,
+                                   total_steps=10), max_per_user=5, max_queue_length=10)
+    running = await store.claim_next_job()
+    assert await store.requeue_interrupted() == [running.id]  # a restart, as after kill -9
+    assert [j.id for j in await store.active_jobs()] == [running.id, running.id + 1, running.id + 2]
+    assert await store.position_and_eta(running.id) == (1, None)
+    assert (await store.claim_next_job()).id == running.id
+    await store.close()
+
+
 async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
     assert await store.guild_limits(7) == {}
