@@ -106,19 +106,25 @@ class Chaos:
             except sqlite3.OperationalError:  # not made yet, or busy
                 return []
 
-    def reached(self, job_id: int, step: int) -> bool:
-        """This bot process runs the job and has saved `step` or further (or the job is over). A row
-        left 'running' by the last kill says nothing until the new process has taken it up again,
-        which its health file says (bot/health.py)."""
-        row = next((job for job in self.jobs() if job["id"] == job_id), None)
-        if row is None or row["status"] in ("done", "failed"):
-            return row is not None
+    def engine_state(self) -> str | None:
+        """What this bot process's engine does, from its health file (bot/health.py); None before
+        the process has written one (a file left by a killed one does not count)."""
         try:
             report = json.loads(health_path(self.database).read_text())
         except (OSError, ValueError):
-            return False
-        return (report["pid"] == self.process.pid and report["engine"] == f"running job {job_id}"  # type: ignore[union-attr]
-                and row["step"] >= step)
+            return None
+        return report["engine"] if self.process and report["pid"] == self.process.pid else None
+
+    def reached(self, job_id: int, step: int) -> bool:
+        """This bot process runs the job and has saved `step` or further (or the job is over). A row
+        left 'running' by the last kill says nothing until the new process has taken it up again."""
+        row = next((job for job in self.jobs() if job["id"] == job_id), None)
+        if row is None or row["status"] in ("done", "failed"):
+            return row is not None
+        return self.engine_state() == f"running job {job_id}" and row["step"] >= step
+
+    def running_a_job(self) -> bool:
+        return (self.engine_state() or "").startswith("running job")
 
     def running(self) -> list[int]:
         return [job["id"] for job in self.jobs() if job["status"] == "running"]
@@ -195,18 +201,26 @@ async def run_chaos(jobs: int, kills: int, steps: int, seed: int, directory: Pat
         for interaction in interactions:
             await fake.wait_for_response(interaction, timeout=30)
         began = time.monotonic()
-        plan = ["checkpoint write", "final post"] + ["random"] * (kills - 2)
-        rng.shuffle(plan)
-        filled_at, freed_at = (kills // 3, 2 * kills // 3) if disk else (-1, -1)
+        full = range(kills // 3, 2 * kills // 3) if disk else range(0)  # kills while the disk is full
+        plan = ["random"] * kills
+        for kind, index in zip(("checkpoint write", "final post"),
+                               rng.sample([i for i in range(kills) if i not in full], 2), strict=True):
+            plan[index] = kind  # aimed kills need a disk that takes writes
         for index, kind in enumerate(plan):
-            if index == filled_at:
-                disk.fill()  # type: ignore[union-attr]
-            if index == freed_at:
-                disk.free()  # type: ignore[union-attr]
             if chaos.settled(jobs):
                 break
             inside, fault = False, None
-            if kind == "checkpoint write":
+            if disk and index == full.start:
+                await until(chaos.running_a_job, 120, 0.01)
+                disk.fill()  # under a running job, which meets it at its next write
+                kind = "random (disk full)"
+                await asyncio.sleep(rng.uniform(2.0, 5.0))
+            elif disk and index in full:
+                if index == full.stop - 1:
+                    disk.free()  # the last kill of the window comes after space is back
+                kind = "random (disk full)"
+                await asyncio.sleep(rng.uniform(2.0, 5.0))
+            elif kind == "checkpoint write":
                 inside = await aimed_at_checkpoint(chaos)
             elif kind == "final post":
                 inside, fault = await aimed_at_final_post(chaos)
@@ -281,8 +295,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--disk-fills", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "chaos.jsonl")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep the bots' logs")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as directory:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    workdir = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory()
+    with workdir as directory:
         disk = DiskFiller(Path(directory) / "disk", 16) if args.disk_fills else None
         with disk or contextlib.nullcontext():
             record = asyncio.run(run_chaos(args.jobs, args.kills, args.steps, args.seed, Path(directory),

@@ -137,7 +137,7 @@ class ImagineBot(commands.Bot):
     async def _report_health(self) -> None:
         """The health file, rewritten at once when the engine's state changes, else every interval."""
         path = health.health_path(self.settings.database_path)
-        written, last = None, 0.0
+        written, last, failing = None, 0.0, False
         while True:
             worker = self.worker
             now = (worker.state, worker.alive, worker.crashes)
@@ -145,8 +145,11 @@ class ImagineBot(commands.Bot):
                 try:
                     await asyncio.to_thread(health.write, path, *now)
                     written, last = now, time.monotonic()
+                    failing = False
                 except OSError as error:  # a full disk: the check then says the report is stale
-                    log.warning("could not write the health file %s: %s", path, error)
+                    if not failing:  # once per outage, not twice a second
+                        log.warning("could not write the health file %s: %s", path, error)
+                    failing = True
             await asyncio.sleep(0.5)
 
     async def _sweep_unposted(self) -> None:

@@ -105,6 +105,15 @@ class EngineWorker:
                 return
             except Exception as error:
                 job, self._claimed, self.current = self._claimed, None, None
+                if _disk_full(error):  # no job's fault, and a restart would meet it again: wait for space
+                    self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
+                    log.error("%s%s; the queue is paused until there is space again", self.paused,
+                              f" while running job {job.id}" if job else "")
+                    await self._wait_for_space()  # then a restart re-queues that job and resumes it
+                    if self._stopping.is_set():
+                        self.state = "stopped"
+                        return
+                    continue
                 crash = _short(error)
                 self.crashes += 1
                 in_a_row = 1 if self._came_up else in_a_row + 1
@@ -245,19 +254,22 @@ class EngineWorker:
                 reason = (f"{self.paused}, so its picture could not be saved. The queue waits until the "
                           "bot's admin frees some space; ask again then")
                 log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
-            log.exception("job %s: failed: %s", job.id, reason)
-            finished = await self.store.finish(job.id, "failed", error=reason)
+            finished = await self.store.finish(job.id, "failed", error=reason)  # then say it, once it is so
+            log.error("job %s: failed: %s", job.id, reason, exc_info=error)
         finally:
             self.current = None
         self.publisher.deliver(finished)  # in the background: the next job starts now
 
     async def _wait_for_space(self) -> None:
-        """Paused: try writing every SPACE_CHECK_S where the pictures go; go on once that works."""
+        """Paused: try writing every SPACE_CHECK_S where the pictures and the database go; go on once
+        that works."""
         self.state = f"paused: {self.paused}; waiting for free space"
-        probe = self.settings.output_dir / ".free-space-probe"
+        probes = {folder / ".free-space-probe"
+                  for folder in (self.settings.output_dir, self.settings.database_path.parent)}
         while not self._stopping.is_set():
             try:
-                await asyncio.to_thread(_probe_write, probe)
+                for probe in probes:
+                    await asyncio.to_thread(_probe_write, probe)
             except OSError as error:
                 log.debug("still no space: %s", error)
                 with contextlib.suppress(TimeoutError):
