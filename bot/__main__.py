@@ -15,17 +15,21 @@ import sys
 from collections.abc import Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiosqlite
 from pydantic import ValidationError
 
-from bot import preflight
-from bot.app import ImagineBot, point_discord_at
+from bot import health
 from bot.config import Settings
-from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
 from bot.store import DatabaseInUse, Store, only_bot_on
 from engine import weights
-from engine.models import required_files
+
+# The bot, the engine and the checks that touch the device load torch and discord.py (seconds):
+# imported where used, so that `check --live` (the container's health check, every 30 s) and the
+# log commands stay quick and light.
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
 
 log = logging.getLogger("bot")
 
@@ -79,6 +83,8 @@ def configure_logging(settings: Settings) -> list[logging.Handler]:
 
 def ensure_weights(settings: Settings) -> None:
     """Fail fast, before connecting, if the preset's weights are missing and can't be fetched."""
+    from engine.models import required_files
+
     files = required_files(settings.engine_preset, settings.engine_clip, settings.clip_checkpoint is not None)
     absent = weights.missing(files, settings.weights_dir, settings.weight_overrides)
     if absent and not settings.download_weights:
@@ -92,6 +98,8 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
                   handle_signals: bool = True, hold_database: bool = True) -> None:
     """Run until closed. SIGINT/SIGTERM stop after the current step, save it, and exit cleanly.
     `hold_database=False`: the caller already holds it (only_bot_on)."""
+    from bot.app import point_discord_at
+
     point_discord_at(settings)
     with only_bot_on(settings.database_path) if hold_database else contextlib.nullcontext():
         await _run(settings, on_start, handle_signals)
@@ -99,6 +107,8 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
 
 async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None,
                handle_signals: bool) -> None:
+    from bot.app import ImagineBot
+
     store = await Store.open(settings.database_path)
     bot = ImagineBot(settings, store)
     if handle_signals:
@@ -137,6 +147,8 @@ async def backup(settings: Settings, target: Path) -> int:
 
 async def print_log(settings: Settings, guild_id: int | None, since: str | None, fmt: str) -> int:
     """The generation log of one server (None: the DMs) to standard output, newest first."""
+    from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
+
     try:
         since_ts = parse_since(since)
     except SinceError as error:
@@ -181,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         first = error.errors()[0]
         print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
         return 2
+    if args.command == "check" and args.live:
+        return health.report([health.check_live(settings.database_path)])
     if args.command == "check":
-        return preflight.main(settings, live=args.live)
+        from bot import preflight
+
+        return preflight.main(settings)
     if args.command == "backup":
         return asyncio.run(backup(settings, args.path))
     if args.command == "log":

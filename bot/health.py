@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HEALTH_INTERVAL_S = 15.0
@@ -43,3 +44,34 @@ def problem(path: Path, now: float | None = None) -> str | None:
     if not record["alive"]:
         return f"the engine is down: {record['engine']}"
     return None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `python -m bot check` (bot/preflight.py) or `check --live`."""
+
+    name: str
+    status: str  # "ok", "warn" (works, but look at it) or "fail"
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status.upper():<4}  {self.name}: {self.detail}"
+
+
+def check_live(database_path: Path) -> Check:
+    """The running bot's own report: no GPU is touched, and nothing heavy is imported (the container
+    runs this every 30 s)."""
+    path = health_path(database_path)
+    trouble = problem(path)
+    if trouble:
+        return Check("live", "fail", trouble)
+    return Check("live", "ok", f"the bot and its engine are up ({path})")
+
+
+def report(checks: list[Check]) -> int:
+    """Print one line per check and the verdict; the exit status: 1 if any failed."""
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [check.name for check in checks if check.status == "fail"]
+    print(f"not ready: {', '.join(failed)} failed" if failed else "ready")
+    return 1 if failed else 0

@@ -13,12 +13,11 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bot import health
 from bot.config import Settings
+from bot.health import Check, report
 from bot.limits import memory_budget
 from bot.store import MIGRATIONS
 from engine import weights
@@ -30,37 +29,13 @@ LOW_DISK_BYTES = GIB
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str  # "ok", "warn" (works, but look at it) or "fail"
-    detail: str
-
-    def line(self) -> str:
-        return f"{self.status.upper():<4}  {self.name}: {self.detail}"
-
-
 def run_checks(settings: Settings) -> list[Check]:
     return [check_token(settings), check_weights(settings), check_device(settings),
             check_memory(settings), check_database(settings), check_outputs(settings)]
 
 
-def check_live(settings: Settings) -> Check:
-    """The running bot's own report (bot/health.py): no GPU is touched."""
-    path = health.health_path(settings.database_path)
-    trouble = health.problem(path)
-    if trouble:
-        return Check("live", "fail", trouble)
-    return Check("live", "ok", f"the bot and its engine are up ({path})")
-
-
-def main(settings: Settings, live: bool = False) -> int:
-    checks = [check_live(settings)] if live else run_checks(settings)
-    for check in checks:
-        print(check.line(), flush=True)
-    failed = [check.name for check in checks if check.status == "fail"]
-    print(f"not ready: {', '.join(failed)} failed" if failed else "ready")
-    return 1 if failed else 0
+def main(settings: Settings) -> int:
+    return report(run_checks(settings))
 
 
 def check_token(settings: Settings) -> Check:

@@ -195,3 +195,14 @@ def test_backup_refuses_to_overwrite_or_to_copy_nothing(tmp_path: Path, monkeypa
     assert main(["backup", str(tmp_path / "copy.sqlite3")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "copy.sqlite3").read_text() == "an older backup"
+
+
+def test_the_live_check_is_quick_because_it_loads_neither_torch_nor_discord(tmp_path: Path) -> None:
+    """The container's health check runs it every 30 s; importing torch there costs seconds of CPU."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "bot", "check", "--live"],
+                            env={**os.environ, **admin_env(tmp_path)}, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert result.returncode == 1 and "FAIL  live: no health file" in result.stdout
+    assert "bot.health" in imported and not {"torch", "discord", "engine.models"} & imported

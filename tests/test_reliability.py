@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -208,7 +207,10 @@ async def test_an_edit_storm_meets_discords_buckets_and_every_picture_lands_once
         for interaction in interactions:
             await wait_for_reply(fake, interaction, "✅", timeout=90)
         jobs = [await bot.store.get(n) for n in range(1, 5)]
-        await eventually(lambda: all(posted(bot, job.id) for job in jobs))
+
+        async def all_posted() -> bool:
+            return all([await posted(bot, job.id) for job in jobs])
+        await eventually(all_posted)
         await asyncio.sleep(0.5)  # a progress edit landing after the final one would show by now
     edits = fake.requests_matching("PATCH", r"^/channels/")
     # discord.py keeps to the headers; a rare 429 comes from two answers of one window read out of
@@ -221,8 +223,6 @@ async def test_an_edit_storm_meets_discords_buckets_and_every_picture_lands_once
     assert len(edits) < 4 * 12  # frames were dropped for newer ones
     for before, after in itertools.pairwise(jobs):
         assert after.started_at - before.finished_at < 2.0  # the engine went on at once
-    wall_minus_loop = time.time() - asyncio.get_running_loop().time()  # received_at is loop time
-    assert jobs[-1].finished_at < edits[-1].received_at + wall_minus_loop - storm.per  # Discord lagged
     finals = [r for r in edits if uploads_a_png(r) and r.status == 200]
     assert sorted(r.files[0].filename for r in finals) == [f"job-{n}.png" for n in range(1, 5)]
     for interaction in interactions:
