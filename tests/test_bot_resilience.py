@@ -137,7 +137,7 @@ async def test_expired_token_switches_to_bot_token_edits(fake: FakeDiscord, tmp_
 async def test_after_the_token_lifetime_edits_go_by_the_bot_token(fake: FakeDiscord, tmp_path: Path) -> None:
     # The bot stops counting on an interaction token after TOKEN_LIFETIME_S (14 min; 0.5 s here).
     async with BotRunner(bot_settings(fake, tmp_path, token_lifetime_s=0.5)):
-        interaction = await fake.send_slash_command("imagine", {"prompt": "old", "steps": 150})
+        interaction = await fake.send_slash_command("imagine", {"prompt": "old", "steps": 60})
         await wait_for_reply(fake, interaction, "✅", timeout=60)
     edits = [r for r in fake.requests if r.method == "PATCH"]
     late = [r for r in edits if r.received_at - interaction.dispatched_at > 1.0]
