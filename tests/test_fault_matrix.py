@@ -30,8 +30,8 @@ async def banned_final(fake: FakeDiscord, interaction: FakeInteraction) -> None:
 
 
 async def server_errors(fake: FakeDiscord, interaction: FakeInteraction) -> None:
-    """An outage: the next three message calls, progress or final, get 503."""
-    fake.inject("*", r"/messages/", 503, times=3)
+    """An outage: the next two message calls, progress or final, get 503 (discord.py waits 1 s, then 3 s)."""
+    fake.inject("*", r"/messages/", 503, times=2)
 
 
 async def slow_answers(fake: FakeDiscord, interaction: FakeInteraction) -> None:
