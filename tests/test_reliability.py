@@ -248,3 +248,21 @@ async def test_a_cloudflare_ban_quiets_the_bot_until_it_lifts_then_the_picture_l
     landed = next(r for r in fake.requests_matching("PATCH", r"/messages/") if uploads_a_png(r))
     assert lifts <= landed.received_at < lifts + 2.0  # as soon as it lifted, not at a later retry
     assert final.attachments[0]["filename"] == "job-1.png"
+
+
+async def test_a_429_with_a_long_retry_after_never_idles_the_engine(fake: FakeDiscord,
+                                                                    tmp_path: Path) -> None:
+    """Discord asks the bot to wait (5 s here, several jobs' time; a minute or more in the wild) before
+    the first picture's post: discord.py waits in the background while the engine runs the next job."""
+    fake.inject_rate_limit("*", r"/messages/", retry_after=5.0, when=uploads_a_png)
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=2)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "first"})
+        second = await fake.send_slash_command("imagine", {"prompt": "second"})
+        await wait_for_reply(fake, second, "✅", timeout=60)
+        assert not await posted(bot, 1) and "✅" not in reply(fake, first).content  # type: ignore[union-attr]
+        final = await wait_for_reply(fake, first, "✅", timeout=30)
+        await eventually(lambda: posted(bot, 1))
+    uploads = [r for r in fake.requests if uploads_a_png(r)]
+    assert [r.status for r in uploads if r.files[0].filename == "job-1.png"] == [429, 200]
+    assert uploads[1].files[0].filename == "job-2.png"  # the second picture went out first
+    assert final.attachments[0]["filename"] == "job-1.png"
