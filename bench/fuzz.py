@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.common import RESULTS_DIR, Results, machine
-from bot.cogs.imagine import SIZES
+from bot.limits import SIZES
 from engine.request import MAX_SEED
 from tests.botrunner import TOKEN, BotRunner, bot_settings
 from tests.fakediscord import FakeDiscord

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from discord import app_commands
+
 from bot.terms import contains_blocked_term, unmatchable
 from engine.memory import MemoryBudget
 
@@ -21,6 +23,17 @@ if TYPE_CHECKING:
     from engine.request import GenerationRequest
 
 GIB = 2**30
+
+# The sizes /imagine offers (its `size` option); DEFAULT_SIZE may be any other.
+SIZES = [
+    app_commands.Choice(name="square 256×256", value="256x256"),
+    app_commands.Choice(name="square 384×384", value="384x384"),
+    app_commands.Choice(name="square 448×448 (the notebook's)", value="448x448"),
+    app_commands.Choice(name="square 512×512", value="512x512"),
+    app_commands.Choice(name="landscape 512×384", value="512x384"),
+    app_commands.Choice(name="portrait 384×512", value="384x512"),
+    app_commands.Choice(name="wide 640×352", value="640x352"),
+]
 
 
 class LimitError(ValueError):

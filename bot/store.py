@@ -235,6 +235,30 @@ class QueueFull(Exception):
 
 
 @dataclass(frozen=True)
+class MemberUsage:
+    """What counts against one member's limits on one server (or in the DMs) right now."""
+
+    active: int  # pictures waiting or running
+    recent: list[float]  # when they asked, over the last 24 hours, oldest first (the daily quota)
+    last_request: float | None  # when they last asked, ever (the cooldown)
+
+    def cooldown_ends(self, cooldown_s: int, now: float) -> float | None:
+        """When the member may ask again, if a cooldown holds them now."""
+        if not cooldown_s or self.last_request is None or self.last_request + cooldown_s <= now:
+            return None
+        return self.last_request + cooldown_s
+
+    def quota_left(self, daily_quota: int) -> int | None:
+        return None if not daily_quota else max(0, daily_quota - len(self.recent))
+
+    def quota_frees(self, daily_quota: int) -> float | None:
+        """When the next picture of a spent quota comes free again."""
+        if not daily_quota or len(self.recent) < daily_quota:
+            return None
+        return self.recent[-daily_quota] + DAY_S
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     id: int
     guild_id: int | None
@@ -372,25 +396,28 @@ class Store:
     async def _which_limit(self, job: NewJob, max_per_user: int, max_queue_length: int, cooldown_s: int,
                            daily_quota: int, now: float) -> QueueFull:
         """After a refused insert: the limit that refused it, and when to try again."""
-        member = (job.user_id, job.guild_id)
         if await self.block_of(job.guild_id, job.user_id) is not None:
             return QueueFull("blocked", 0)
-        if cooldown_s:
-            rows = await self._rows("SELECT max(created_at) FROM jobs WHERE user_id = ? AND guild_id IS ?",
-                                    member)
-            if rows[0][0] is not None and rows[0][0] > now - cooldown_s:
-                return QueueFull("cooldown", cooldown_s, retry_at=rows[0][0] + cooldown_s)
-        if daily_quota:
-            rows = await self._rows(
-                "SELECT created_at FROM jobs WHERE user_id = ? AND guild_id IS ? AND created_at > ? "
-                "ORDER BY created_at", (*member, now - DAY_S))
-            if len(rows) >= daily_quota:
-                return QueueFull("daily_quota", daily_quota, retry_at=rows[-daily_quota][0] + DAY_S)
-        rows = await self._rows("SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ? "
-                                "AND status IN ('queued', 'running')", member)
-        if rows[0][0] >= max_per_user:
+        usage = await self.member_usage(job.guild_id, job.user_id, now)
+        if (ends := usage.cooldown_ends(cooldown_s, now)) is not None:
+            return QueueFull("cooldown", cooldown_s, retry_at=ends)
+        if (frees := usage.quota_frees(daily_quota)) is not None:
+            return QueueFull("daily_quota", daily_quota, retry_at=frees)
+        if usage.active >= max_per_user:
             return QueueFull("per_member", max_per_user)
         return QueueFull("queue_length", max_queue_length)
+
+    async def member_usage(self, guild_id: int | None, user_id: int, now: float | None = None) -> MemberUsage:
+        """What counts against the member's limits (the same counts `enqueue` checks)."""
+        now = time.time() if now is None else now
+        member = (user_id, guild_id)
+        active = (await self._rows("SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ? "
+                                   "AND status IN ('queued', 'running')", member))[0][0]
+        last = (await self._rows("SELECT max(created_at) FROM jobs WHERE user_id = ? AND guild_id IS ?",
+                                 member))[0][0]
+        recent = await self._rows("SELECT created_at FROM jobs WHERE user_id = ? AND guild_id IS ? "
+                                  "AND created_at > ? ORDER BY created_at", (*member, now - DAY_S))
+        return MemberUsage(active, [row[0] for row in recent], last)
 
     async def claim_next_job(self) -> Job | None:
         """Atomically move the next queued job in the fair order (FAIR_ORDER) to running."""

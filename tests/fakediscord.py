@@ -132,6 +132,11 @@ CB_AUTOCOMPLETE, CB_MODAL = 8, 9
 MAX_CONTENT = 2000
 MAX_EMBEDS = 10
 MAX_EMBED_DESCRIPTION = 4096
+MAX_EMBED_TITLE = 256
+MAX_EMBED_FIELDS = 25
+MAX_FIELD_NAME = 256
+MAX_FIELD_VALUE = 1024
+MAX_FOOTER = 2048
 MAX_EMBED_TOTAL = 6000
 MAX_FILES = 10
 MAX_REQUEST_BYTES = 25 * MIB
@@ -1459,6 +1464,19 @@ class FakeDiscord:
             if len(desc) > MAX_EMBED_DESCRIPTION:
                 raise _form_error(f"embeds.{i}.description", "BASE_TYPE_MAX_LENGTH",
                                   f"Must be {MAX_EMBED_DESCRIPTION} or fewer in length.")
+            parts = [("title", embed.get("title") or "", MAX_EMBED_TITLE),
+                     ("footer.text", (embed.get("footer") or {}).get("text") or "", MAX_FOOTER)]
+            fields = embed.get("fields") or []
+            if len(fields) > MAX_EMBED_FIELDS:
+                raise _form_error(f"embeds.{i}.fields", "BASE_TYPE_MAX_LENGTH",
+                                  f"Must be {MAX_EMBED_FIELDS} or fewer in length.")
+            for n, embed_field in enumerate(fields):
+                parts += [(f"fields.{n}.name", embed_field.get("name", ""), MAX_FIELD_NAME),
+                          (f"fields.{n}.value", embed_field.get("value", ""), MAX_FIELD_VALUE)]
+            for where, text, most in parts:
+                if len(text) > most:
+                    raise _form_error(f"embeds.{i}.{where}", "BASE_TYPE_MAX_LENGTH",
+                                      f"Must be {most} or fewer in length.")
             total += len(embed.get("title") or "") + len(desc)
             total += len((embed.get("footer") or {}).get("text") or "")
             total += len((embed.get("author") or {}).get("name") or "")

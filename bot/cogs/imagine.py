@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from bot import init_images, jobs
 from bot.checks import guild_limits, missing_channel_permissions
-from bot.limits import check_memory, check_request
+from bot.limits import SIZES, check_memory, check_request
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -23,16 +23,6 @@ if TYPE_CHECKING:
     from bot.store import Job
 
 log = logging.getLogger(__name__)
-
-SIZES = [
-    app_commands.Choice(name="square 256×256", value="256x256"),
-    app_commands.Choice(name="square 384×384", value="384x384"),
-    app_commands.Choice(name="square 448×448 (the notebook's)", value="448x448"),
-    app_commands.Choice(name="square 512×512", value="512x512"),
-    app_commands.Choice(name="landscape 512×384", value="512x384"),
-    app_commands.Choice(name="portrait 384×512", value="384x512"),
-    app_commands.Choice(name="wide 640×352", value="640x352"),
-]
 
 
 class UserError(Exception):
