@@ -59,7 +59,7 @@ def imagine_options() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {"prompt": st.one_of(text, _weighted_prompt())},
         optional={"negative": text, "style": text, "steps": st.integers(1, 10_000),
-                  "size": st.sampled_from([choice.value for choice in SIZES]),
+                  "size": st.one_of(st.sampled_from([choice.value for choice in SIZES]), _text(20)),
                   "seed": st.integers(0, MAX_SEED),
                   "model": st.one_of(st.sampled_from(["tiny", "vqgan-f16-16384", "TINY", " tiny"]),
                                      _text(100))})

@@ -17,10 +17,10 @@ from discord import app_commands
 
 from bot.terms import contains_blocked_term, unmatchable
 from engine.memory import MemoryBudget
+from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.config import Settings
-    from engine.request import GenerationRequest
 
 GIB = 2**30
 
@@ -155,6 +155,27 @@ def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: i
     if any(contains_blocked_term(text, limits.blocked_terms) for text in texts):
         return "Your request contains a term this server doesn't allow. Please rephrase it."
     return None
+
+
+SIZE = re.compile(r"\s*(\d{1,5})\s*[x×*]\s*(\d{1,5})\s*", re.IGNORECASE)
+STEP_CHOICES = (50, 100, 200, 300, 500, 1000, 2000, 5000, 10000)
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """"512x384" (or "512×384", "512 x 384") as (width, height); None if it is not one."""
+    match = SIZE.fullmatch(text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def size_fits(width: int, height: int, limits: GuildLimits, budget: MemoryBudget | None) -> bool:
+    """Within the server's max_pixels and what the engine's memory can hold (at default settings)."""
+    return width * height <= limits.max_pixels and check_memory(
+        budget, GenerationRequest(prompt="size", width=width, height=height)) is None
+
+
+def sizes_that_fit(limits: GuildLimits, budget: MemoryBudget | None) -> list[app_commands.Choice[str]]:
+    """The preset sizes a request may have on this server, on this engine."""
+    return [choice for choice in SIZES if size_fits(*parse_size(choice.value), limits, budget)]  # type: ignore[misc]
 
 
 def memory_budget(settings: Settings) -> MemoryBudget | None:

@@ -1,5 +1,6 @@
-"""/help through the real client: the commands a member may use, the prompt syntax, and this server's
-limits as they apply to the member asking."""
+"""What members are told before they run into a limit, through the real client: /help (the commands a
+member may use, the prompt syntax, this server's limits as they apply to them) and /imagine's options
+offering only what this server allows."""
 
 from __future__ import annotations
 
@@ -46,3 +47,30 @@ async def test_help_shows_the_commands_the_syntax_and_the_members_own_limits(fak
     assert "Init images: allowed" in here
     assert "Blocked" in blocked["content"]
     assert "blocked you from making pictures on this server (spam)" in after_block["Here, for you"]
+
+
+async def choices(fake: FakeDiscord, options: dict, focused: str) -> list:
+    offered = await fake.send_autocomplete("imagine", {"prompt": "a dog", **options}, focused)
+    await fake.wait_for_response(offered)
+    return [choice["value"] for choice in offered.response_data["choices"]]
+
+
+async def test_size_and_steps_offer_only_what_this_server_allows(fake: FakeDiscord, tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path, max_pixels=384 * 384, max_steps=250, default_steps=2)
+    async with BotRunner(settings) as bot:
+        assert await choices(fake, {"size": ""}, "size") == ["256x256", "384x384"]
+        assert await choices(fake, {"size": "portrait"}, "size") == []  # 384×512 is over the limit
+        assert await choices(fake, {"size": "320 x 192"}, "size") == ["320x192"]  # the member's own
+        assert await choices(fake, {"size": "1024x1024"}, "size") == []
+        assert await choices(fake, {"steps": ""}, "steps") == [2, 50, 100, 200, 250]
+        assert await choices(fake, {"steps": "2"}, "steps") == [2, 200, 250]
+
+        refused = await command(fake, "imagine", {"prompt": "a dog", "size": "huge"})
+        too_big = await command(fake, "imagine", {"prompt": "a dog", "size": "512x512"})
+        own = await fake.send_slash_command("imagine", {"prompt": "a dog", "size": "128×64"})
+        await wait_for_reply(fake, own, "✅", timeout=60)
+        job = await bot.store.get(1)
+    assert "Size: 'huge' is not a size; pick one of the offered sizes or type width x height" in \
+        refused["content"] and refused["flags"] & 64
+    assert "above this server's limit of 147,456" in too_big["content"]
+    assert '"width":128' in job.request_json and '"height":64' in job.request_json

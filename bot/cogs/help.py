@@ -11,8 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import guild_limits, is_moderator
-from bot.limits import LIMITS, SIZES, check_memory
-from engine.request import GenerationRequest
+from bot.limits import LIMITS, sizes_that_fit
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -61,7 +60,7 @@ class Help(commands.Cog):
             why = f" ({block.reason})" if block.reason else ""
             return f"A moderator has blocked you from making pictures on this server{why}."
         usage = await store.member_usage(interaction.guild_id, interaction.user.id, now)
-        sizes = [choice.value for choice in SIZES if self._fits(choice.value, limits)]
+        sizes = [choice.value for choice in sizes_that_fit(limits, self.bot.memory)]
         lines = [
             f"Steps: {settings.default_steps} unless you say, at most {limits.max_steps:,}",
             f"Sizes: {', '.join(sizes) if sizes else 'none of the presets'} "
@@ -75,11 +74,6 @@ class Help(commands.Cog):
             lines.append("Channels: /imagine works only in " + LIMITS["allowed_channels"].show(
                 limits.allowed_channels))
         return "\n".join(lines)
-
-    def _fits(self, size: str, limits: GuildLimits) -> bool:
-        width, height = map(int, size.split("x"))
-        request = GenerationRequest(prompt="help", width=width, height=height)
-        return width * height <= limits.max_pixels and check_memory(self.bot.memory, request) is None
 
     @staticmethod
     def _waiting(usage: MemberUsage, limits: GuildLimits) -> str:

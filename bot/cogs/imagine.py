@@ -14,7 +14,15 @@ from pydantic import ValidationError
 
 from bot import init_images, jobs
 from bot.checks import guild_limits, missing_channel_permissions
-from bot.limits import SIZES, check_memory, check_request
+from bot.limits import (
+    SIZES,
+    STEP_CHOICES,
+    check_memory,
+    check_request,
+    parse_size,
+    size_fits,
+    sizes_that_fit,
+)
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -39,27 +47,50 @@ class Imagine(commands.Cog):
         negative="What the picture should move away from",
         style='Style text mixed into the prompt, e.g. "oil painting"',
         steps="Optimisation steps: more is slower and more detailed",
-        size="Picture size in pixels",
+        size="Picture size, e.g. 512x384: the offered sizes fit this server (or type your own)",
         seed="Random seed: the same seed and options give the same picture",
         init_image="Start from this picture instead of noise",
         model="The VQGAN that paints it (the models installed on this bot)",
     )
-    @app_commands.choices(size=SIZES)
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
                       negative: app_commands.Range[str, 1, 1000] | None = None,
                       style: app_commands.Range[str, 1, 1000] | None = None,
                       steps: app_commands.Range[int, 1, 10000] | None = None,
-                      size: str | None = None,
+                      size: app_commands.Range[str, 1, 20] | None = None,
                       seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       init_image: discord.Attachment | None = None,
                       model: app_commands.Range[str, 1, 100] | None = None) -> None:
         """Paint a picture from a text prompt with VQGAN+CLIP."""
         fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "style": style or "",
                                   "steps": steps or self.bot.settings.default_steps, "seed": seed,
-                                  "model": model}
-        width, height = (size or self.bot.settings.default_size).split("x")
-        fields.update(width=int(width), height=int(height))
+                                  "model": model, "size": size or self.bot.settings.default_size}
         await self.submit(interaction, fields, init_from=init_image)
+
+    @imagine.autocomplete("size")
+    async def _size_choices(self, interaction: discord.Interaction,
+                            current: str) -> list[app_commands.Choice[str]]:
+        """The presets that fit this server and the GPU, and the member's own size if it does."""
+        limits = await guild_limits(self.bot, interaction.guild_id)
+        offered = [choice for choice in sizes_that_fit(limits, self.bot.memory)
+                   if current.casefold() in choice.name.casefold()]
+        typed = parse_size(current)
+        if typed and size_fits(*typed, limits, self.bot.memory):
+            value = f"{typed[0]}x{typed[1]}"
+            if value not in [choice.value for choice in SIZES]:
+                offered.insert(0, app_commands.Choice(name=f"{typed[0]}×{typed[1]}", value=value))
+        return offered[:25]
+
+    @imagine.autocomplete("steps")
+    async def _steps_choices(self, interaction: discord.Interaction,
+                             current: int | str) -> list[app_commands.Choice[int]]:
+        """Step counts within this server's max_steps, the default first."""
+        limits = await guild_limits(self.bot, interaction.guild_id)
+        default = min(self.bot.settings.default_steps, limits.max_steps)
+        counts = sorted({default, limits.max_steps, *(n for n in STEP_CHOICES if n <= limits.max_steps)})
+        typed = str(current).strip()
+        return [app_commands.Choice(name=f"{n} steps" + (" (the default)" if n == default else "") +
+                                    (" (this server's most)" if n == limits.max_steps else ""), value=n)
+                for n in counts if str(n).startswith(typed)][:25]
 
     @imagine.autocomplete("model")
     async def _model_choices(self, interaction: discord.Interaction,
@@ -73,6 +104,12 @@ class Imagine(commands.Cog):
     def build_request(self, fields: dict[str, Any]) -> GenerationRequest:
         """Validate against the engine's rules; raise UserError with what to fix."""
         fields = {k: v for k, v in fields.items() if v is not None}
+        if "size" in fields:  # typed by the member: autocomplete only suggests
+            size = fields.pop("size")
+            if (parsed := parse_size(size)) is None:
+                raise UserError(f"Size: {size!r} is not a size; pick one of the offered sizes or type "
+                                "width x height in pixels, e.g. 512x384.")
+            fields["width"], fields["height"] = parsed
         fields.setdefault("preview_every", self.bot.settings.preview_every)
         # Autocomplete only suggests: a member can still send any text, or re-roll a picture whose
         # model has been removed since.
