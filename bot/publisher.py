@@ -40,15 +40,20 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
 UNPOSTED_SWEEP_S = 900.0
 BAN_WAIT_S = 600.0  # how long to keep quiet after a bare 429 that says nothing of when to come back
+QUEUE_REFRESH_PLACES = 10  # queued replies whose place is kept up to date (each change costs an edit)
 
 
 @dataclass
 class Progress:
+    """One frame of a job's reply: its place while it waits, that it started, or a step's preview."""
+
     job: Job
     step: int
     total: int
     eta_s: float | None
     preview_jpeg: bytes | None
+    kind: str = "progress"  # or "queued" (then `place` is set) or "started"
+    place: int = 0
 
 
 def format_duration(seconds: float | None) -> str:
@@ -103,6 +108,10 @@ class Publisher:
         self._senders: dict[int, asyncio.Task] = {}
         self._last_sent: dict[int, float] = {}
         self._deliveries: dict[int, asyncio.Task] = {}
+        self._started: set[int] = set()  # jobs past the queue: a late place must not overwrite them
+        self._shown_places: dict[int, int] = {}
+        self._refresher: asyncio.Task | None = None
+        self._queue_moved_again = False
         # A 429 that never passed Discord's API (no Via: Cloudflare banned this IP, after too many
         # 401/403/429s) is not retried by discord.py; every call before it lifts only prolongs it.
         self._banned_until = 0.0  # time.monotonic()
@@ -112,15 +121,41 @@ class Publisher:
     def _content(self, text: str) -> str:
         return (self.random_weights_note + text)[:2000]
 
-    async def queued(self, job: Job, position: int, eta_s: float | None) -> None:
-        request = GenerationRequest.stored(job.request_json)
-        ahead = "next up" if position <= 1 else f"position {position} in the queue"
-        await self.edit(job, content=self._content(
-            f"🕒 **{quote(request.prompt)}** — queued, {ahead} · ETA {format_duration(eta_s)}"),
-            view=job_view(job.id, running=True))
+    def queued(self, job: Job, place: int, eta_s: float | None) -> None:
+        """Show the job's place in the queue (through the same per-job sender as progress, so that a
+        place never lands after the job has started)."""
+        self.progress(Progress(job=job, step=job.step, total=job.total_steps, eta_s=eta_s,
+                               preview_jpeg=None, kind="queued", place=place))
+
+    def queue_moved(self) -> None:
+        """A job started: bring the places shown in queued replies up to date, at once and then at most
+        once per PROGRESS_INTERVAL_S while jobs keep starting."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_places(), name="queue places")
+        else:
+            self._queue_moved_again = True
+
+    async def _refresh_places(self) -> None:
+        while True:
+            self._queue_moved_again = False
+            places = await self.store.queue_places()
+            for job in (await self.store.active_jobs())[:QUEUE_REFRESH_PLACES + 1]:
+                place, eta = places.get(job.id, (0, None))
+                if job.status == "queued" and place and self._shown_places.get(job.id) != place:
+                    self.queued(job, place, eta)
+            await asyncio.sleep(self.settings.progress_interval_s)
+            if not self._queue_moved_again:
+                return
 
     def progress(self, update: Progress) -> None:
         """Offer a frame; only the newest is sent, no more often than the setting allows."""
+        if update.kind == "queued":
+            if update.job.id in self._started:
+                return
+            self._shown_places[update.job.id] = update.place
+        else:
+            self._started.add(update.job.id)
+            self._shown_places.pop(update.job.id, None)
         self._latest[update.job.id] = update
         if update.job.id not in self._senders or self._senders[update.job.id].done():
             self._senders[update.job.id] = asyncio.create_task(self._drain(update.job.id))
@@ -139,17 +174,31 @@ class Publisher:
     async def _send_progress(self, update: Progress) -> None:
         if self.banned:
             return  # a frame is not worth prolonging a ban; the final post waits it out
-        request = GenerationRequest.stored(update.job.request_json)
-        files = [discord.File(io.BytesIO(update.preview_jpeg), f"job-{update.job.id}-preview.jpg")] \
-            if update.preview_jpeg else []
-        await self.edit(update.job, content=self._content(
-            f"🎨 **{quote(request.prompt)}** — step {update.step}/{update.total} · "
-            f"ETA {format_duration(update.eta_s)}"),
-            attachments=files, view=job_view(update.job.id, running=True))
+        job = update.job
+        request = GenerationRequest.stored(job.request_json)
+        eta = f"ETA {format_duration(update.eta_s)}"
+        if update.kind == "queued":
+            now = await self.store.get(job.id)
+            if now is None or now.status != "queued":  # it started, or ended, since the place was read
+                return
+            ahead = "next up" if update.place <= 1 else f"position {update.place} in the queue"
+            text = f"🕒 **{quote(request.prompt)}** — queued, {ahead} · {eta}"
+            await self.edit(job, content=self._content(text), view=job_view(job.id, running=True))
+            return
+        fields: dict = {}  # without a new preview the last one stays
+        if update.preview_jpeg:
+            preview = discord.File(io.BytesIO(update.preview_jpeg), f"job-{job.id}-preview.jpg")
+            fields["attachments"] = [preview]
+        state = "started, " if update.kind == "started" else ""
+        await self.edit(job, content=self._content(
+            f"🎨 **{quote(request.prompt)}** — {state}step {update.step}/{update.total} · {eta}"),
+            view=job_view(job.id, running=True), **fields)
 
     async def _quiet_progress(self, job_id: int) -> None:
         """Drop pending frames and wait for one in flight, so no progress lands after the end."""
         self._latest.pop(job_id, None)
+        self._started.discard(job_id)
+        self._shown_places.pop(job_id, None)
         sender = self._senders.pop(job_id, None)
         if sender is not None:
             await asyncio.gather(sender, return_exceptions=True)
@@ -219,7 +268,7 @@ class Publisher:
         unposted for the next start."""
         if self._deliveries and grace_s > 0:
             await asyncio.wait(list(self._deliveries.values()), timeout=grace_s)
-        tasks = [*self._deliveries.values(), *self._senders.values()]
+        tasks = [*self._deliveries.values(), *self._senders.values(), *filter(None, [self._refresher])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

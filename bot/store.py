@@ -51,6 +51,9 @@ FAIR_ORDER = """
                                            coalesce(server_served, 0), id) AS place
         FROM turns)
 """
+# Every active job's place and the steps left until it is done (its own and those of the jobs ahead).
+QUEUE_PLACES = f"""{FAIR_ORDER}
+    SELECT id, place, sum(max(0, total_steps - step)) OVER (ORDER BY place) AS remaining FROM fair"""
 FINISHED = ("done", "failed", "cancelled")
 
 # Each entry upgrades the schema by one version (PRAGMA user_version); never edit a released one.
@@ -526,18 +529,19 @@ class Store:
         """1-based place among active jobs (the running one is 1) and seconds until it is done."""
         # Counted in SQL: a burst of /imagine asks this for every new job, and loading each whole
         # queue as Job rows made that quadratic.
-        rows = await self._rows(
-            f"""{FAIR_ORDER}
-            SELECT place, remaining FROM (
-                SELECT id, place, sum(max(0, total_steps - step)) OVER (ORDER BY place) AS remaining
-                FROM fair)
-            WHERE id = ?
-            """, (job_id,))
+        rows = await self._rows(f"SELECT place, remaining FROM ({QUEUE_PLACES}) WHERE id = ?", (job_id,))
         if not rows:
             return 0, None
         place, remaining = rows[0]
         speed = await self.recent_seconds_per_step()
         return place, None if speed is None else remaining * speed
+
+    async def queue_places(self) -> dict[int, tuple[int, float | None]]:
+        """`position_and_eta` of every active job, in one query."""
+        rows = await self._rows(QUEUE_PLACES)
+        speed = await self.recent_seconds_per_step()
+        return {job_id: (place, None if speed is None else remaining * speed)
+                for job_id, place, remaining in rows}
 
     # --- operations ------------------------------------------------------------------------------
 

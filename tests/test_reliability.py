@@ -31,6 +31,10 @@ async def has_status(bot, job_id: int, status: str) -> bool:
     return (await bot.store.get(job_id)).status == status
 
 
+async def is_up(tmp_path: Path) -> bool:
+    return (await live_check(tmp_path))[0] == 0
+
+
 async def is_down(tmp_path: Path) -> bool:
     status, output = await live_check(tmp_path)
     return status == 1 and "the engine is down: restarting in" in output
@@ -80,7 +84,7 @@ async def test_the_engine_restarts_after_a_crash_and_a_job_that_crashed_it_twice
         await eventually(lambda: is_down(tmp_path))  # the container's health check sees it
         await bot.store.db.execute("PRAGMA query_only = OFF")  # the disk is back
         await eventually(lambda: bot.worker.state == "running job 1")  # resumed from its checkpoint
-        assert (await live_check(tmp_path))[0] == 0
+        await eventually(lambda: is_up(tmp_path))  # the health file follows within half a second
 
         # Crash 2 on the same job: at the restart it fails instead of running again.
         crashes = bot.worker.crashes
@@ -218,7 +222,7 @@ async def test_an_edit_storm_meets_discords_buckets_and_every_picture_lands_once
     limited = [r for r in fake.requests if r.limited]
     assert all(r.limited == "user" for r in limited) and len(limited) <= len(edits) / 4
     assert fake.banned_until == 0
-    times = [r.received_at for r in edits]
+    times = [r.received_at for r in edits if r.status == 200]  # what Discord accepted kept to 2 a second
     assert all(later - earlier >= storm.per * 0.95 for earlier, later in zip(times, times[2:], strict=False))
     assert len(edits) < 4 * 12  # frames were dropped for newer ones
     for before, after in itertools.pairwise(jobs):
@@ -234,10 +238,10 @@ async def test_a_cloudflare_ban_quiets_the_bot_until_it_lifts_then_the_picture_l
     """A bare 429 (no Via) is not retried by discord.py, and each further call prolongs a ban: no more
     calls until its Retry-After has passed, then the final post goes out once."""
     loop = asyncio.get_running_loop()
-    async with BotRunner(bot_settings(fake, tmp_path, default_steps=20, preview_every=1)) as bot:
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=8, preview_every=1)) as bot:
         interaction = await fake.send_slash_command("imagine", {"prompt": "banned"})
         await wait_for_reply(fake, interaction, "🎨")
-        lifts = fake.banned_until = loop.time() + 5.0
+        lifts = fake.banned_until = loop.time() + 8.0
         await eventually(lambda: has_status(bot, 1, "done"))
         assert loop.time() < lifts  # the job ended while the ban was on
         final = await wait_for_reply(fake, interaction, "✅", timeout=60)

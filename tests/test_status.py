@@ -9,7 +9,7 @@ import pytest
 
 from engine.output import package_version
 from engine.request import GenerationRequest
-from tests.botrunner import BotRunner, bot_settings, wait_for_reply
+from tests.botrunner import BotRunner, bot_settings, reply, wait_for_reply
 from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,7 +30,8 @@ async def test_status_shows_the_engine_queue_and_progress_but_no_prompts(fake: F
         assert idle.response_data["flags"] & 64  # only the caller sees it
 
         running = await fake.send_slash_command("imagine", {"prompt": "my secret lighthouse", "steps": 1000})
-        await wait_for_reply(fake, running, "step")
+        # a preview, so a speed has been measured
+        await fake.wait_until(lambda: (m := reply(fake, running)) is not None and m.attachments, 30)
         waiting = await fake.send_slash_command("imagine", {"prompt": "my secret garden"})
         await wait_for_reply(fake, waiting, "queued")
         busy = await fake.send_slash_command("status", user=bob)

@@ -178,8 +178,7 @@ class Imagine(commands.Cog):
             log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
             self.bot.worker.notify()
             position, eta = await self.bot.store.position_and_eta(job.id)
-            if job.id != getattr(self.bot.worker.current, "id", None):
-                await self.bot.publisher.queued(job, position, eta)
+            self.bot.publisher.queued(job, position, eta)  # dropped if the engine started it already
             return job
 
     async def keep_init_image(self, source: discord.Attachment | Path, path: Path, max_pixels: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeInteraction
 from tests.test_moderation import command
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,3 +74,27 @@ async def test_size_and_steps_offer_only_what_this_server_allows(fake: FakeDisco
         refused["content"] and refused["flags"] & 64
     assert "above this server's limit of 147,456" in too_big["content"]
     assert '"width":128' in job.request_json and '"height":64' in job.request_json
+
+
+def contents_sent(fake: FakeDiscord, interaction: FakeInteraction) -> list[str]:
+    """What the bot wrote into a reply, edit by edit, as Discord accepted it."""
+    return [r.json["content"] for r in fake.requests_matching("PATCH", rf"/{interaction.token}/messages/")
+            if r.status == 200 and r.json and "content" in r.json]
+
+
+async def test_a_queued_reply_follows_its_place_then_says_started(fake: FakeDiscord, tmp_path: Path) -> None:
+    """No previews here (one every 1000 steps): what a member sees is the place, then "started"."""
+    members = [fake.add_member(f"member{n}") for n in range(3)]
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=40, preview_every=1000)):
+        replies = [await fake.send_slash_command("imagine", {"prompt": f"picture {n}"}, user=member)
+                   for n, member in enumerate(members)]
+        await wait_for_reply(fake, replies[2], "✅", timeout=90)
+    seen = [[text.split("— ", 1)[1].split(" ·")[0] for text in contents_sent(fake, reply)]
+            for reply in replies]
+    third = seen[2]
+    assert third.index("queued, position 3 in the queue") < third.index("queued, position 2 in the queue") \
+        < third.index("started, step 0/40") < len(third) - 1  # the queue moved, it started, it ended
+    assert third[-1].startswith("40 steps in")
+    for states in seen:  # nothing goes back to "queued" once a job has started
+        started = states.index("started, step 0/40")
+        assert not any(state.startswith("queued") for state in states[started:])
