@@ -85,7 +85,7 @@ def contents_sent(fake: FakeDiscord, interaction: FakeInteraction) -> list[str]:
 async def test_a_queued_reply_follows_its_place_then_says_started(fake: FakeDiscord, tmp_path: Path) -> None:
     """No previews here (one every 1000 steps): what a member sees is the place, then "started"."""
     members = [fake.add_member(f"member{n}") for n in range(3)]
-    async with BotRunner(bot_settings(fake, tmp_path, default_steps=40, preview_every=1000)):
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=12, preview_every=1000)):
         replies = [await fake.send_slash_command("imagine", {"prompt": f"picture {n}"}, user=member)
                    for n, member in enumerate(members)]
         await wait_for_reply(fake, replies[2], "✅", timeout=90)
@@ -93,8 +93,8 @@ async def test_a_queued_reply_follows_its_place_then_says_started(fake: FakeDisc
             for reply in replies]
     third = seen[2]
     assert third.index("queued, position 3 in the queue") < third.index("queued, position 2 in the queue") \
-        < third.index("started, step 0/40") < len(third) - 1  # the queue moved, it started, it ended
-    assert third[-1].startswith("40 steps in")
+        < third.index("started, step 0/12") < len(third) - 1  # the queue moved, it started, it ended
+    assert third[-1].startswith("12 steps in")
     for states in seen:  # nothing goes back to "queued" once a job has started
-        started = states.index("started, step 0/40")
+        started = states.index("started, step 0/12")
         assert not any(state.startswith("queued") for state in states[started:])
