@@ -25,7 +25,7 @@ async def test_help_shows_the_commands_the_syntax_and_the_members_own_limits(fak
                                                                               tmp_path: Path) -> None:
     member, moderator = fake.add_member("member"), fake.add_moderator("mod")
     settings = bot_settings(fake, tmp_path, daily_quota=3, cooldown_s=600, max_pixels=384 * 384,
-                            default_steps=2, max_steps=500)
+                            default_steps=2, max_steps=500, allow_dms=True)
     async with BotRunner(settings):
         asked = await fake.send_slash_command("imagine", {"prompt": "one"}, user=member)
         await wait_for_reply(fake, asked, "✅", timeout=60)
@@ -33,6 +33,7 @@ async def test_help_shows_the_commands_the_syntax_and_the_members_own_limits(fak
         theirs = fields_of(await command(fake, "help", user=moderator))
         blocked = await command(fake, "moderate block", {"member": member, "reason": "spam"}, user=moderator)
         after_block = fields_of(await command(fake, "help", user=member))
+        in_dm = fields_of(await command(fake, "help", user=member, dm=True))
 
     assert "`/imagine` Paint a picture" in mine["Commands"] and "`/help`" in mine["Commands"]
     assert "/limits" not in mine["Commands"] and "`/limits`" in theirs["Commands"]  # moderators' own
@@ -47,6 +48,9 @@ async def test_help_shows_the_commands_the_syntax_and_the_members_own_limits(fak
     assert "Init images: allowed" in here
     assert "Blocked" in blocked["content"]
     assert "blocked you from making pictures on this server (spam)" in after_block["Here, for you"]
+    # A server's block and quota stay on that server; in DMs the bot's defaults apply.
+    assert "Daily quota: 3 of 3 pictures left" in in_dm["In DMs, for you"]
+    assert "/limits" not in in_dm["Commands"]
 
 
 async def choices(fake: FakeDiscord, options: dict, focused: str) -> list:
