@@ -51,9 +51,14 @@ FAIR_ORDER = """
                                            coalesce(server_served, 0), id) AS place
         FROM turns)
 """
-# Every active job's place and the steps left until it is done (its own and those of the jobs ahead).
+# Every active job's place and the seconds until it is done (its own steps and those of the jobs ahead),
+# each job's steps at the speed of its size: parameters Speed.fixed, Speed.per_pixel.
 QUEUE_PLACES = f"""{FAIR_ORDER}
-    SELECT id, place, sum(max(0, total_steps - step)) OVER (ORDER BY place) AS remaining FROM fair"""
+    SELECT fair.id, fair.place,
+           sum(max(0, fair.total_steps - fair.step) * (? + ? * json_extract(jobs.request_json, '$.width')
+                                                           * json_extract(jobs.request_json, '$.height')))
+               OVER (ORDER BY fair.place) AS seconds
+    FROM fair JOIN jobs ON jobs.id = fair.id"""
 FINISHED = ("done", "failed", "cancelled")
 
 # Each entry upgrades the schema by one version (PRAGMA user_version); never edit a released one.
@@ -144,9 +149,40 @@ MIGRATIONS = [
 ]
 
 
-# The latest measured speeds, newest first (index jobs_by_speed, migration 5).
-RECENT_SPEEDS = ("SELECT seconds_per_step FROM jobs WHERE seconds_per_step IS NOT NULL "
+# The latest measured speeds and the pixels they were measured at, newest first (index jobs_by_speed,
+# migration 5).
+RECENT_SPEEDS = ("SELECT seconds_per_step, json_extract(request_json, '$.width') "
+                 "* json_extract(request_json, '$.height') FROM jobs WHERE seconds_per_step IS NOT NULL "
                  "ORDER BY coalesce(finished_at, started_at) DESC LIMIT ?")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Seconds per step at a picture size: `fixed + per_pixel × pixels` (CLIP's work on the cutouts is
+    the same at every size; the decoder's grows with the pixels)."""
+
+    fixed: float
+    per_pixel: float
+
+    def of(self, pixels: int) -> float:
+        return self.fixed + self.per_pixel * pixels
+
+    @staticmethod
+    def params(speed: Speed | None) -> tuple[float, float]:
+        return (speed.fixed, speed.per_pixel) if speed else (0.0, 0.0)
+
+    @classmethod
+    def fit(cls, measured: list[tuple[int, float]]) -> Speed | None:
+        """From (pixels, seconds per step) pairs: a straight line through them when they span two
+        sizes or more and it makes sense; else proportional to the pixels, through their median."""
+        if not measured:
+            return None
+        pixels, seconds = zip(*measured, strict=True)
+        if len(set(pixels)) > 1:
+            slope, intercept = statistics.linear_regression(pixels, seconds)
+            if slope > 0 and intercept >= 0:
+                return cls(intercept, slope)
+        return cls(0.0, statistics.median(seconds) / statistics.median(pixels))
 
 
 class DatabaseInUse(RuntimeError):
@@ -520,28 +556,33 @@ class Store:
                                "ORDER BY fair.place", *params)
 
     async def recent_seconds_per_step(self, sample: int = 20) -> float | None:
-        """The median measured speed of recent jobs, for ETAs; None until one has run."""
+        """The median measured speed of recent jobs, whatever their size; None until one has run."""
         rows = await self._rows(RECENT_SPEEDS, (sample,))
         values = [row[0] for row in rows]
         return statistics.median(values) if values else None
+
+    async def recent_speed(self, sample: int = 20) -> Speed | None:
+        """Seconds per step as a function of pixels, from recent jobs, for ETAs; None until one has run."""
+        return Speed.fit([(row[1], row[0]) for row in await self._rows(RECENT_SPEEDS, (sample,))
+                          if row[1]])
 
     async def position_and_eta(self, job_id: int) -> tuple[int, float | None]:
         """1-based place among active jobs (the running one is 1) and seconds until it is done."""
         # Counted in SQL: a burst of /imagine asks this for every new job, and loading each whole
         # queue as Job rows made that quadratic.
-        rows = await self._rows(f"SELECT place, remaining FROM ({QUEUE_PLACES}) WHERE id = ?", (job_id,))
+        speed = await self.recent_speed()
+        rows = await self._rows(f"SELECT place, seconds FROM ({QUEUE_PLACES}) WHERE id = ?",
+                                (*Speed.params(speed), job_id))
         if not rows:
             return 0, None
-        place, remaining = rows[0]
-        speed = await self.recent_seconds_per_step()
-        return place, None if speed is None else remaining * speed
+        place, seconds = rows[0]
+        return place, None if speed is None else seconds
 
     async def queue_places(self) -> dict[int, tuple[int, float | None]]:
         """`position_and_eta` of every active job, in one query."""
-        rows = await self._rows(QUEUE_PLACES)
-        speed = await self.recent_seconds_per_step()
-        return {job_id: (place, None if speed is None else remaining * speed)
-                for job_id, place, remaining in rows}
+        speed = await self.recent_speed()
+        rows = await self._rows(QUEUE_PLACES, Speed.params(speed))
+        return {job_id: (place, None if speed is None else seconds) for job_id, place, seconds in rows}
 
     # --- operations ------------------------------------------------------------------------------
 

@@ -174,10 +174,9 @@ class EngineWorker:
                 continue
             self.state = f"running job {job.id}"
             self._claimed = job  # until it is over: a crash on the way is this job's
-            speed = await self.store.recent_seconds_per_step()
+            _, eta = await self.store.position_and_eta(job.id)
             self.publisher.progress(Progress(job=job, step=job.step, total=job.total_steps, preview_jpeg=None,
-                                             eta_s=None if speed is None else job.remaining_steps * speed,
-                                             kind="started"))
+                                             eta_s=eta, kind="started"))
             self.publisher.queue_moved()  # everyone behind it moved up
             await self.run_job(job)
             self._claimed = None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -47,12 +48,17 @@ async def test_expired_jobs_keep_their_rows(tmp_path: Path) -> None:
     await store.close()
 
 
+def sized(width: int, height: int) -> str:
+    return json.dumps({"prompt": "p", "width": width, "height": height})
+
+
 async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
-    jobs = [await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=10),
-                                max_per_user=5, max_queue_length=5) for user in (1, 2, 3)]
+    jobs = [await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=user,
+                                       total_steps=10), max_per_user=5, max_queue_length=5)
+            for user in (1, 2, 3)]
     assert await store.position_and_eta(jobs[2].id) == (3, None)  # no speed measured yet
-    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=4, total_steps=10),
+    await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=4, total_steps=10),
                         max_per_user=5, max_queue_length=5)
     # A finished job gives the speed: 0.5 s per step.
     await store.claim_next_job()
@@ -64,6 +70,29 @@ async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tm
     assert await store.position_and_eta(jobs[2].id) == (2, (6 + 10) * 0.5)
     assert await store.position_and_eta(jobs[0].id) == (0, None)  # finished: not in the queue
     assert await store.position_and_eta(999) == (0, None)
+    assert (await store.queue_places())[jobs[2].id] == (2, (6 + 10) * 0.5)
+    await store.close()
+
+
+async def test_etas_scale_each_jobs_steps_with_its_pixels(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+
+    async def measured(width: int, height: int, seconds_per_step: float) -> None:
+        job = await store.enqueue(NewJob(request_json=sized(width, height), channel_id=5, user_id=1,
+                                         total_steps=10), max_per_user=9, max_queue_length=9)
+        await store.claim_next_job()
+        await store.save_progress(job.id, 10, seconds_per_step=seconds_per_step)
+        await store.finish(job.id, "done")
+
+    await measured(256, 256, 1.0)  # one size so far: seconds per step taken as proportional to pixels
+    big = await store.enqueue(NewJob(request_json=sized(512, 512), channel_id=5, user_id=2, total_steps=10),
+                              max_per_user=9, max_queue_length=9)
+    assert await store.position_and_eta(big.id) == (1, 10 * 4.0)
+    await store.finish(big.id, "cancelled")
+    # Two sizes: a line through them, 0.5 s fixed (CLIP on the cutouts) + a part that grows with pixels.
+    await measured(512, 512, 2.5)
+    speed = await store.recent_speed()
+    assert speed is not None and abs(speed.fixed - 0.5) < 1e-9 and abs(speed.of(384 * 384) - 1.625) < 1e-9
     await store.close()
 
 

@@ -24,16 +24,16 @@ class Queue(commands.Cog):
     async def show_queue(self, interaction: discord.Interaction) -> None:
         """Show your pictures in the queue, their places and when they should be done."""
         active = await self.bot.store.active_jobs()
-        speed = await self.bot.store.recent_seconds_per_step()
-        lines, remaining = [], 0
-        for place, job in enumerate(active, start=1):
-            remaining += job.remaining_steps
+        places = await self.bot.store.queue_places()
+        lines = []
+        for job in active:
             if job.user_id != interaction.user.id or not jobs.visible_to(job, interaction):
                 continue
+            place, seconds = places.get(job.id, (0, None))
             prompt = GenerationRequest.stored(job.request_json).prompt
             state = f"running, step {job.step}/{job.total_steps}" if job.status == "running" \
                 else f"#{place} in the queue"
-            eta = format_duration(remaining * speed) if speed is not None else "unknown"
+            eta = format_duration(seconds)
             lines.append(f"**#{job.id}** {quote(prompt, 80)} — {state} · ETA {eta}")
         summary = f"{len(active)} picture(s) waiting or running in all."
         text = "\n".join(lines) if lines else "You have no pictures waiting or running."

@@ -56,7 +56,7 @@ class Status(commands.Cog):
         if running is None:
             lines.append("Now: idle")
         else:
-            eta = format_duration(running.remaining_steps * speed) if speed is not None else "unknown"
+            eta = format_duration((await store.position_and_eta(running.id))[1])
             lines.append(f"Now: job #{running.id}, step {running.step}/{running.total_steps} · ETA {eta}")
 
         waiting = sum(job.status == "queued" for job in active)
