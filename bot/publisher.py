@@ -172,8 +172,6 @@ class Publisher:
             self._last_sent[job_id] = time.monotonic()
 
     async def _send_progress(self, update: Progress) -> None:
-        if self.banned:
-            return  # a frame is not worth prolonging a ban; the final post waits it out
         job = update.job
         request = GenerationRequest.stored(job.request_json)
         eta = f"ETA {format_duration(update.eta_s)}"
@@ -298,7 +296,7 @@ class Publisher:
 
     async def edit(self, job: Job, **fields) -> bool:
         """Edit the job's message; returns False (and logs) if Discord could not be reached."""
-        if self.banned:
+        if self.banned:  # no call prolongs a ban: frames are dropped, final posts wait it out (_deliver)
             return False
         job = await self.store.get(job.id) or job  # the message id may have changed
         if job.deleted_at is not None:  # deleted while it ran: its message stays gone

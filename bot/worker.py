@@ -109,6 +109,10 @@ class EngineWorker:
                     self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
                     log.error("%s%s; the queue is paused until there is space again", self.paused,
                               f" while running job {job.id}" if job else "")
+                    # At least one interval first: a database that is full while a probe file still fits
+                    # (a quota, a size cap) must not turn this into a busy loop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(), SPACE_CHECK_S)
                     await self._wait_for_space()  # then a restart re-queues that job and resumes it
                     if self._stopping.is_set():
                         self.state = "stopped"
