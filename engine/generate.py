@@ -243,6 +243,9 @@ def initial_latent(models: Models, request: GenerationRequest, generator: torch.
                 f"the saved state is for {latent.shape[-1] * factor}x{latent.shape[-2] * factor} with "
                 f"batch {latent.shape[0]} and another model's latent ({latent.shape[1]} channels); "
                 "continue with that size, batch size and model")
+        if request.variation:  # a nearby start, not the same path: new noise and a fresh optimiser
+            noise = torch.randn(latent.shape, generator=generator, device=models.device)
+            return latent + request.variation * latent.std() * noise, None
         return latent, earlier.optimizer
     if request.init_image is not None:
         image = Image.open(request.init_image).convert("RGB")

@@ -11,7 +11,15 @@ import random
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Sides are multiples of 16: one latent cell per 16x16 pixels for f16 VQGANs, and per 8x8 for f8 ones.
 LATENT_FACTOR = 16
@@ -86,6 +94,10 @@ class GenerationRequest(BaseModel):
     init_image: Path | None = Field(None, description="start from this image instead of noise")
     continue_from: Path | None = Field(
         None, description="continue from a finished run's saved state (.state.pt) for `steps` more steps")
+    variation: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="with continue_from: noise (drawn from `seed`) mixed into the saved latent, in units of "
+                    "its spread, and a fresh optimiser: a variation of that picture rather than more of it")
 
     @field_validator("prompt")
     @classmethod
@@ -109,6 +121,12 @@ class GenerationRequest(BaseModel):
         if value is not None and not stored and not value.is_file():
             raise ValueError(f"file not found: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _variation_needs_a_latent(self) -> GenerationRequest:
+        if self.variation and self.continue_from is None:
+            raise ValueError("variation needs continue_from: it varies a finished picture's latent")
+        return self
 
     @classmethod
     def stored(cls, data: str) -> GenerationRequest:

@@ -167,6 +167,29 @@ def test_continue_starts_from_the_saved_latent_and_links_the_recipe(tiny_models:
     assert continued.steps_done == 3
 
 
+def test_variations_start_near_the_saved_latent_and_differ_by_seed(tiny_models: Models,
+                                                                    tmp_path: Path) -> None:
+    first = generate(small(steps=5), tiny_models)
+    state_path = output.save_state(first.state, tmp_path / "first.state.pt")
+    starts: dict[int, torch.Tensor] = {}
+    for seed in (9, 10):
+        vary = small(steps=1, preview_every=1, continue_from=state_path, seed=seed, variation=0.3)
+        generate(vary, tiny_models,
+                 callback=lambda info, seed=seed: starts.setdefault(seed, info.latent.clone()))
+    fresh = generate(small(steps=1, preview_every=1, seed=9), tiny_models).latent
+    plain = generate(small(steps=1, preview_every=1, seed=9, continue_from=state_path), tiny_models).latent
+
+    def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().mean())
+
+    # Near the parent (closer than a fresh start), further than a plain continue, and one seed's
+    # variation is not another's.
+    assert gap(plain, first.latent) < gap(starts[9], first.latent) < gap(fresh, first.latent)
+    assert gap(starts[9], starts[10]) > gap(plain, first.latent)
+    with pytest.raises(ValueError, match="variation needs continue_from"):
+        small(variation=0.3)
+
+
 def test_should_stop_cancels_within_one_step(tiny_models: Models) -> None:
     steps_seen: list[int] = []
     result = generate(small(steps=50), tiny_models, callback=lambda info: steps_seen.append(info.step),
