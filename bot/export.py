@@ -57,8 +57,7 @@ def export_rows(jobs: list[Job]) -> list[dict]:
             "prompt": request.prompt, "negative": request.negative, "style": request.style,
             "seed": request.seed, "width": request.width, "height": request.height, "steps": job.total_steps,
             "status": job.status,
-            "seconds": round(job.finished_at - job.started_at, 1)
-            if job.finished_at and job.started_at else "",
+            "seconds": round(job.seconds, 1) if job.seconds else "",
             "deleted_by": job.deleted_by or "", "expired": bool(job.expired_at),
         })
     return rows

@@ -70,6 +70,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) -> discord.Embed:
+    """The whole recipe, for the Recipe button (the result itself stays short, for phones)."""
     embed = discord.Embed(description=quote(request.prompt, 4000), colour=discord.Colour.blurple())
     embed.add_field(name="Seed", value=str(request.seed))
     embed.add_field(name="Size", value=f"{request.width}×{request.height}")
@@ -78,8 +79,25 @@ def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) ->
         embed.add_field(name="Negative", value=quote(request.negative, 1000), inline=False)
     if request.style:
         embed.add_field(name="Style", value=quote(request.style, 1000), inline=False)
+    if request.model:
+        embed.add_field(name="Model", value=quote(request.model, 100))
+    if request.variation:
+        embed.add_field(name="Variation", value=f"{request.variation:g} of job #{job.parent_job_id}")
+    elif request.continue_from:
+        embed.add_field(name="Continued", value=f"from job #{job.parent_job_id}")
+    if request.init_image:
+        embed.add_field(name="Init image", value="yes")
     embed.set_footer(text=f"job #{job.id} · lr {request.learning_rate} · cutn {request.cutn}"
                           + (f" · {format_duration(seconds)}" if seconds else ""))
+    return embed
+
+
+def result_embed(job: Job, request: GenerationRequest, picture: str | None) -> discord.Embed:
+    """One short card: the picture and a line under it; the rest is behind the Recipe button."""
+    embed = discord.Embed(colour=discord.Colour.blurple())
+    if picture:
+        embed.set_image(url=f"attachment://{picture}")
+    embed.set_footer(text=f"seed {request.seed} · {request.width}×{request.height} · job #{job.id}")
     return embed
 
 
@@ -181,7 +199,7 @@ class Publisher:
                 return
             ahead = "next up" if update.place <= 1 else f"position {update.place} in the queue"
             text = f"🕒 **{quote(request.prompt)}** — queued, {ahead} · {eta}"
-            await self.edit(job, content=self._content(text), view=job_view(job.id, running=True))
+            await self.edit(job, content=self._content(text), view=job_view(job.id, "running"))
             return
         fields: dict = {}  # without a new preview the last one stays
         if update.preview_jpeg:
@@ -190,7 +208,7 @@ class Publisher:
         state = "started, " if update.kind == "started" else ""
         await self.edit(job, content=self._content(
             f"🎨 **{quote(request.prompt)}** — {state}step {update.step}/{update.total} · {eta}"),
-            view=job_view(job.id, running=True), **fields)
+            view=job_view(job.id, "running"), **fields)
 
     async def _quiet_progress(self, job_id: int) -> None:
         """Drop pending frames and wait for one in flight, so no progress lands after the end."""
@@ -206,25 +224,27 @@ class Publisher:
         """Show a finished job's final state; returns whether Discord accepted it."""
         await self._quiet_progress(job.id)
         prompt = quote(_prompt_of(job))
-        seconds = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
+        # A stored request today's rules refuse gets no buttons: they would make it again.
+        view = job_view(job.id, job.status) if _readable(job) else None
         if job.status == "done" and job.output_path:
             request = GenerationRequest.stored(job.request_json)  # it ran, so it is valid
             files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
             ok = await self.edit(job, content=self._content(
                 f"✅ **{prompt}** — {request.steps} steps in "
-                f"{format_duration(seconds)}{note}"),
-                embed=recipe_embed(job, request, seconds), attachments=files, view=job_view(job.id))
+                f"{format_duration(job.seconds)}{note}"),
+                embed=result_embed(job, request, files[0].filename if files else None),
+                attachments=files, view=view)
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
             why = f" ({note})" if note else ""
             ok = await self.edit(job, content=self._content(
                 f"🛑 **{prompt}** — cancelled{who}{why} "
                 f"at step {job.step}/{job.total_steps}."),
-                view=None)
+                view=view)
         else:
             ok = await self.edit(job, content=self._content(
-                f"❌ **{prompt}** — failed: {job.error}"), view=None)
+                f"❌ **{prompt}** — failed: {job.error}"), view=view)
         if ok:
             await self.store.mark_posted(job.id)
         return ok
@@ -375,6 +395,14 @@ def _final_files(path: Path, limit: int) -> tuple[list[discord.File], str]:
         return [], " (the picture is larger than this server's upload limit)"
     return ([discord.File(io.BytesIO(jpeg), path.with_suffix(".jpg").name)],
             " (a JPEG: the PNG is over this server's upload limit)")
+
+
+def _readable(job: Job) -> bool:
+    try:
+        GenerationRequest.stored(job.request_json)
+        return True
+    except ValidationError:
+        return False
 
 
 def _prompt_of(job: Job) -> str:

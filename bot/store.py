@@ -246,6 +246,11 @@ class Job:
     def remaining_steps(self) -> int:
         return max(0, self.total_steps - self.step)
 
+    @property
+    def seconds(self) -> float | None:
+        """How long it ran, once it has ended."""
+        return self.finished_at - self.started_at if self.finished_at and self.started_at else None
+
 
 @dataclass(frozen=True)
 class NewJob:

@@ -45,7 +45,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -140,6 +140,15 @@ MAX_FOOTER = 2048
 MAX_EMBED_TOTAL = 6000
 MAX_FILES = 10
 MAX_REQUEST_BYTES = 25 * MIB
+# Components (legacy layout) and modals.
+MAX_ROWS = 5
+MAX_BUTTONS_PER_ROW = 5
+MAX_CUSTOM_ID = 100
+MAX_BUTTON_LABEL = 80
+MAX_MODAL_TITLE = 45
+MAX_INPUT_LABEL = 45
+MAX_INPUT_VALUE = 4000
+MAX_PLACEHOLDER = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +201,15 @@ class _ApiError(Exception):
         if self.errors:
             body["errors"] = self.errors
         return _json_response(body, status=self.status)
+
+
+def _walk_components(components: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every component, depth-first (rows, their children, section accessories)."""
+    for comp in components:
+        yield comp
+        yield from _walk_components(comp.get("components", []))
+        if isinstance(comp.get("accessory"), dict):
+            yield from _walk_components([comp["accessory"]])
 
 
 def _form_error(field_path: str, code: str, message: str) -> _ApiError:
@@ -502,18 +520,7 @@ class FakeMessage:
 
     def custom_ids(self) -> list[str]:
         """Every component custom_id on the message (buttons, selects), depth-first."""
-        found: list[str] = []
-
-        def walk(components: Iterable[dict[str, Any]]) -> None:
-            for comp in components:
-                if "custom_id" in comp:
-                    found.append(comp["custom_id"])
-                walk(comp.get("components", []))
-                if isinstance(comp.get("accessory"), dict):
-                    walk([comp["accessory"]])
-
-        walk(self.components)
-        return found
+        return [comp["custom_id"] for comp in _walk_components(self.components) if "custom_id" in comp]
 
     def __repr__(self) -> str:
         flags = " ephemeral" if self.ephemeral else ""
@@ -1483,11 +1490,91 @@ class FakeDiscord:
             total += sum(len(f.get("name", "")) + len(f.get("value", "")) for f in embed.get("fields", []))
         if total > MAX_EMBED_TOTAL:
             raise _form_error("embeds", "MAX_EMBED_SIZE_EXCEEDED", "Embed size exceeds maximum size of 6000")
+        if payload.get("components"):
+            self._validate_components(payload["components"], int(payload.get("flags") or 0))
         if len(files) > MAX_FILES:
             raise _form_error("files", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_FILES} or fewer in length.")
         too_big = any(len(f.data) > size_limit for f in files)
         if too_big or sum(len(f.data) for f in files) > MAX_REQUEST_BYTES:
             raise _ApiError(413, 40005, "Request entity too large")
+
+    @staticmethod
+    def _validate_components(rows: list[dict[str, Any]], flags: int) -> None:
+        """Legacy message components: up to 5 action rows of up to 5 buttons (or one select), custom
+        ids of 1-100 characters unique within the message, button labels up to 80."""
+        if flags & FLAG_COMPONENTS_V2:
+            return  # the v2 layout has its own rules; nothing here sends it
+        if len(rows) > MAX_ROWS:
+            raise _form_error("components", "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ROWS} or fewer in length.")
+        seen: set[str] = set()
+        for r, row in enumerate(rows):
+            children = row.get("components") or []
+            if row.get("type") != 1 or not 1 <= len(children) <= MAX_BUTTONS_PER_ROW:
+                raise _form_error(f"components.{r}", "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                                  "The specified component exceeds the maximum width")
+            if any(child.get("type") != 2 for child in children) and len(children) > 1:
+                raise _form_error(f"components.{r}", "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                                  "The specified component exceeds the maximum width")
+            for c, child in enumerate(children):
+                where = f"components.{r}.components.{c}"
+                custom_id = child.get("custom_id")
+                if (child.get("style") != 5 and child.get("type") == 2) or child.get("type") != 2:
+                    if not custom_id or len(custom_id) > MAX_CUSTOM_ID:
+                        raise _form_error(f"{where}.custom_id", "BASE_TYPE_BAD_LENGTH",
+                                          f"Must be between 1 and {MAX_CUSTOM_ID} in length.")
+                    if custom_id in seen:
+                        raise _form_error(f"{where}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED",
+                                          "Component custom id cannot be duplicated")
+                    seen.add(custom_id)
+                if len(child.get("label") or "") > MAX_BUTTON_LABEL:
+                    raise _form_error(f"{where}.label", "BASE_TYPE_MAX_LENGTH",
+                                      f"Must be {MAX_BUTTON_LABEL} or fewer in length.")
+
+    @staticmethod
+    def _validate_modal(data: dict[str, Any]) -> None:
+        """A modal: a title of 1-45, a custom id of 1-100, 1-5 text inputs (each in an action row, or
+        in a label), each with a custom id, style 1 or 2, lengths within 0-4000 and a value that fits."""
+        title, custom_id, rows = data.get("title") or "", data.get("custom_id") or "", data.get("components")
+        if not 1 <= len(title) <= MAX_MODAL_TITLE:
+            raise _form_error("data.title", "BASE_TYPE_BAD_LENGTH",
+                              f"Must be between 1 and {MAX_MODAL_TITLE} in length.")
+        if not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
+            raise _form_error("data.custom_id", "BASE_TYPE_BAD_LENGTH",
+                              f"Must be between 1 and {MAX_CUSTOM_ID} in length.")
+        if not rows or len(rows) > MAX_ROWS:
+            raise _form_error("data.components", "BASE_TYPE_BAD_LENGTH",
+                              f"Must be between 1 and {MAX_ROWS} in length.")
+        for r, row in enumerate(rows):
+            where = f"data.components.{r}"
+            if row.get("type") == 18:  # a label around one input: the label text is the label's
+                inputs, label = [row.get("component") or {}], row.get("label") or ""
+            elif row.get("type") == 1:
+                inputs = row.get("components") or []
+                label = (inputs[0].get("label") or "") if inputs else ""
+            else:
+                raise _form_error(f"{where}.type", "BASE_TYPE_CHOICES", "Value must be one of {1, 18}.")
+            if len(inputs) != 1 or inputs[0].get("type") != 4:
+                raise _form_error(where, "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                                  "The specified component exceeds the maximum width")
+            box = inputs[0]
+            if not 1 <= len(label) <= MAX_INPUT_LABEL:
+                raise _form_error(f"{where}.label", "BASE_TYPE_BAD_LENGTH",
+                                  f"Must be between 1 and {MAX_INPUT_LABEL} in length.")
+            if not 1 <= len(box.get("custom_id") or "") <= MAX_CUSTOM_ID:
+                raise _form_error(f"{where}.custom_id", "BASE_TYPE_BAD_LENGTH",
+                                  f"Must be between 1 and {MAX_CUSTOM_ID} in length.")
+            if box.get("style") not in (1, 2):
+                raise _form_error(f"{where}.style", "BASE_TYPE_CHOICES", "Value must be one of {1, 2}.")
+            low, high = box.get("min_length", 0), box.get("max_length", MAX_INPUT_VALUE)
+            if not (0 <= low <= MAX_INPUT_VALUE and 1 <= high <= MAX_INPUT_VALUE and low <= high):
+                raise _form_error(f"{where}.max_length", "BASE_TYPE_BAD_LENGTH",
+                                  f"Must be between 1 and {MAX_INPUT_VALUE} in length.")
+            if len(box.get("value") or "") > high:
+                raise _form_error(f"{where}.value", "BASE_TYPE_BAD_LENGTH",
+                                  f"Must be between {low} and {high} in length.")
+            if len(box.get("placeholder") or "") > MAX_PLACEHOLDER:
+                raise _form_error(f"{where}.placeholder", "BASE_TYPE_MAX_LENGTH",
+                                  f"Must be {MAX_PLACEHOLDER} or fewer in length.")
 
     def _attachment(
         self, upload: RecordedFile | FakeFile, description: str | None, ephemeral: bool
@@ -1549,6 +1636,14 @@ class FakeDiscord:
             data.setdefault("attachments", [])
             data["attachments"] += [self._attachment(f, None, msg.ephemeral) for f in by_index.values()]
         msg.files = {int(a["id"]): self._attachment_files[int(a["id"])] for a in data.get("attachments", [])}
+        by_name = {a["filename"]: a for a in data.get("attachments", [])}
+        for embed in data.get("embeds", []):  # "attachment://name" becomes that attachment's URL
+            image = embed.get("image") or {}
+            name = str(image.get("url", "")).removeprefix("attachment://")
+            if str(image.get("url", "")).startswith("attachment://") and name in by_name:
+                found = by_name[name]
+                embed["image"] = {"url": found["url"], "proxy_url": found["proxy_url"],
+                                  **{k: found[k] for k in ("width", "height") if k in found}}
         if not creating:
             data["edited_timestamp"] = _iso(_now())
             msg.edits += 1
@@ -1784,8 +1879,9 @@ class FakeDiscord:
             if inter.type != IT_AUTOCOMPLETE:
                 raise _ApiError(400, 40004, "Interaction callback type invalid for this interaction")
         elif cb_type == CB_MODAL:
-            if inter.type == IT_MODAL_SUBMIT:
+            if inter.type in (IT_MODAL_SUBMIT, IT_PING):
                 raise _ApiError(400, 40004, "Interaction callback type invalid for this interaction")
+            self._validate_modal(data)
         else:
             raise _form_error("type", "BASE_TYPE_CHOICES", "Value must be one of {4, 5, 6, 7, 8, 9}.")
 
@@ -2339,6 +2435,19 @@ class FakeDiscord:
         msg = self.messages[self._id_of(message)]
         if msg.deleted:
             raise KeyError(f"message {msg.id} was deleted")
+        if msg.ephemeral and msg.interaction_id is not None:
+            owner = self.interactions[msg.interaction_id].user_id
+            clicker = (user.user if isinstance(user, FakeMember) else user) or self.default_member.user
+            if clicker.id != owner:  # only the member it was shown to has it on screen
+                raise PermissionError(f"message {msg.id} is ephemeral: only user {owner} sees it")
+        if itype == IT_COMPONENT:  # Discord's client offers only what the message shows, enabled
+            shown = {comp["custom_id"]: comp for comp in _walk_components(msg.components)
+                     if "custom_id" in comp}
+            if data["custom_id"] not in shown:
+                raise KeyError(f"message {msg.id} has no component {data['custom_id']!r} "
+                               f"(it has {sorted(shown)})")
+            if shown[data["custom_id"]].get("disabled"):
+                raise PermissionError(f"component {data['custom_id']!r} on message {msg.id} is disabled")
         channel = self._find_channel(msg.channel_id)
         return await self._send_interaction(
             itype, data, user=user, channel=channel, guild=None, dm=channel is not None and channel.type == 1,
@@ -2378,22 +2487,48 @@ class FakeDiscord:
 
     async def submit_modal(
         self,
-        custom_id: str,
-        fields: dict[str, str],
+        opened: FakeInteraction,
+        values: dict[str, str],
         *,
-        message: int | FakeMessage | None = None,
         user: FakeUser | FakeMember | None = None,
-        channel: FakeChannel | None = None,
     ) -> FakeInteraction:
-        """A user submits a modal: ``fields`` maps text input custom_ids to values."""
-        data = {"custom_id": custom_id, "components": [
-            {"type": 1, "components": [{"type": 4, "custom_id": cid, "value": value}]}
-            for cid, value in fields.items()
-        ]}
-        if message is not None:
-            return await self._component(data, message, user=user, permissions=None, created_at=None,
-                                         itype=IT_MODAL_SUBMIT)
+        """The member submits the modal the bot answered ``opened`` with; ``values`` maps the text
+        inputs' custom ids to what they typed (the others keep the value the bot filled in). Like
+        Discord's client, refuses (ValueError) what the form would not let them send: an input the
+        modal has not, a required one left empty, a length outside the input's limits."""
+        if opened.response_type != CB_MODAL or opened.response_data is None:
+            raise ValueError(f"{opened!r} was not answered with a modal")
+        form = opened.response_data
+        inputs = [row.get("component") if row.get("type") == 18 else row["components"][0]
+                  for row in form["components"]]
+        known = {box["custom_id"] for box in inputs}
+        if unknown := set(values) - known:
+            raise ValueError(f"the modal has no inputs {sorted(unknown)} (it has {sorted(known)})")
+        rows = []
+        for box in inputs:
+            name = box["custom_id"]
+            value = values.get(name, box.get("value") or "")
+            low, high = box.get("min_length", 0), box.get("max_length", MAX_INPUT_VALUE)
+            if box.get("required", True) and not value:
+                raise ValueError(f"input {name!r} is required")
+            if value and not low <= len(value) <= high:
+                raise ValueError(f"input {name!r} takes {low}-{high} characters, not {len(value)}")
+            rows.append({"type": 1, "components": [{"type": 4, "custom_id": name, "value": value}]})
+        data = {"custom_id": form["custom_id"], "components": rows}
+        who = user or self._actor_of(opened)
+        if opened.source_message_id is not None:  # opened from a message's button: the submit names it
+            return await self._component(data, opened.source_message_id, user=who, permissions=None,
+                                         created_at=None, itype=IT_MODAL_SUBMIT)
+        channel = self._find_channel(opened.channel_id)
         return await self._send_interaction(
-            IT_MODAL_SUBMIT, data, user=user, channel=channel, guild=None, dm=False, permissions=None,
+            IT_MODAL_SUBMIT, data, user=who, channel=channel, guild=None,
+            dm=channel is not None and channel.type == 1, permissions=None,
             app_permissions=None, created_at=None, locale="en-US", attachment_size_limit=None,
         )
+
+    def _actor_of(self, inter: FakeInteraction) -> FakeUser | FakeMember:
+        if inter.guild_id is not None:
+            member = self.guilds[inter.guild_id].members.get(inter.user_id)
+            if member is not None:
+                return member
+        return self.users[inter.user_id]

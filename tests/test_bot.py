@@ -32,8 +32,12 @@ async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeD
     assert recipe["request"]["seed"] == 7 and recipe["request"]["steps"] == 6
     assert final.attachments[0]["filename"] == "job-1.png"
     assert "test models" in final.content  # the tiny preset says so in every reply
-    assert {"Seed", "Size", "Steps"} <= {f["name"] for f in final.embeds[0]["fields"]}
-    assert final.custom_ids() == ["job:reroll:1", "job:continue:1", "job:delete:1"]
+    # Short, for phones: one card with the picture in it; the recipe is behind a button.
+    (card,) = final.embeds
+    assert card["image"]["url"] == final.attachments[0]["url"]
+    assert card["footer"]["text"] == "seed 7 · 64×64 · job #1" and "fields" not in card
+    assert final.custom_ids() == ["job:reroll:1", "job:vary:1", "job:continue:1", "job:edit:1",
+                                  "job:recipe:1", "job:delete:1"]
 
     # Progress edits carried preview images (JPEG) before the final PNG.
     edits = fake.requests_matching("PATCH", r"/webhooks/\d+/[^/]+/messages/\d+")

@@ -115,25 +115,51 @@ async def test_limits_hold_under_concurrent_enqueues(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_reroll_continue_and_delete_buttons_work_after_a_restart(fake: FakeDiscord,
-                                                                       tmp_path: Path) -> None:
+async def test_result_buttons_and_forms_work_after_a_restart(fake: FakeDiscord, tmp_path: Path) -> None:
     settings = bot_settings(fake, tmp_path)
     async with BotRunner(settings):
-        original = await fake.send_slash_command("imagine", {"prompt": "a cat", "seed": 5})
+        original = await fake.send_slash_command("imagine", {"prompt": "a cat", "negative": "dogs",
+                                                             "seed": 5})
         done = await wait_for_reply(fake, original, "✅")
+        # A form opened before the restart is answered after it.
+        editing = await fake.wait_for_response(await fake.click_button("job:edit:1", done))
+    assert editing.response_type == 9  # the form, as the first answer (Discord allows no defer first)
+    inputs = {row["components"][0]["custom_id"]: row["components"][0] for row in
+              editing.response_data["components"]}
+    assert inputs["prompt"]["value"] == "a cat" and inputs["negative"]["value"] == "dogs"
 
     async with BotRunner(settings) as bot:  # a new process: the buttons must still answer
-        reroll = await fake.click_button("job:reroll:1", done)
-        rerolled = await wait_for_reply(fake, reroll, "✅")
-        again = recipe_of(rerolled.attachment_bytes(0))["request"]
-        assert again["prompt"] == "a cat" and again["seed"] != 5
-        assert (await bot.store.get(2)).parent_job_id == 1
+        edited = await fake.submit_modal(editing, {"prompt": "a cat in a hat", "style": "ink"})
+        recipe = recipe_of((await wait_for_reply(fake, edited, "✅")).attachment_bytes(0))["request"]
+        assert (recipe["prompt"], recipe["negative"], recipe["style"], recipe["seed"]) == \
+            ("a cat in a hat", "dogs", "ink", 5)  # the same seed: only the words changed
 
-        more = await fake.click_button("job:continue:1", done)
-        continued = await wait_for_reply(fake, more, "✅")
-        recipe = recipe_of(continued.attachment_bytes(0))
-        assert recipe["request"]["continue_from"].endswith("job-1.state.pt")
-        assert recipe["continued_from"]["request"]["seed"] == 5
+        reroll = await fake.click_button("job:reroll:1", done)
+        again = recipe_of((await wait_for_reply(fake, reroll, "✅")).attachment_bytes(0))["request"]
+        assert again["prompt"] == "a cat" and again["seed"] != 5
+        assert (await bot.store.get(3)).parent_job_id == 1
+
+        asking = await fake.wait_for_response(await fake.click_button("job:continue:1", done))
+        with pytest.raises(ValueError, match="takes 1-5 characters"):
+            await fake.submit_modal(asking, {"steps": "123456"})  # the form's own limit
+        refused = await fake.wait_for_response(await fake.submit_modal(asking, {"steps": "lots"}))
+        assert "Steps: 'lots' is not a whole number" in refused.response_data["content"]
+        too_many = await fake.wait_for_response(await fake.submit_modal(asking, {"steps": "9999"}))
+        assert "above this server's limit" in too_many.response_data["content"]
+        more = await fake.submit_modal(asking, {"steps": "3"})
+        continued = recipe_of((await wait_for_reply(fake, more, "✅")).attachment_bytes(0))
+        assert continued["request"]["continue_from"].endswith("job-1.state.pt")
+        assert continued["request"]["steps"] == 3 and continued["continued_from"]["request"]["seed"] == 5
+
+        vary = await fake.click_button("job:vary:1", done)
+        varied = recipe_of((await wait_for_reply(fake, vary, "✅")).attachment_bytes(0))["request"]
+        assert varied["variation"] > 0 and varied["seed"] != 5 and varied["continue_from"]
+        assert varied["steps"] == 2  # a third of the picture's 6
+
+        shown = await fake.wait_for_response(await fake.click_button("job:recipe:1", done))
+        assert shown.response_data["flags"] & 64  # only for the member who asked
+        line = "/imagine prompt:a cat negative:dogs steps:6 size:64x64 seed:5"
+        assert line in shown.response_data["content"]
 
         intruder = fake.add_member("mallory")
         refused = await fake.click_button("job:delete:1", done, user=intruder)
@@ -142,9 +168,29 @@ async def test_reroll_continue_and_delete_buttons_work_after_a_restart(fake: Fak
         removed = await fake.click_button("job:delete:1", done)
         await fake.wait_until(lambda: done.deleted, 10)
         job = await bot.store.get(1)
+        # A picture whose files are gone (retention): varying it says so instead of failing later.
+        Path((await bot.store.get(5)).latent_path).unlink()
+        gone = await fake.click_button("job:vary:5", fake.original_response(vary))
+        await fake.wait_for_response(gone)
+        assert "its saved state is gone" in gone.response_data["content"]
     assert job.deleted_at is not None and job.deleted_by == fake.default_member.id
     assert not Path(job.output_path).exists() and not Path(job.latent_path).exists()
     assert removed.acknowledged
+
+
+async def test_a_cancelled_job_can_be_retried_with_the_same_recipe(fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "a slow one", "steps": 1000, "seed": 3})
+        await wait_for_reply(fake, first, "step")
+        await fake.wait_for_response(await fake.send_slash_command("cancel", {"job": 1}))
+        stopped = await wait_for_reply(fake, first, "🛑")
+        assert stopped.custom_ids() == ["job:retry:1", "job:edit:1", "job:recipe:1", "job:delete:1"]
+        retry = await fake.click_button("job:retry:1", stopped)
+        await wait_for_reply(fake, retry, "step")
+        again = await bot.store.get(2)
+        assert (again.parent_job_id, again.status) in ((1, "running"), (1, "queued"))
+        assert again.request_json == (await bot.store.get(1)).request_json  # the same seed and all
+        await fake.wait_for_response(await fake.send_slash_command("cancel", {"job": 2}))
 
 
 async def test_a_failing_job_is_reported_and_the_engine_goes_on(fake: FakeDiscord, tmp_path: Path) -> None:

@@ -301,6 +301,8 @@ async def test_button_click_reaches_view_callback(fake: FakeDiscord, bot: ProbeB
     posted = fake.get_message(message_id)
     assert posted.content == "pick" and posted.custom_ids() == ["probe:click", "probe:select"]
 
+    with pytest.raises(KeyError, match="no component 'probe:other'"):  # Discord shows no such button
+        await fake.click_button("probe:other", posted)
     bob = fake.add_member("bob")
     click = await fake.click_button("probe:click", posted, user=bob)
     seen = await bot.next_result("click")
@@ -323,7 +325,9 @@ async def test_select_modal_autocomplete_and_dm(fake: FakeDiscord, bot: ProbeBot
     opened = await fake.wait_for_response(await fake.send_slash_command("form"))
     assert opened.response_type == 9 and opened.response_data is not None
     assert opened.response_data["custom_id"] == "probe:form"
-    submitted = await fake.submit_modal("probe:form", {"probe:text": "a lighthouse"})
+    with pytest.raises(ValueError, match="no inputs"):
+        await fake.submit_modal(opened, {"probe:other": "x"})
+    submitted = await fake.submit_modal(opened, {"probe:text": "a lighthouse"})
     assert await bot.next_result("form") == "a lighthouse"
     await fake.wait_for_response(submitted)
     reply = fake.original_response(submitted)
@@ -688,3 +692,20 @@ async def test_lookups_history_and_direct_message(fake: FakeDiscord, bot: ProbeB
     dm = await user.send("your image is ready")
     assert [m.content for m in fake.messages_in(fake.dm_channel(fake.default_member.user))] == [dm.content]
     assert not fake.unhandled_requests
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"title": "x" * 46}, "title"),
+    ({"components": []}, "components"),
+    ({"components": [{"type": 1, "components": [{"type": 4, "custom_id": "t", "style": 1,
+                                                "label": "y" * 46}]}]}, "label"),
+    ({"components": [{"type": 1, "components": [{"type": 4, "custom_id": "t", "style": 1, "label": "L",
+                                                "max_length": 5, "value": "toolong"}]}]}, "value"),
+])
+def test_modals_break_discords_rules_at_the_fake_too(change: dict, field: str) -> None:
+    good = {"title": "Edit", "custom_id": "form", "components": [
+        {"type": 1, "components": [{"type": 4, "custom_id": "t", "style": 1, "label": "Prompt"}]}]}
+    FakeDiscord._validate_modal(good)
+    with pytest.raises(Exception, match="Invalid Form Body") as refused:
+        FakeDiscord._validate_modal({**good, **change})
+    assert field in str(refused.value.errors)

@@ -109,18 +109,24 @@ async def test_prompts_ping_nobody_and_show_no_masked_links(fake: FakeDiscord, t
         await wait_for_reply(fake, queued, "step")
         listed = await command(fake, "queue")
         await command(fake, "cancel", {"job": 2})
+        recipe = await fake.wait_for_response(await fake.click_button("job:recipe:1", done))
 
     bodies = message_bodies(fake)
     assert len(bodies) >= 5
     # Discord pings only what allowed_mentions allows: nothing, on every message, whatever the text.
     assert all(body.get("allowed_mentions") == {"parse": []} for body in bodies), bodies
-    shown = [done.content, done.embeds[0]["description"], listed["content"],
-             *(field["value"] for field in done.embeds[0]["fields"])]
+    (card,) = recipe.response_data["embeds"]
+    shown = [done.content, card["description"], listed["content"],
+             *(field["value"] for field in card["fields"])]
     for text in shown:
         assert "@everyone" not in text and "@here" not in text
         assert f"<@{victim.id}>" not in text and f"<@&{role.id}>" not in text
         assert not MASKED_LINK.search(text), text  # shown as text, not as a link
-    assert "free nitro" in done.embeds[0]["description"] and "art" in done.embeds[0]["fields"][-1]["value"]
+    fields = {field["name"]: field["value"] for field in card["fields"]}
+    assert "free nitro" in card["description"] and "art" in fields["Style"]
+    # The line to make it again is raw text to copy, inside one code block nothing can close.
+    line = recipe.response_data["content"]
+    assert line.count("```") == 2 and prompt.replace("`", "ˋ") in line
 
 
 async def test_an_unexpected_error_answers_with_an_id_that_the_log_explains(

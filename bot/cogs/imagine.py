@@ -1,4 +1,5 @@
-"""/imagine and the buttons under its results (re-roll, continue, delete, cancel)."""
+"""/imagine and the buttons under its results (re-roll, variations, continue, edit, retry, recipe,
+delete, cancel) with the forms they open."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from discord import app_commands
 from discord.ext import commands
 from pydantic import ValidationError
 
-from bot import init_images, jobs
+from bot import init_images, jobs, views
 from bot.checks import guild_limits, missing_channel_permissions
+from bot.errors import answer_unexpected
 from bot.limits import (
     SIZES,
     STEP_CHOICES,
@@ -23,6 +25,7 @@ from bot.limits import (
     size_fits,
     sizes_that_fit,
 )
+from bot.publisher import recipe_embed
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -197,7 +200,7 @@ class Imagine(commands.Cog):
             raise UserError(str(error)) from None
         await asyncio.to_thread(init_images.save, image, path)
 
-    # --- buttons ---------------------------------------------------------------------------------
+    # --- buttons and the forms they open ------------------------------------------------------------
 
     async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         job = await jobs.find_job(self.bot, interaction, job_id)
@@ -207,30 +210,114 @@ class Imagine(commands.Cog):
             await jobs.cancel_job(self.bot, interaction, job)
         elif action == "delete":
             await jobs.delete_job(self.bot, interaction, job)
-        elif action in ("reroll", "continue"):
+        elif action == "recipe":
+            await self.show_recipe(interaction, job)
+        elif action == "continue":
+            if await self.saved_latent(interaction, job):
+                limits = await guild_limits(self.bot, interaction.guild_id)
+                await interaction.response.send_modal(views.continue_form(
+                    job.id, min(self.bot.settings.default_steps, limits.max_steps), limits.max_steps))
+        elif action == "edit":
+            request = GenerationRequest.stored(job.request_json)
+            await interaction.response.send_modal(
+                views.edit_form(job.id, request.prompt, request.negative, request.style))
+        elif action in ("reroll", "vary", "retry"):
             await self.follow_up_job(interaction, job, action)
 
-    async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str) -> None:
-        fields = GenerationRequest.stored(job.request_json).model_dump(
-            exclude={"continue_from"})
-        init_from = None
-        if action == "reroll":
+    @commands.Cog.listener()
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A submitted form (continue's steps, edit's texts), answered by its custom id."""
+        if interaction.type is not discord.InteractionType.modal_submit:
+            return
+        match = views.FORM.fullmatch(str((interaction.data or {}).get("custom_id", "")))
+        if match is None:
+            return
+        try:
+            job = await jobs.find_job(self.bot, interaction, int(match["job_id"]))
+            if job is not None:
+                values = views.form_values(interaction.data or {})
+                await self.follow_up_job(interaction, job, match["action"], values)
+        except Exception as error:  # the member must not be left with a form that "failed"
+            await answer_unexpected(interaction, error)
+
+    async def show_recipe(self, interaction: discord.Interaction, job: Job) -> None:
+        request = GenerationRequest.stored(job.request_json)
+        await interaction.response.send_message(
+            content=f"To make it again:\n```\n{imagine_line(request)}\n```",
+            embed=recipe_embed(job, request, job.seconds), ephemeral=True)
+
+    async def saved_latent(self, interaction: discord.Interaction, job: Job) -> Path | None:
+        """The finished picture's latent, or None after telling the member there is none."""
+        if job.status == "done" and job.latent_path and Path(job.latent_path).is_file():
+            return Path(job.latent_path)
+        why = ("it has not finished" if job.status in ("queued", "running") else
+               f"it {job.status}" if job.status != "done" else "its saved state is gone (deleted or expired)")
+        await interaction.response.send_message(
+            f"Job #{job.id} can't be continued or varied: {why}. Re-roll or retry it instead.",
+            ephemeral=True)
+        return None
+
+    async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str,
+                            values: dict[str, str] | None = None) -> None:
+        """A new job made from this one: re-roll (new seed), variation (its latent, a little noise, new
+        seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
+        same seed). Queued for the member who asks, under their limits."""
+        values = values or {}
+        fields = GenerationRequest.stored(job.request_json).model_dump(exclude={"continue_from", "variation"})
+        if action == "retry" and job.status not in ("failed", "cancelled"):
+            await interaction.response.send_message(
+                f"Job #{job.id} {'finished' if job.status == 'done' else 'has not ended'}; only a failed "
+                "or cancelled job can be retried. Re-roll it for a new picture.", ephemeral=True)
+            return
+        if action in ("reroll", "vary"):
             fields["seed"] = None  # a new seed is drawn
-            if fields.get("init_image"):
-                init_from = Path(fields.pop("init_image"))  # copied for the new job
-                if not init_from.is_file():
-                    await interaction.response.send_message(
-                        f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be "
-                        "re-rolled.", ephemeral=True)
-                    return
-        else:
-            if job.status != "done" or not job.latent_path or not Path(job.latent_path).is_file():
-                await interaction.response.send_message(
-                    f"Job #{job.id} has no saved result to continue from.", ephemeral=True)
+        if action in ("vary", "continue"):
+            latent = await self.saved_latent(interaction, job)
+            if latent is None:
                 return
-            fields.update(continue_from=job.latent_path, init_image=None,
-                          steps=self.bot.settings.default_steps)
+            fields.update(continue_from=latent, init_image=None)
+            if action == "vary":
+                fields.update(variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
+            else:
+                steps = values.get("steps", "").strip()
+                if not steps.isdigit():
+                    await interaction.response.send_message(
+                        f"Steps: {steps!r} is not a whole number; press Continue again and type how many "
+                        "more steps, e.g. 100.", ephemeral=True)
+                    return
+                fields["steps"] = int(steps)
+        if action == "edit":
+            fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
+                          style=values.get("style", ""))
+        init_from = None
+        if fields.get("init_image"):
+            init_from = Path(fields.pop("init_image"))  # copied for the new job
+            if not init_from.is_file():
+                await interaction.response.send_message(
+                    f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be made "
+                    "again with it.", ephemeral=True)
+                return
         await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from)
+
+
+# A variation starts from the picture's latent plus this much noise (in units of the latent's spread)
+# and runs this share of its steps: near enough to keep the composition, far enough to differ.
+VARIATION_NOISE = 0.25
+VARIATION_SHARE = 3
+
+
+def imagine_line(request: GenerationRequest) -> str:
+    """The /imagine command that asks for this recipe again (the options a member can type)."""
+    parts = [f"prompt:{request.prompt}"]
+    if request.negative:
+        parts.append(f"negative:{request.negative}")
+    if request.style:
+        parts.append(f"style:{request.style}")
+    parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
+    if request.model:
+        parts.append(f"model:{request.model}")
+    line = "/imagine " + " ".join(parts).replace("`", "ˋ")  # no backtick can close the code block
+    return line + ("  (and the same init image)" if request.init_image else "")
 
 
 def _queue_full_message(error: QueueFull) -> str:

@@ -35,7 +35,7 @@ STATUSES = [app_commands.Choice(name=s, value=s)
 def log_line(job: Job) -> str:
     request = GenerationRequest.stored(job.request_json)
     prompt = quote(request.prompt, 80)
-    seconds = job.finished_at - job.started_at if job.finished_at and job.started_at else None
+    seconds = job.seconds
     status = "deleted" if job.deleted_at else "expired" if job.expired_at else job.status
     link = message_link(job)
     where = f" · [message]({link})" if link else ""
