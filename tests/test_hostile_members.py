@@ -19,7 +19,7 @@ from PIL import Image
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
 from tests.fakediscord import SEND_MESSAGES, VIEW_CHANNEL, FakeDiscord, FakeFile
-from tests.test_moderation import command
+from tests.test_moderation import answer, command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,6 +201,29 @@ async def test_disguised_blocked_terms_are_refused_in_every_field(fake: FakeDisc
         allowed = await command(fake, "imagine", {"prompt": "a scattered category of dogs"})
         assert allowed["_interaction"].response_type == 5
         assert [job.id for job in await bot.store.active_jobs()] == [1]
+
+
+async def test_forms_on_someone_elses_picture_obey_the_same_limits(fake: FakeDiscord, tmp_path: Path) -> None:
+    mod, mallory = fake.add_moderator(), fake.add_member("mallory")
+    async with BotRunner(bot_settings(fake, tmp_path, max_steps=20)) as bot:
+        await command(fake, "limits set", {"name": "blocked_terms", "value": "cat"}, user=mod)
+        done = await wait_for_reply(fake, await fake.send_slash_command("imagine", {"prompt": "a dog"}), "✅")
+        editing = await fake.wait_for_response(await fake.click_button("job:edit:1", done, user=mallory))
+        sneaky = await answer(fake, await fake.submit_modal(editing, {"style": "c.\u0430.t"}))
+        assert "a term this server doesn't allow" in sneaky["content"]
+        asking = await fake.wait_for_response(await fake.click_button("job:continue:1", done, user=mallory))
+        assert asking.response_data["components"][0]["components"][0]["label"] == "More steps (1 to 20)"
+        greedy = await answer(fake, await fake.submit_modal(asking, {"steps": "21"}))
+        assert "Steps: 21 is above this server's limit of 20" in greedy["content"]
+        await command(fake, "moderate block", {"member": mallory, "reason": "spam"}, user=mod)
+        blocked = await answer(fake, await fake.submit_modal(editing, {"prompt": "a dog, again"}))
+        assert "blocked you" in blocked["content"] and blocked["flags"] & 64
+        await command(fake, "moderate unblock", {"member": mallory}, user=mod)
+        theirs = await fake.submit_modal(editing, {"prompt": "a dog, again"})
+        await wait_for_reply(fake, theirs, "✅")
+        jobs = [await bot.store.get(i) for i in (1, 2)]
+    assert [job.user_id for job in jobs] == [fake.default_member.id, mallory.id]  # the new one is theirs
+    assert jobs[1].parent_job_id == 1 and json.loads(jobs[1].request_json)["prompt"] == "a dog, again"
 
 
 async def test_commands_are_for_servers_only_unless_dms_are_allowed(fake: FakeDiscord,

@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 
 from tests.botrunner import BotRunner, bot_settings, wait_for_reply
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeInteraction
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def command(fake: FakeDiscord, name: str, options: dict | None = None, **kwargs) -> dict:
     """Run a slash command and return the bot's answer (callback data, or its first followup)."""
-    interaction = await fake.send_slash_command(name, options or {}, **kwargs)
+    return await answer(fake, await fake.send_slash_command(name, options or {}, **kwargs))
+
+
+async def answer(fake: FakeDiscord, interaction: FakeInteraction) -> dict:
+    """The bot's answer to an interaction: callback data, or its first followup."""
     await fake.wait_for_response(interaction)
     if interaction.response_type == 5:  # deferred: the answer is a followup
         await fake.wait_until(lambda: interaction.followup_ids or
