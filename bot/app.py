@@ -35,7 +35,7 @@ SUBMISSION_GRACE_S = 20.0  # an init image download can take this long; systemd 
 DELIVERY_GRACE_S = 10.0  # final posts in flight get this long at shutdown; the rest go at the next start
 EXTENSIONS = (
     "bot.cogs.imagine", "bot.cogs.queue", "bot.cogs.moderation", "bot.cogs.log", "bot.cogs.status",
-    "bot.cogs.help",
+    "bot.cogs.help", "bot.cogs.settings",
 )
 
 

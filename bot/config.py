@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     cooldown_s: int = Field(0, ge=0)  # between one member's requests; 0 = none
     daily_quota: int = Field(0, ge=0)  # pictures per member per day; 0 = unlimited
     allow_init_images: bool = True
+    allow_private: bool = False  # /imagine private:true (shown only to the member; moderators still see it)
 
     # Replies
     progress_interval_s: float = Field(2.0, ge=0.0)  # at most one progress edit this often

@@ -42,8 +42,8 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
 
 
 def message_link(job: Job) -> str | None:
-    if job.message_id is None or job.guild_id is None or job.deleted_at is not None:
-        return None
+    if job.message_id is None or job.guild_id is None or job.deleted_at is not None or job.private:
+        return None  # a private picture's reply is ephemeral: no link reaches it
     return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
 
 

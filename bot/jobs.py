@@ -26,9 +26,10 @@ def where(interaction: discord.Interaction) -> str:
 
 
 def visible_to(job: Job, interaction: discord.Interaction) -> bool:
-    """Whether the job belongs where the interaction happens: its server, or the caller's own DMs."""
+    """Whether the job belongs where the interaction happens: its server, or the caller's own DMs
+    (their DM jobs, and their private pictures, which end up there)."""
     if interaction.guild_id is None:
-        return job.guild_id is None and job.user_id == interaction.user.id
+        return job.user_id == interaction.user.id and (job.guild_id is None or bool(job.private))
     return job.guild_id == interaction.guild_id
 
 
@@ -100,7 +101,16 @@ async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> None:
     if job.user_id != actor_id:
         await bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
                               f"by <@{job.user_id}>", "deleted")
-    if job.message_id is not None:
+    if job.private:  # an ephemeral reply (only its interaction token reaches it) and maybe a DM
+        with contextlib.suppress(discord.HTTPException):
+            if job.interaction_token and job.application_id and job.message_id is not None:
+                await discord.Webhook.partial(job.application_id, job.interaction_token,
+                                              client=bot).delete_message(job.message_id)
+        if job.dm_message_id is not None:
+            with contextlib.suppress(discord.NotFound):
+                dm = await bot.create_dm(discord.Object(id=job.user_id))
+                await dm.get_partial_message(job.dm_message_id).delete()
+    elif job.message_id is not None:
         channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         with contextlib.suppress(discord.NotFound):
             await channel.get_partial_message(job.message_id).delete()

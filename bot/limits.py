@@ -115,6 +115,8 @@ LIMITS: dict[str, Limit] = {limit.name: limit for limit in [
     Limit("blocked_terms", "words refused in prompts (comma-separated)", "terms", lambda s: []),
     Limit("allow_init_images", "whether members may start from their own picture", "bool",
           lambda s: s.allow_init_images),
+    Limit("allow_private", "whether members may make private pictures (only they see them; the log keeps "
+          "them)", "bool", lambda s: s.allow_private),
     Limit("moderator_role", "a role whose members are moderators here", "role", lambda s: None),
 ]}
 
@@ -176,6 +178,37 @@ def size_fits(width: int, height: int, limits: GuildLimits, budget: MemoryBudget
 def sizes_that_fit(limits: GuildLimits, budget: MemoryBudget | None) -> list[app_commands.Choice[str]]:
     """The preset sizes a request may have on this server, on this engine."""
     return [choice for choice in SIZES if size_fits(*parse_size(choice.value), limits, budget)]  # type: ignore[misc]
+
+
+def size_choices(limits: GuildLimits, budget: MemoryBudget | None,
+                 current: str) -> list[app_commands.Choice[str]]:
+    """Autocomplete for a size: the presets that fit this server and the GPU, and the member's own
+    size if it does."""
+    offered = [choice for choice in sizes_that_fit(limits, budget)
+               if current.casefold() in choice.name.casefold()]
+    typed = parse_size(current)
+    if typed and size_fits(*typed, limits, budget):
+        value = f"{typed[0]}x{typed[1]}"
+        if value not in [choice.value for choice in SIZES]:
+            offered.insert(0, app_commands.Choice(name=f"{typed[0]}×{typed[1]}", value=value))
+    return offered[:25]
+
+
+def step_choices(limits: GuildLimits, default_steps: int,
+                 current: int | str) -> list[app_commands.Choice[int]]:
+    """Autocomplete for steps: counts within this server's max_steps, the default marked."""
+    default = min(default_steps, limits.max_steps)
+    counts = sorted({default, limits.max_steps, *(n for n in STEP_CHOICES if n <= limits.max_steps)})
+    typed = str(current).strip()
+    return [app_commands.Choice(name=f"{n} steps" + (" (the default)" if n == default else "") +
+                                (" (this server's most)" if n == limits.max_steps else ""), value=n)
+            for n in counts if str(n).startswith(typed)][:25]
+
+
+def model_choices(installed: list[str], current: str) -> list[app_commands.Choice[str]]:
+    """Autocomplete for a model: the installed presets whose name holds what the member typed."""
+    return [app_commands.Choice(name=name, value=name) for name in installed
+            if current.casefold() in name.casefold()][:25]
 
 
 def memory_budget(settings: Settings) -> MemoryBudget | None:

@@ -36,6 +36,7 @@ INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_WEBHOOK = 10015
 UNKNOWN_MESSAGE = 10008
 MISSING_PERMISSIONS = 50013
+CANNOT_DM = 50007
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
 UNPOSTED_SWEEP_S = 900.0
@@ -335,9 +336,16 @@ class Publisher:
                     log.info("job %s: the interaction token can't edit its message (code %s); "
                              "using the bot token from now on", job.id, error.code)
                     await self.store.forget_interaction_token(job.id)
-            await self._edit_with_bot_token(job, **fields)
+            if job.private:
+                await self._edit_in_dm(job, **fields)
+            else:
+                await self._edit_with_bot_token(job, **fields)
             return True
         except discord.Forbidden as error:
+            if error.code == CANNOT_DM:  # nothing to retry: the picture stays in the log
+                log.warning("job %s: private, and its member takes no DMs from the bot; its result "
+                            "stays in the moderators' log only", job.id)
+                return True
             if error.code == MISSING_PERMISSIONS and fields.get("attachments"):
                 # Attach Files was taken from the bot in this channel since the job was queued: say so
                 # rather than retry a post that can never go through.
@@ -355,6 +363,26 @@ class Publisher:
                 return False
             log.warning("job %s: could not update its message: %s", job.id, error or type(error).__name__)
             return False
+
+    async def _edit_in_dm(self, job: Job, **fields) -> None:
+        """A private job once its interaction token is stale (the bot token cannot reach an ephemeral
+        reply): one message in the member's DMs, posted once and edited after. Its buttons are those
+        that need no server: cancel, recipe, delete."""
+        channel = await self.bot.create_dm(discord.Object(id=job.user_id))
+        if fields.get("view") is not None:
+            fields["view"] = job_view(job.id, job.status, in_dm=True)
+        if job.dm_message_id is not None:
+            try:
+                await channel.get_partial_message(job.dm_message_id).edit(**fields)
+                return
+            except discord.NotFound as error:
+                if error.code != UNKNOWN_MESSAGE:
+                    raise
+        fields["files"] = fields.pop("attachments", [])
+        if fields.get("view") is None:
+            fields.pop("view", None)
+        message = await channel.send(**fields)
+        await self.store.set_dm_message(job.id, message.id)
 
     async def _edit_with_bot_token(self, job: Job, **fields) -> None:
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)

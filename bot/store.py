@@ -146,6 +146,18 @@ MIGRATIONS = [
     """
     ALTER TABLE jobs ADD COLUMN upload_limit INTEGER;
     """,
+    # 7: members' own defaults per server (guild 0: their DMs); private pictures, which are shown only
+    # to their member: on the ephemeral reply, then in a DM (dm_message_id).
+    """
+    CREATE TABLE member_defaults (
+        guild_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        values_json TEXT NOT NULL,
+        PRIMARY KEY (guild_id, user_id)
+    );
+    ALTER TABLE jobs ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN dm_message_id INTEGER;
+    """,
 ]
 
 
@@ -241,6 +253,8 @@ class Job:
     deleted_by: int | None
     expired_at: float | None
     upload_limit: int | None = None
+    private: int = 0
+    dm_message_id: int | None = None
 
     @property
     def remaining_steps(self) -> int:
@@ -265,6 +279,7 @@ class NewJob:
     parent_job_id: int | None = None
     message_id: int | None = None  # the reply that shows the job, when it exists before the job
     upload_limit: int | None = None  # bytes per file in the job's channel, as the interaction said
+    private: bool = False  # shown only to its member
 
 
 class QueueFull(Exception):
@@ -336,6 +351,7 @@ class Store:
         # process its only writer, so a copy read at open and after each change spares those reads
         # a wait behind every other statement.
         self._guild_limits: dict[int | None, dict[str, Any]] = {}
+        self._member_defaults: dict[tuple[int, int], dict[str, Any]] = {}  # the same, read on first use
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -412,8 +428,8 @@ class Store:
             """
             INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id, interaction_id,
                               interaction_token, parent_job_id, message_id, total_steps, created_at,
-                              upload_limit)
-            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+                              upload_limit, private)
+            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
             WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ? AND guild_id IS ?)
               AND (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
                    AND status IN ('queued', 'running')) < ?
@@ -426,7 +442,7 @@ class Store:
             """,
             job.request_json, job.guild_id, job.channel_id, job.user_id, job.application_id,
             job.interaction_id, job.interaction_token, job.parent_job_id, job.message_id,
-            job.total_steps, now, job.upload_limit,
+            job.total_steps, now, job.upload_limit, int(job.private),
             *member,
             *member, max_per_user,
             job.guild_id, max_queue_length,
@@ -490,6 +506,9 @@ class Store:
             """UPDATE jobs SET step = ?, checkpoint_path = coalesce(?, checkpoint_path),
                    seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ?""",
             (step, checkpoint_path, seconds_per_step, job_id))
+
+    async def set_dm_message(self, job_id: int, message_id: int) -> None:
+        await self._rows("UPDATE jobs SET dm_message_id = ? WHERE id = ?", (message_id, job_id))
 
     async def set_message(self, job_id: int, message_id: int) -> None:
         await self._rows("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
@@ -654,6 +673,29 @@ class Store:
                       (guild_id, actor_id, "limit reset" if value is None else "limit set", name,
                        old_shown, new_shown, time.time()))
         await self._read_guild_limits()
+
+    # --- members' own defaults ------------------------------------------------------------------
+
+    async def member_defaults(self, guild_id: int | None, user_id: int) -> dict[str, Any]:
+        """What a member set with /settings on a server (or in DMs): option names to values."""
+        key = (guild_id or 0, user_id)
+        if key not in self._member_defaults:  # read once: every /imagine asks, before it answers
+            rows = await self._rows(
+                "SELECT values_json FROM member_defaults WHERE guild_id = ? AND user_id = ?", key)
+            self._member_defaults[key] = json.loads(rows[0][0]) if rows else {}
+        return dict(self._member_defaults[key])
+
+    async def set_member_defaults(self, guild_id: int | None, user_id: int, values: dict[str, Any]) -> None:
+        """Replace a member's defaults on a server; an empty dict forgets them."""
+        if values:
+            await self._rows(
+                "INSERT INTO member_defaults (guild_id, user_id, values_json) VALUES (?, ?, ?) "
+                "ON CONFLICT (guild_id, user_id) DO UPDATE SET values_json = excluded.values_json",
+                (guild_id or 0, user_id, json.dumps(values, sort_keys=True)))
+        else:
+            await self._rows("DELETE FROM member_defaults WHERE guild_id = ? AND user_id = ?",
+                             (guild_id or 0, user_id))
+        self._member_defaults[(guild_id or 0, user_id)] = dict(values)
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
         rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",

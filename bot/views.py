@@ -25,13 +25,15 @@ ACTIONS = {
     "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
 }
 
-# Which buttons a job's message shows in each state, by row.
+# Which buttons a job's message shows in each state, by row. A private picture that reached its
+# member's DMs gets those that need no server (a new job there would escape the server's limits).
 BUTTONS = {
     "waiting": [["cancel"]],
     "done": [["reroll", "vary", "continue", "edit"], ["recipe", "delete"]],
     "failed": [["retry", "edit", "recipe", "delete"]],
     "cancelled": [["retry", "edit", "recipe", "delete"]],
 }
+IN_DM = {"cancel", "recipe", "delete"}
 
 TEMPLATE = r"job:(?P<action>[a-z]+):(?P<job_id>\d+)"
 FORM = re.compile(r"form:(?P<action>continue|edit):(?P<job_id>\d+)")
@@ -60,14 +62,15 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
             await answer_unexpected(interaction, error)
 
 
-def job_view(job_id: int, status: str) -> discord.ui.View:
+def job_view(job_id: int, status: str, in_dm: bool = False) -> discord.ui.View:
     """Cancel while a job waits or runs; re-roll, variations, continue, edit, recipe and delete once it
     is done; retry, edit, recipe and delete once it failed or was cancelled."""
     rows = BUTTONS["waiting" if status in ("queued", "running") else status]
     view = discord.ui.View(timeout=None)
     for number, actions in enumerate(rows):
         for action in actions:
-            view.add_item(JobButton(action, job_id, row=number))
+            if not in_dm or action in IN_DM:
+                view.add_item(JobButton(action, job_id, row=number))
     return view
 
 

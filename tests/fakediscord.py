@@ -291,6 +291,7 @@ class FakeUser:
     username: str
     global_name: str | None = None
     bot: bool = False
+    takes_dms: bool = True  # False: "Allow direct messages from server members" is off (50007)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1790,6 +1791,8 @@ class FakeDiscord:
         channel = self._channel_or_404(request)
         rec = self._rec(request)
         self._bot_may(channel, SEND_MESSAGES, files=bool(rec.files))
+        if channel.type == 1 and not all(user.takes_dms for user in channel.recipients):
+            raise _ApiError(403, 50007, "Cannot send messages to this user")
         payload = rec.json or {}
         self._validate(payload, rec.files, self.attachment_size_limit)
         self._require_not_empty(payload, rec.files)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.botrunner import BotRunner, bot_settings, wait_for_reply
+from engine.request import GenerationRequest
+from tests.botrunner import BotRunner, bot_settings, eventually, posted, wait_for_reply
 from tests.fakediscord import FakeDiscord, FakeInteraction
 from tests.test_moderation import command
 
@@ -102,3 +103,84 @@ async def test_a_queued_reply_follows_its_place_then_says_started(fake: FakeDisc
     for states in seen:  # nothing goes back to "queued" once a job has started
         started = states.index("started, step 0/12")
         assert not any(state.startswith("queued") for state in states[started:])
+
+
+async def test_settings_fill_in_the_options_a_member_leaves_out(fake: FakeDiscord, tmp_path: Path) -> None:
+    member, moderator = fake.add_member("member"), fake.add_moderator("mod")
+    async with BotRunner(bot_settings(fake, tmp_path, max_steps=40)) as bot:
+        shown = await command(fake, "settings", user=member)
+        assert "**steps**: 6 (the bot's default)" in shown["content"] and shown["flags"] & 64
+        too_big = await command(fake, "settings", {"size": "4096x4096"}, user=member)
+        assert "does not fit this server's limit" in too_big["content"]
+        assert "Nothing was changed" in too_big["content"]
+        saved = await command(fake, "settings", {"size": "80 x 64", "steps": 3, "style": "ink"}, user=member)
+        assert "**size**: 80x64" in saved["content"] and "**steps**: 3" in saved["content"]
+
+        mine = await fake.send_slash_command("imagine", {"prompt": "a fox"}, user=member)
+        await wait_for_reply(fake, mine, "✅")
+        typed = await fake.send_slash_command("imagine", {"prompt": "a fox", "steps": 2}, user=member)
+        await wait_for_reply(fake, typed, "✅")
+        others = await fake.send_slash_command("imagine", {"prompt": "a fox"})  # another member's defaults
+        await wait_for_reply(fake, others, "✅")
+        requests = [GenerationRequest.stored((await bot.store.get(i)).request_json) for i in (1, 2, 3)]
+
+        # A server that lowers a limit below a saved default: the refusal says where the value came from.
+        await command(fake, "limits set", {"name": "max_steps", "value": "2"}, user=moderator)
+        refused = await command(fake, "imagine", {"prompt": "a fox"}, user=member)
+        assert "Steps: 3 is above this server's limit of 2" in refused["content"]
+        assert "Your /settings here gave: size 80x64, steps 3, style ink" in refused["content"]
+        forgotten = await command(fake, "settings", {"forget": "steps"}, user=member)
+        assert "**steps**: 2 (the bot's default)" in forgotten["content"]
+        assert "**size**: 80x64" in forgotten["content"]
+        in_other_server = await bot.store.member_defaults(fake.add_guild("elsewhere").id, member.id)
+
+    assert [(r.width, r.height, r.steps, r.style) for r in requests] == [
+        (80, 64, 3, "ink"), (80, 64, 2, "ink"), (64, 64, 6, "")]  # typed options win; others unaffected
+    assert in_other_server == {}  # per server
+
+
+async def test_a_private_picture_is_shown_only_to_its_member_then_in_their_dms(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    member, moderator, other = fake.add_member("member"), fake.add_moderator("mod"), fake.add_member("other")
+    settings = bot_settings(fake, tmp_path, token_lifetime_s=0.5)
+    async with BotRunner(settings) as bot:
+        refused = await command(fake, "imagine", {"prompt": "secret", "private": True}, user=member)
+        assert "Private pictures are turned off on this server" in refused["content"]
+        await command(fake, "limits set", {"name": "allow_private", "value": "yes"}, user=moderator)
+
+        # Within the token's life: progress and result on the ephemeral reply.
+        await command(fake, "settings", {"private": True}, user=member)
+        settings.token_lifetime_s = 600.0
+        quick = await fake.send_slash_command("imagine", {"prompt": "a secret garden"}, user=member)
+        done = await wait_for_reply(fake, quick, "✅")
+        assert done.ephemeral and done.attachments[0]["filename"] == "job-1.png"
+        with pytest.raises(PermissionError):  # nobody else has it on screen
+            await fake.click_button("job:reroll:1", done, user=other)
+        again = await fake.click_button("job:reroll:1", done, user=member)
+        assert (await wait_for_reply(fake, again, "✅")).ephemeral  # its follow-ups stay private
+
+        # Past it: the member's DMs (the bot token cannot reach an ephemeral reply).
+        settings.token_lifetime_s = 0.5
+        slow = await fake.send_slash_command("imagine", {"prompt": "a secret cave", "steps": 40}, user=member)
+        dm = fake.dm_channel(member.user)
+        in_dm = await fake.wait_until(
+            lambda: next((m for m in fake.messages_in(dm) if "✅" in m.content), None), 60)
+        assert in_dm.attachments[0]["filename"] == "job-3.png"
+        assert in_dm.custom_ids() == ["job:recipe:3", "job:delete:3"]  # nothing that makes a new job
+        recipe = await fake.wait_for_response(await fake.click_button("job:recipe:3", in_dm, user=member))
+        assert "a secret cave" in recipe.response_data["embeds"][0]["description"]
+
+        # A member who takes no DMs: the result stays in the log, and the bot does not retry forever.
+        member.user.takes_dms = False
+        closed = await fake.send_slash_command("imagine", {"prompt": "a secret lake", "steps": 40},
+                                               user=member)
+        await wait_for_reply(fake, closed, "🎨")
+        await eventually(lambda: posted(bot, 4), 60)
+        log = await command(fake, "log view", user=moderator)
+        await fake.click_button("job:delete:3", in_dm, user=member)
+        await fake.wait_until(lambda: in_dm.deleted, 10)
+
+    public = [m for m in fake.messages_in(fake.channel) if "secret" in m.content and not m.ephemeral]
+    assert public == []  # not one message about them in the channel
+    assert "🔒 **a secret lake**" in log["embeds"][0]["description"]  # moderators still see them
+    assert fake.original_response(slow).ephemeral and fake.original_response(closed).ephemeral

@@ -16,15 +16,7 @@ from pydantic import ValidationError
 from bot import init_images, jobs, views
 from bot.checks import guild_limits, missing_channel_permissions
 from bot.errors import answer_unexpected
-from bot.limits import (
-    SIZES,
-    STEP_CHOICES,
-    check_memory,
-    check_request,
-    parse_size,
-    size_fits,
-    sizes_that_fit,
-)
+from bot.limits import check_memory, check_request, model_choices, parse_size, size_choices, step_choices
 from bot.publisher import recipe_embed
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
@@ -54,6 +46,7 @@ class Imagine(commands.Cog):
         seed="Random seed: the same seed and options give the same picture",
         init_image="Start from this picture instead of noise",
         model="The VQGAN that paints it (the models installed on this bot)",
+        private="Only you see it (where the server allows): moderators still see it in their log",
     )
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
                       negative: app_commands.Range[str, 1, 1000] | None = None,
@@ -62,45 +55,37 @@ class Imagine(commands.Cog):
                       size: app_commands.Range[str, 1, 20] | None = None,
                       seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       init_image: discord.Attachment | None = None,
-                      model: app_commands.Range[str, 1, 100] | None = None) -> None:
+                      model: app_commands.Range[str, 1, 100] | None = None,
+                      private: bool | None = None) -> None:
         """Paint a picture from a text prompt with VQGAN+CLIP."""
-        fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "style": style or "",
-                                  "steps": steps or self.bot.settings.default_steps, "seed": seed,
-                                  "model": model, "size": size or self.bot.settings.default_size}
-        await self.submit(interaction, fields, init_from=init_image)
+        # Options left out come from the member's /settings here, then from the bot's defaults.
+        given = {"style": style, "steps": steps, "size": size, "model": model, "private": private}
+        saved = await self.bot.store.member_defaults(interaction.guild_id, interaction.user.id)
+        mine = {name: saved[name] for name, value in given.items() if value is None and name in saved}
+        fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "seed": seed,
+                                  "style": style or mine.get("style", ""),
+                                  "steps": steps or mine.get("steps") or self.bot.settings.default_steps,
+                                  "model": model or mine.get("model"),
+                                  "size": size or mine.get("size") or self.bot.settings.default_size}
+        await self.submit(interaction, fields, init_from=init_image,
+                          private=private if private is not None else mine.get("private", False),
+                          defaults_used=mine)
 
     @imagine.autocomplete("size")
     async def _size_choices(self, interaction: discord.Interaction,
                             current: str) -> list[app_commands.Choice[str]]:
-        """The presets that fit this server and the GPU, and the member's own size if it does."""
-        limits = await guild_limits(self.bot, interaction.guild_id)
-        offered = [choice for choice in sizes_that_fit(limits, self.bot.memory)
-                   if current.casefold() in choice.name.casefold()]
-        typed = parse_size(current)
-        if typed and size_fits(*typed, limits, self.bot.memory):
-            value = f"{typed[0]}x{typed[1]}"
-            if value not in [choice.value for choice in SIZES]:
-                offered.insert(0, app_commands.Choice(name=f"{typed[0]}×{typed[1]}", value=value))
-        return offered[:25]
+        return size_choices(await guild_limits(self.bot, interaction.guild_id), self.bot.memory, current)
 
     @imagine.autocomplete("steps")
     async def _steps_choices(self, interaction: discord.Interaction,
                              current: int | str) -> list[app_commands.Choice[int]]:
-        """Step counts within this server's max_steps, the default first."""
-        limits = await guild_limits(self.bot, interaction.guild_id)
-        default = min(self.bot.settings.default_steps, limits.max_steps)
-        counts = sorted({default, limits.max_steps, *(n for n in STEP_CHOICES if n <= limits.max_steps)})
-        typed = str(current).strip()
-        return [app_commands.Choice(name=f"{n} steps" + (" (the default)" if n == default else "") +
-                                    (" (this server's most)" if n == limits.max_steps else ""), value=n)
-                for n in counts if str(n).startswith(typed)][:25]
+        return step_choices(await guild_limits(self.bot, interaction.guild_id),
+                            self.bot.settings.default_steps, current)
 
     @imagine.autocomplete("model")
     async def _model_choices(self, interaction: discord.Interaction,
                              current: str) -> list[app_commands.Choice[str]]:
-        wanted = current.casefold()
-        return [app_commands.Choice(name=name, value=name) for name in self.bot.installed_models()
-                if wanted in name.casefold()][:25]
+        return model_choices(self.bot.installed_models(), current)
 
     # --- one way in for every new job: the command and the re-roll/continue buttons --------------
 
@@ -128,12 +113,18 @@ class Imagine(commands.Cog):
 
     async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
                      parent_job_id: int | None = None,
-                     init_from: discord.Attachment | Path | None = None) -> Job | None:
+                     init_from: discord.Attachment | Path | None = None, private: bool = False,
+                     defaults_used: dict[str, Any] | None = None) -> Job | None:
         """Queue a picture, or tell the member why not. `init_from`: an upload, or the init image of the
-        job being re-rolled (each job gets its own copy)."""
+        job being re-rolled (each job gets its own copy). `private`: only the member sees it (in a DM
+        everything is). `defaults_used`: the member's /settings that filled in options, named if refused."""
         limits = await guild_limits(self.bot, interaction.guild_id)
+        private = private and interaction.guild_id is not None
         try:
-            if missing := missing_channel_permissions(interaction):
+            if private and not limits.allow_private:
+                raise UserError("Private pictures are turned off on this server; leave private empty "
+                                "(moderators can allow them: /limits set allow_private yes).")
+            if not private and (missing := missing_channel_permissions(interaction)):
                 raise UserError(f"I can't deliver pictures in this channel: I'm missing "
                                 f"{', '.join(missing)}. Ask a server admin to grant my role that here, "
                                 "or use another channel.")
@@ -146,13 +137,14 @@ class Imagine(commands.Cog):
                 raise UserError(f"Init image: {init_from.filename} is {init_from.size / 2**20:.1f} MiB; "
                                 f"the limit is {init_images.MAX_BYTES // 2**20} MiB.")
         except UserError as error:
-            await interaction.response.send_message(str(error), ephemeral=True)
+            await interaction.response.send_message(str(error) + _from_settings(defaults_used),
+                                                    ephemeral=True)
             return None
 
         # Answer within Discord's 3 seconds; the reply becomes the job's message. From here on the
         # member has been answered, so closing the bot waits for the request to reach the queue.
         with self.bot.submitting():
-            response = await interaction.response.defer(thinking=True)
+            response = await interaction.response.defer(thinking=True, ephemeral=private)
             path = None if init_from is None else init_images.path_for(self.bot.settings.output_dir,
                                                                        interaction.id)
             try:
@@ -165,7 +157,7 @@ class Imagine(commands.Cog):
                            guild_id=interaction.guild_id, application_id=interaction.application_id,
                            interaction_id=interaction.id, interaction_token=interaction.token,
                            parent_job_id=parent_job_id, message_id=response.message_id,
-                           upload_limit=interaction.filesize_limit),
+                           upload_limit=interaction.filesize_limit, private=private),
                     max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
                     cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
             except BaseException as error:
@@ -205,6 +197,10 @@ class Imagine(commands.Cog):
     async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         job = await jobs.find_job(self.bot, interaction, job_id)
         if job is None:
+            return
+        if interaction.guild_id is None and job.guild_id is not None and action not in views.IN_DM:
+            await interaction.response.send_message(  # a private picture in DMs: its server's limits
+                "New pictures from this one are made on its server: use /imagine there.", ephemeral=True)
             return
         if action == "cancel":
             await jobs.cancel_job(self.bot, interaction, job)
@@ -297,7 +293,8 @@ class Imagine(commands.Cog):
                     f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be made "
                     "again with it.", ephemeral=True)
                 return
-        await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from)
+        await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from,
+                          private=bool(job.private))
 
 
 # A variation starts from the picture's latent plus this much noise (in units of the latent's spread)
@@ -318,6 +315,15 @@ def imagine_line(request: GenerationRequest) -> str:
         parts.append(f"model:{request.model}")
     line = "/imagine " + " ".join(parts).replace("`", "ˋ")  # no backtick can close the code block
     return line + ("  (and the same init image)" if request.init_image else "")
+
+
+def _from_settings(used: dict[str, Any] | None) -> str:
+    """A refusal's hint when the member's saved defaults filled in options: which, and where to change
+    them."""
+    if not used:
+        return ""
+    shown = ", ".join(f"{name} {value}" for name, value in sorted(used.items()))
+    return f" (Your /settings here gave: {shown}; change them with /settings.)"
 
 
 def _queue_full_message(error: QueueFull) -> str:

@@ -39,7 +39,8 @@ def log_line(job: Job) -> str:
     status = "deleted" if job.deleted_at else "expired" if job.expired_at else job.status
     link = message_link(job)
     where = f" · [message]({link})" if link else ""
-    return (f"`#{job.id}` <t:{int(job.created_at)}:f> <@{job.user_id}> **{prompt}** — {status}, "
+    lock = "🔒 " if job.private else ""  # shown only to its member
+    return (f"`#{job.id}` <t:{int(job.created_at)}:f> <@{job.user_id}> {lock}**{prompt}** — {status}, "
             f"{job.step}/{job.total_steps} steps, {format_duration(seconds)}{where}")
 
 
