@@ -58,7 +58,7 @@ def export_rows(jobs: list[Job]) -> list[dict]:
             "seed": request.seed, "width": request.width, "height": request.height, "steps": job.total_steps,
             "status": job.status,
             "seconds": round(job.seconds, 1) if job.seconds else "",
-            "deleted_by": job.deleted_by or "", "expired": bool(job.expired_at),
+            "deleted_by": job.deleted_by or "", "expired": bool(job.expired_at), "private": bool(job.private),
         })
     return rows
 

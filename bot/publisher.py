@@ -369,6 +369,9 @@ class Publisher:
         reply): one message in the member's DMs, posted once and edited after. Its buttons are those
         that need no server: cancel, recipe, delete."""
         channel = await self.bot.create_dm(discord.Object(id=job.user_id))
+        if fields.get("content"):  # where it comes from: a DM says nothing of the server otherwise
+            origin = f"🔒 Your private picture from <#{job.channel_id}>\n"
+            fields["content"] = (origin + fields["content"])[:2000]
         if fields.get("view") is not None:
             fields["view"] = job_view(job.id, job.status, in_dm=True)
         if job.dm_message_id is not None:

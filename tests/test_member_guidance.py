@@ -46,7 +46,7 @@ async def test_help_shows_the_commands_the_syntax_and_the_members_own_limits(fak
     assert "Daily quota: 3 of 3 pictures left" in theirs["Here, for you"]
     assert "Cooldown: 600 s between pictures; you can ask again <t:" in here
     assert "Cooldown: 600 s between pictures\n" in theirs["Here, for you"]  # they asked nothing
-    assert "Init images: allowed" in here
+    assert "Init images: allowed" in here and "Private pictures: turned off here" in here
     assert "Blocked" in blocked["content"]
     assert "blocked you from making pictures on this server (spam)" in after_block["Here, for you"]
     # A server's block and quota stay on that server; in DMs the bot's defaults apply.
@@ -115,6 +115,8 @@ async def test_settings_fill_in_the_options_a_member_leaves_out(fake: FakeDiscor
         assert "Nothing was changed" in too_big["content"]
         saved = await command(fake, "settings", {"size": "80 x 64", "steps": 3, "style": "ink"}, user=member)
         assert "**size**: 80x64" in saved["content"] and "**steps**: 3" in saved["content"]
+        helped = fields_of(await command(fake, "help", user=member))["Here, for you"]
+        assert "Your /settings: size 80x64, steps 3, style ink" in helped
 
         mine = await fake.send_slash_command("imagine", {"prompt": "a fox"}, user=member)
         await wait_for_reply(fake, mine, "✅")
@@ -166,6 +168,7 @@ async def test_a_private_picture_is_shown_only_to_its_member_then_in_their_dms(
         in_dm = await fake.wait_until(
             lambda: next((m for m in fake.messages_in(dm) if "✅" in m.content), None), 60)
         assert in_dm.attachments[0]["filename"] == "job-3.png"
+        assert in_dm.content.startswith(f"🔒 Your private picture from <#{fake.channel.id}>")
         assert in_dm.custom_ids() == ["job:recipe:3", "job:delete:3"]  # nothing that makes a new job
         recipe = await fake.wait_for_response(await fake.click_button("job:recipe:3", in_dm, user=member))
         assert "a secret cave" in recipe.response_data["embeds"][0]["description"]

@@ -114,7 +114,7 @@ async def test_a_second_bot_on_the_same_database_refuses_to_start_naming_the_fir
         assert len(fake.requests_matching("GET", r"/users/@me$")) == 1  # only the first one logged in
     # Once the first has stopped, the database is free again.
     async with BotRunner(settings) as bot:
-        assert bot.is_ready()
+        assert bot.user is not None and bot.guilds  # logged in and connected
 
 
 async def test_a_full_disk_fails_one_job_pauses_the_queue_and_it_resumes_when_space_returns(

@@ -70,6 +70,11 @@ class Help(commands.Cog):
             self._cooldown(usage, limits.cooldown_seconds, now),
             "Init images: " + ("allowed" if limits.allow_init_images else "turned off here"),
         ]
+        if interaction.guild_id:
+            lines.append("Private pictures: " + ("allowed (`private:true`)" if limits.allow_private
+                                                 else "turned off here"))
+            if saved := await store.member_defaults(interaction.guild_id, interaction.user.id):
+                lines.append("Your /settings: " + ", ".join(f"{k} {v}" for k, v in sorted(saved.items())))
         if interaction.guild_id and limits.allowed_channels:
             lines.append("Channels: /imagine works only in " + LIMITS["allowed_channels"].show(
                 limits.allowed_channels))

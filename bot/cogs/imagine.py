@@ -259,11 +259,18 @@ class Imagine(commands.Cog):
         seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
         same seed). Queued for the member who asks, under their limits."""
         values = values or {}
-        fields = GenerationRequest.stored(job.request_json).model_dump(exclude={"continue_from", "variation"})
+        # Only a retry keeps what the job started from (a retry is the same request again).
+        fields = GenerationRequest.stored(job.request_json).model_dump(
+            exclude=set() if action == "retry" else {"continue_from", "variation"})
         if action == "retry" and job.status not in ("failed", "cancelled"):
             await interaction.response.send_message(
                 f"Job #{job.id} {'finished' if job.status == 'done' else 'has not ended'}; only a failed "
                 "or cancelled job can be retried. Re-roll it for a new picture.", ephemeral=True)
+            return
+        if fields.get("continue_from") and not Path(fields["continue_from"]).is_file():
+            await interaction.response.send_message(
+                f"Job #{job.id} went on from another picture whose saved state is gone (deleted or "
+                "expired), so it can't be retried.", ephemeral=True)
             return
         if action in ("reroll", "vary"):
             fields["seed"] = None  # a new seed is drawn
