@@ -351,7 +351,7 @@ class Store:
         # process its only writer, so a copy read at open and after each change spares those reads
         # a wait behind every other statement.
         self._guild_limits: dict[int | None, dict[str, Any]] = {}
-        self._member_defaults: dict[tuple[int, int], dict[str, Any]] = {}  # the same, read on first use
+        self._member_defaults: dict[tuple[int, int], dict[str, Any]] = {}  # the same, for /settings
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -365,6 +365,7 @@ class Store:
         store = cls(db)
         await store.migrate()
         await store._read_guild_limits()
+        await store._read_member_defaults()
         return store
 
     @classmethod
@@ -678,12 +679,11 @@ class Store:
 
     async def member_defaults(self, guild_id: int | None, user_id: int) -> dict[str, Any]:
         """What a member set with /settings on a server (or in DMs): option names to values."""
-        key = (guild_id or 0, user_id)
-        if key not in self._member_defaults:  # read once: every /imagine asks, before it answers
-            rows = await self._rows(
-                "SELECT values_json FROM member_defaults WHERE guild_id = ? AND user_id = ?", key)
-            self._member_defaults[key] = json.loads(rows[0][0]) if rows else {}
-        return dict(self._member_defaults[key])
+        return dict(self._member_defaults.get((guild_id or 0, user_id), {}))
+
+    async def _read_member_defaults(self) -> None:
+        rows = await self._rows("SELECT guild_id, user_id, values_json FROM member_defaults")
+        self._member_defaults = {(guild, user): json.loads(values) for guild, user, values in rows}
 
     async def set_member_defaults(self, guild_id: int | None, user_id: int, values: dict[str, Any]) -> None:
         """Replace a member's defaults on a server; an empty dict forgets them."""
@@ -695,7 +695,10 @@ class Store:
         else:
             await self._rows("DELETE FROM member_defaults WHERE guild_id = ? AND user_id = ?",
                              (guild_id or 0, user_id))
-        self._member_defaults[(guild_id or 0, user_id)] = dict(values)
+        if values:
+            self._member_defaults[(guild_id or 0, user_id)] = dict(values)
+        else:
+            self._member_defaults.pop((guild_id or 0, user_id), None)
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
         rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",
