@@ -226,6 +226,19 @@ async def test_forms_on_someone_elses_picture_obey_the_same_limits(fake: FakeDis
     assert jobs[1].parent_job_id == 1 and json.loads(jobs[1].request_json)["prompt"] == "a dog, again"
 
 
+async def test_the_longest_recipe_still_fits_discords_limits(fake: FakeDiscord, tmp_path: Path) -> None:
+    # Three texts of 1000 characters, every one of them escaped when shown: 2000 each on screen.
+    texts = {"prompt": "*_" * 500, "negative": "~|" * 500, "style": "`>" * 500}
+    async with BotRunner(bot_settings(fake, tmp_path, default_steps=2)):
+        done = await wait_for_reply(fake, await fake.send_slash_command("imagine", texts), "✅")
+        recipe = await fake.wait_for_response(await fake.click_button("job:recipe:1", done))
+        editing = await fake.wait_for_response(await fake.click_button("job:edit:1", done))
+    assert recipe.response_type == 4 and len(recipe.response_data["content"]) <= 2000
+    line = fake.original_response(recipe).attachment_bytes(0).decode()
+    assert line.startswith("/imagine prompt:*_*_") and "`" not in line  # the file holds the whole line
+    assert editing.response_type == 9  # the form took the 1000-character texts as they are
+
+
 async def test_commands_are_for_servers_only_unless_dms_are_allowed(fake: FakeDiscord,
                                                                     tmp_path: Path) -> None:
     async with BotRunner(bot_settings(fake, tmp_path)) as bot:

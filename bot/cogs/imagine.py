@@ -4,6 +4,7 @@ delete, cancel) with the forms they open."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,9 +239,13 @@ class Imagine(commands.Cog):
 
     async def show_recipe(self, interaction: discord.Interaction, job: Job) -> None:
         request = GenerationRequest.stored(job.request_json)
-        await interaction.response.send_message(
-            content=f"To make it again:\n```\n{imagine_line(request)}\n```",
-            embed=recipe_embed(job, request, job.seconds), ephemeral=True)
+        line = imagine_line(request)
+        text, files = f"To make it again:\n```\n{line}\n```", []
+        if len(text) > 2000:  # three long texts: the line goes in a file instead
+            text = "To make it again, the `/imagine` line is in the file (it is longer than a message)."
+            files = [discord.File(io.BytesIO(line.encode()), f"job-{job.id}-imagine.txt")]
+        await interaction.response.send_message(content=text, embed=recipe_embed(job, request, job.seconds),
+                                                files=files, ephemeral=True)
 
     async def saved_latent(self, interaction: discord.Interaction, job: Job) -> Path | None:
         """The finished picture's latent, or None after telling the member there is none."""
