@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import health
+from bot.checks import refused_where
 from bot.config import Settings
 from bot.errors import answer_unexpected
 from bot.limits import memory_budget
@@ -64,15 +65,7 @@ class ImagineTree(app_commands.CommandTree):
     ALLOW_DMS), and an unexpected error still answers the member (bot/errors.py)."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        settings: Settings = self.client.settings
-        if interaction.guild_id is None:
-            refusal = None if settings.allow_dms else \
-                "I make pictures in servers only: use my commands in a server we share."
-        elif settings.allowed_guilds and interaction.guild_id not in settings.allowed_guilds:
-            refusal = ("This bot works only in the servers its admin chose, and this server isn't one of "
-                       "them, so I can't take requests here. Nothing was queued.")
-        else:
-            refusal = None
+        refusal = refused_where(self.client.settings, interaction.guild_id)
         if refusal is None:
             return True
         if interaction.type is discord.InteractionType.application_command:  # not an autocomplete

@@ -12,6 +12,7 @@ from bot.limits import GuildLimits
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
+    from bot.config import Settings
 
 
 MODERATORS = discord.Permissions(manage_guild=True)  # who sees the moderator commands by default
@@ -30,6 +31,18 @@ def is_moderator(interaction: discord.Interaction, moderator_role: int | None = 
 
 NOT_A_MODERATOR = ("Only moderators can do that here: members with Manage Server, or with this "
                    "server's moderator role.")
+
+
+def refused_where(settings: Settings, guild_id: int | None) -> str | None:
+    """Why the bot takes no requests in this server (ALLOWED_GUILDS) or in DMs (ALLOW_DMS); None if it
+    does."""
+    if guild_id is None:
+        return None if settings.allow_dms else \
+            "I make pictures in servers only: use my commands in a server we share."
+    if settings.allowed_guilds and guild_id not in settings.allowed_guilds:
+        return ("This bot works only in the servers its admin chose, and this server isn't one of "
+                "them, so I can't take requests here. Nothing was queued.")
+    return None
 
 
 async def guild_limits(bot: ImagineBot, guild_id: int | None) -> GuildLimits:

@@ -226,16 +226,22 @@ class Publisher:
         await self._quiet_progress(job.id)
         prompt = quote(_prompt_of(job))
         # A stored request today's rules refuse gets no buttons: they would make it again.
-        view = job_view(job.id, job.status) if _readable(job) else None
+        status = "stopped" if job.stopped_by_someone_else else job.status
+        view = job_view(job.id, status) if _readable(job) else None
         if job.status == "done" and job.output_path:
             request = GenerationRequest.stored(job.request_json)  # it ran, so it is valid
             files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
-            ok = await self.edit(job, content=self._content(
-                f"✅ **{prompt}** — {request.steps} steps in "
-                f"{format_duration(job.seconds)}{note}"),
-                embed=result_embed(job, request, files[0].filename if files else None),
-                attachments=files, view=view)
+            content = self._content(f"✅ **{prompt}** — {request.steps} steps in "
+                                    f"{format_duration(job.seconds)}{note}")
+            card = result_embed(job, request, files[0].filename if files else None)
+            ok = await self.edit(job, content=content, embed=card, attachments=files, view=view)
+            if ok and job.private and (await self.store.get(job.id) or job).dm_message_id is None:
+                # The ephemeral reply is gone when the member reloads Discord: they keep it in their DMs.
+                files, _ = await asyncio.to_thread(_final_files, Path(job.output_path),  # sent files close
+                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
+                ok = await self.edit(job, to_dm=True, content=content, embed=card, attachments=files,
+                                     view=view)
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
             why = f" ({note})" if note else ""
@@ -315,15 +321,16 @@ class Publisher:
         created = discord.utils.snowflake_time(job.interaction_id).timestamp()
         return self.clock() < created + self.settings.token_lifetime_s
 
-    async def edit(self, job: Job, **fields) -> bool:
-        """Edit the job's message; returns False (and logs) if Discord could not be reached."""
+    async def edit(self, job: Job, to_dm: bool = False, **fields) -> bool:
+        """Edit the job's message; returns False (and logs) if Discord could not be reached. `to_dm`: a
+        private job's message in its member's DMs, whatever the interaction token."""
         if self.banned:  # no call prolongs a ban: frames are dropped, final posts wait it out (_deliver)
             return False
         job = await self.store.get(job.id) or job  # the message id may have changed
         if job.deleted_at is not None:  # deleted while it ran: its message stays gone
             return True
         try:
-            if job.message_id is not None and self._token_fresh(job):
+            if job.message_id is not None and self._token_fresh(job) and not to_dm:
                 try:
                     webhook = discord.Webhook.partial(job.application_id, job.interaction_token,
                                                       client=self.bot)
@@ -353,7 +360,7 @@ class Publisher:
                             job.channel_id)
                 note = ("\n⚠️ I may no longer attach files in this channel, so the picture is not here; "
                         "ask a server admin to give my role Attach Files.")
-                return await self.edit(job, **{**fields, "attachments": [],
+                return await self.edit(job, to_dm, **{**fields, "attachments": [],
                                                "content": (fields.get("content") or "") + note})
             log.warning("job %s: could not update its message: %s", job.id, error)
             return False

@@ -261,6 +261,11 @@ class Job:
         return max(0, self.total_steps - self.step)
 
     @property
+    def stopped_by_someone_else(self) -> bool:
+        """Cancelled by a moderator (or by blocking its member), not by the member who asked."""
+        return self.status == "cancelled" and self.cancelled_by not in (None, self.user_id)
+
+    @property
     def seconds(self) -> float | None:
         """How long it ran, once it has ended."""
         return self.finished_at - self.started_at if self.finished_at and self.started_at else None

@@ -32,6 +32,7 @@ BUTTONS = {
     "done": [["reroll", "vary", "continue", "edit"], ["recipe", "delete"]],
     "failed": [["retry", "edit", "recipe", "delete"]],
     "cancelled": [["retry", "edit", "recipe", "delete"]],
+    "stopped": [["recipe", "delete"]],  # cancelled by a moderator: not to be run again as it was
 }
 IN_DM = {"cancel", "recipe", "delete"}
 
@@ -64,7 +65,8 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
 
 def job_view(job_id: int, status: str, in_dm: bool = False) -> discord.ui.View:
     """Cancel while a job waits or runs; re-roll, variations, continue, edit, recipe and delete once it
-    is done; retry, edit, recipe and delete once it failed or was cancelled."""
+    is done; retry, edit, recipe and delete once it failed or was cancelled (`stopped`: by a
+    moderator, recipe and delete only)."""
     rows = BUTTONS["waiting" if status in ("queued", "running") else status]
     view = discord.ui.View(timeout=None)
     for number, actions in enumerate(rows):

@@ -2519,7 +2519,8 @@ class FakeDiscord:
             rows.append({"type": 1, "components": [{"type": 4, "custom_id": name, "value": value}]})
         data = {"custom_id": form["custom_id"], "components": rows}
         who = user or self._actor_of(opened)
-        if opened.source_message_id is not None:  # opened from a message's button: the submit names it
+        source = self.messages.get(opened.source_message_id or 0)
+        if source is not None and not source.deleted:  # opened from a message's button: the submit names it
             return await self._component(data, opened.source_message_id, user=who, permissions=None,
                                          created_at=None, itype=IT_MODAL_SUBMIT)
         channel = self._find_channel(opened.channel_id)

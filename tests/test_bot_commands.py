@@ -161,6 +161,7 @@ async def test_result_buttons_and_forms_work_after_a_restart(fake: FakeDiscord, 
         line = "/imagine prompt:a cat negative:dogs steps:6 size:64x64 seed:5"
         assert line in shown.response_data["content"]
 
+        late_form = await fake.wait_for_response(await fake.click_button("job:edit:1", done))
         intruder = fake.add_member("mallory")
         refused = await fake.click_button("job:delete:1", done, user=intruder)
         await fake.wait_for_response(refused)
@@ -168,6 +169,8 @@ async def test_result_buttons_and_forms_work_after_a_restart(fake: FakeDiscord, 
         removed = await fake.click_button("job:delete:1", done)
         await fake.wait_until(lambda: done.deleted, 10)
         job = await bot.store.get(1)
+        after_delete = await fake.wait_for_response(await fake.submit_modal(late_form, {"prompt": "x"}))
+        assert "Job #1 was deleted" in after_delete.response_data["content"]
         # A picture whose files are gone (retention): varying it says so instead of failing later.
         Path((await bot.store.get(5)).latent_path).unlink()
         gone = await fake.click_button("job:vary:5", fake.original_response(vary))
@@ -190,7 +193,10 @@ async def test_a_cancelled_job_can_be_retried_with_the_same_recipe(fake: FakeDis
         again = await bot.store.get(2)
         assert (again.parent_job_id, again.status) in ((1, "running"), (1, "queued"))
         assert again.request_json == (await bot.store.get(1)).request_json  # the same seed and all
-        await fake.wait_for_response(await fake.send_slash_command("cancel", {"job": 2}))
+        # Stopped by a moderator: not to be run again as it was (recipe and delete only).
+        mod = fake.add_moderator()
+        await fake.wait_for_response(await fake.send_slash_command("cancel", {"job": 2}, user=mod))
+        assert (await wait_for_reply(fake, retry, "🛑")).custom_ids() == ["job:recipe:2", "job:delete:2"]
 
 
 async def test_a_failing_job_is_reported_and_the_engine_goes_on(fake: FakeDiscord, tmp_path: Path) -> None:

@@ -275,7 +275,13 @@ async def test_a_server_outside_allowed_guilds_is_answered_once_and_queues_nothi
         assert len(fake.followups(refused["_interaction"])) == 0
         here = await fake.send_slash_command("imagine", {"prompt": "hello"})
         await wait_for_reply(fake, here, "✅")
+        done = await wait_for_reply(fake, here, "✅")
         assert [job.guild_id for job in [await bot.store.get(1)]] == [fake.guild.id]
+        assert await bot.store.get(2) is None
+    # The admin drops this server later: its old pictures' buttons make nothing more either.
+    async with BotRunner(bot_settings(fake, tmp_path, allowed_guilds=[other.id])) as bot:
+        pressed = await answer(fake, await fake.click_button("job:reroll:1", done))
+        assert "works only in the servers its admin chose" in pressed["content"]
         assert await bot.store.get(2) is None
 
 

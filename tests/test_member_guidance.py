@@ -156,6 +156,10 @@ async def test_a_private_picture_is_shown_only_to_its_member_then_in_their_dms(
         quick = await fake.send_slash_command("imagine", {"prompt": "a secret garden"}, user=member)
         done = await wait_for_reply(fake, quick, "✅")
         assert done.ephemeral and done.attachments[0]["filename"] == "job-1.png"
+        # An ephemeral reply is gone when the member reloads Discord: the picture is kept in their DMs.
+        kept = await fake.wait_until(lambda: fake.messages_in(fake.dm_channel(member.user)), 10)
+        assert [m.attachments[0]["filename"] for m in kept] == ["job-1.png"]
+        assert kept[0].custom_ids() == ["job:recipe:1", "job:delete:1"]
         with pytest.raises(PermissionError):  # nobody else has it on screen
             await fake.click_button("job:reroll:1", done, user=other)
         again = await fake.click_button("job:reroll:1", done, user=member)
@@ -166,7 +170,7 @@ async def test_a_private_picture_is_shown_only_to_its_member_then_in_their_dms(
         slow = await fake.send_slash_command("imagine", {"prompt": "a secret cave", "steps": 40}, user=member)
         dm = fake.dm_channel(member.user)
         in_dm = await fake.wait_until(
-            lambda: next((m for m in fake.messages_in(dm) if "✅" in m.content), None), 60)
+            lambda: next((m for m in fake.messages_in(dm) if "✅ **a secret cave" in m.content), None), 60)
         assert in_dm.attachments[0]["filename"] == "job-3.png"
         assert in_dm.content.startswith(f"🔒 Your private picture from <#{fake.channel.id}>")
         assert in_dm.custom_ids() == ["job:recipe:3", "job:delete:3"]  # nothing that makes a new job

@@ -12,6 +12,7 @@ from discord.ext import commands
 
 from bot.checks import guild_limits, is_moderator
 from bot.limits import LIMITS, sizes_that_fit
+from bot.publisher import quote
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -74,7 +75,8 @@ class Help(commands.Cog):
             lines.append("Private pictures: " + ("allowed (`private:true`)" if limits.allow_private
                                                  else "turned off here"))
             if saved := await store.member_defaults(interaction.guild_id, interaction.user.id):
-                lines.append("Your /settings: " + ", ".join(f"{k} {v}" for k, v in sorted(saved.items())))
+                lines.append("Your /settings: " + ", ".join(f"{name} {quote(str(value), 60)}"
+                                                            for name, value in sorted(saved.items())))
         if interaction.guild_id and limits.allowed_channels:
             lines.append("Channels: /imagine works only in " + LIMITS["allowed_channels"].show(
                 limits.allowed_channels))

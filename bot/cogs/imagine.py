@@ -15,10 +15,10 @@ from discord.ext import commands
 from pydantic import ValidationError
 
 from bot import init_images, jobs, views
-from bot.checks import guild_limits, missing_channel_permissions
+from bot.checks import guild_limits, missing_channel_permissions, refused_where
 from bot.errors import answer_unexpected
 from bot.limits import check_memory, check_request, model_choices, parse_size, size_choices, step_choices
-from bot.publisher import recipe_embed
+from bot.publisher import quote, recipe_embed
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -197,16 +197,14 @@ class Imagine(commands.Cog):
 
     async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         job = await jobs.find_job(self.bot, interaction, job_id)
-        if job is None:
-            return
-        if interaction.guild_id is None and job.guild_id is not None and action not in views.IN_DM:
-            await interaction.response.send_message(  # a private picture in DMs: its server's limits
-                "New pictures from this one are made on its server: use /imagine there.", ephemeral=True)
+        if job is None or not await self.still_served(interaction, job):
             return
         if action == "cancel":
             await jobs.cancel_job(self.bot, interaction, job)
         elif action == "delete":
             await jobs.delete_job(self.bot, interaction, job)
+        elif job.deleted_at is not None:  # its words and picture are gone, for good
+            await interaction.response.send_message(f"Job #{job.id} was deleted.", ephemeral=True)
         elif action == "recipe":
             await self.show_recipe(interaction, job)
         elif action == "continue":
@@ -231,11 +229,19 @@ class Imagine(commands.Cog):
             return
         try:
             job = await jobs.find_job(self.bot, interaction, int(match["job_id"]))
-            if job is not None:
+            if job is not None and await self.still_served(interaction, job):
                 values = views.form_values(interaction.data or {})
                 await self.follow_up_job(interaction, job, match["action"], values)
         except Exception as error:  # the member must not be left with a form that "failed"
             await answer_unexpected(interaction, error)
+
+    async def still_served(self, interaction: discord.Interaction, job: Job) -> bool:
+        """Whether the bot still takes requests where the job was made (ALLOWED_GUILDS, ALLOW_DMS can
+        change after its buttons were posted); otherwise the member is told, and False."""
+        if (refusal := refused_where(self.bot.settings, job.guild_id)) is None:
+            return True
+        await interaction.response.send_message(refusal, ephemeral=True)
+        return False
 
     async def show_recipe(self, interaction: discord.Interaction, job: Job) -> None:
         request = GenerationRequest.stored(job.request_json)
@@ -264,6 +270,16 @@ class Imagine(commands.Cog):
         seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
         same seed). Queued for the member who asks, under their limits."""
         values = values or {}
+        refusal = None
+        if job.deleted_at is not None:
+            refusal = f"Job #{job.id} was deleted, so nothing more can be made from it."
+        elif interaction.guild_id != job.guild_id:  # a private picture in DMs: its server's limits
+            refusal = "New pictures from this one are made on its server: use /imagine there."
+        elif action == "retry" and job.stopped_by_someone_else:
+            refusal = f"Job #{job.id} was stopped by a moderator, so it can't be retried as it was."
+        if refusal:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
         # Only a retry keeps what the job started from (a retry is the same request again).
         fields = GenerationRequest.stored(job.request_json).model_dump(
             exclude=set() if action == "retry" else {"continue_from", "variation"})
@@ -288,7 +304,7 @@ class Imagine(commands.Cog):
                 fields.update(variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
             else:
                 steps = values.get("steps", "").strip()
-                if not steps.isdigit():
+                if not steps.isdecimal():
                     await interaction.response.send_message(
                         f"Steps: {steps!r} is not a whole number; press Continue again and type how many "
                         "more steps, e.g. 100.", ephemeral=True)
@@ -325,7 +341,8 @@ def imagine_line(request: GenerationRequest) -> str:
     parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
     if request.model:
         parts.append(f"model:{request.model}")
-    line = "/imagine " + " ".join(parts).replace("`", "ˋ")  # no backtick can close the code block
+    # One line (a slash command has no line breaks), with no backtick that could close the code block.
+    line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
     return line + ("  (and the same init image)" if request.init_image else "")
 
 
@@ -334,7 +351,7 @@ def _from_settings(used: dict[str, Any] | None) -> str:
     them."""
     if not used:
         return ""
-    shown = ", ".join(f"{name} {value}" for name, value in sorted(used.items()))
+    shown = ", ".join(f"{name} {quote(str(value), 60)}" for name, value in sorted(used.items()))
     return f" (Your /settings here gave: {shown}; change them with /settings.)"
 
 
