@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from bot.config import Settings
 from bot.health import Check, report
 from bot.limits import memory_budget
-from bot.store import MIGRATIONS
+from bot.migrate import HEAD, LEGACY_DONE, MIGRATIONS_DIR, revision_of
 from engine import weights
 from engine.device import GIB, describe_device
 from engine.models import required_files
@@ -136,20 +136,30 @@ def check_database(settings: Settings) -> Check:
         return Check("database", "ok", f"{path} does not exist yet; the bot creates it at start-up")
     try:
         # Read-only look: migrating here could upgrade the schema under an older bot still running.
+        revision, version = revision_of(path)
         with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as db:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
             db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails if the file can't be written
             db.execute("ROLLBACK")
     except sqlite3.Error as error:
         return Check("database", "fail", f"{path}: {error}")
-    latest = len(MIGRATIONS)
-    if version > latest:
-        return Check("database", "fail", f"{path} has schema version {version}, newer than this bot knows "
-                     f"({latest}): run the newer bot, or restore a backup made before the upgrade")
-    if version < latest:
-        return Check("database", "warn", f"{path}: writable, schema version {version} of {latest}; the bot "
-                     "upgrades it at start-up (make a backup first: python -m bot backup PATH)")
-    return Check("database", "ok", f"{path}: writable, schema version {version} of {latest}")
+    if revision == HEAD:
+        return Check("database", "ok", f"{path}: writable, schema revision {revision} (the latest)")
+    if revision is None and version <= LEGACY_DONE:
+        shown = f"a first release's schema version {version}" if version else "no schema yet"
+    elif revision in known_revisions():
+        shown = f"schema revision {revision}"
+    else:
+        return Check("database", "fail", f"{path} has schema revision {revision or version}, newer than this "
+                     "bot knows: run the newer bot, or restore a backup made before the upgrade")
+    return Check("database", "warn", f"{path}: writable, {shown} of {HEAD}; the bot upgrades it at "
+                 "start-up (make a backup first: python -m bot backup PATH)")
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this bot's migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
 
 
 def check_outputs(settings: Settings) -> Check:

@@ -1,4 +1,5 @@
-"""The one place that speaks SQL: schema and migrations, and the durable job queue.
+"""The one place that speaks SQL: the durable job queue, moderation, the logs (the schema is in
+bot/schema.py, its migrations in bot/migrations/).
 
 Job states: queued → running → done | failed | cancelled. A job found `running` at start-up was
 interrupted and goes back to `queued`; it resumes from its checkpoint.
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from bot import migrate
 
 ACTIVE = ("queued", "running")
 
@@ -60,105 +63,6 @@ QUEUE_PLACES = f"""{FAIR_ORDER}
                OVER (ORDER BY fair.place) AS seconds
     FROM fair JOIN jobs ON jobs.id = fair.id"""
 FINISHED = ("done", "failed", "cancelled")
-
-# Each entry upgrades the schema by one version (PRAGMA user_version); never edit a released one.
-MIGRATIONS = [
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        status TEXT NOT NULL DEFAULT 'queued'
-            CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        request_json TEXT NOT NULL,
-        guild_id INTEGER,
-        channel_id INTEGER NOT NULL,
-        user_id INTEGER NOT NULL,
-        application_id INTEGER,
-        interaction_id INTEGER,
-        interaction_token TEXT,
-        message_id INTEGER,
-        parent_job_id INTEGER REFERENCES jobs(id),
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        step INTEGER NOT NULL DEFAULT 0,
-        total_steps INTEGER NOT NULL,
-        seconds_per_step REAL,
-        checkpoint_path TEXT,
-        output_path TEXT,
-        latent_path TEXT,
-        error TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        cancelled_by INTEGER,
-        final_posted INTEGER NOT NULL DEFAULT 0,
-        deleted_at REAL,
-        deleted_by INTEGER
-    );
-    CREATE INDEX jobs_by_status ON jobs (status, id);
-    CREATE INDEX jobs_by_user ON jobs (user_id, status);
-    """,
-    # 2: retention removes old output files; the row stays, marked expired.
-    """
-    ALTER TABLE jobs ADD COLUMN expired_at REAL;
-    CREATE INDEX jobs_by_finish ON jobs (finished_at);
-    """,
-    # 3: moderation: per-server limits, blocked members, the audit log.
-    """
-    CREATE TABLE guild_limits (
-        guild_id INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        value_json TEXT NOT NULL,
-        PRIMARY KEY (guild_id, name)
-    );
-    CREATE TABLE blocks (
-        guild_id INTEGER NOT NULL,
-        user_id INTEGER NOT NULL,
-        reason TEXT,
-        blocked_by INTEGER NOT NULL,
-        blocked_at REAL NOT NULL,
-        PRIMARY KEY (guild_id, user_id)
-    );
-    CREATE TABLE audit_log (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        guild_id INTEGER,
-        actor_id INTEGER NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT,
-        old_value TEXT,
-        new_value TEXT,
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX audit_by_guild ON audit_log (guild_id, id);
-    CREATE INDEX jobs_by_guild ON jobs (guild_id, created_at);
-    """,
-    # 4: the fair order asks when each server and member was last served.
-    """
-    CREATE INDEX jobs_served_by_server ON jobs (guild_id, started_at);
-    CREATE INDEX jobs_served_by_member ON jobs (guild_id, user_id, started_at);
-    """,
-    # 5: every /imagine's ETA reads the latest measured speeds: an index, not a sort of the whole table;
-    # and a job is found by the command that made it.
-    """
-    CREATE INDEX jobs_by_speed ON jobs (coalesce(finished_at, started_at)) WHERE seconds_per_step IS NOT NULL;
-    CREATE INDEX jobs_by_interaction ON jobs (interaction_id);
-    """,
-    # 6: the largest file the job's channel takes (the interaction's attachment_size_limit: it depends
-    # on the server's boosts), for the final post.
-    """
-    ALTER TABLE jobs ADD COLUMN upload_limit INTEGER;
-    """,
-    # 7: members' own defaults per server (guild 0: their DMs); private pictures, which are shown only
-    # to their member: on the ephemeral reply, then in a DM (dm_message_id).
-    """
-    CREATE TABLE member_defaults (
-        guild_id INTEGER NOT NULL,
-        user_id INTEGER NOT NULL,
-        values_json TEXT NOT NULL,
-        PRIMARY KEY (guild_id, user_id)
-    );
-    ALTER TABLE jobs ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN dm_message_id INTEGER;
-    """,
-]
 
 
 # The latest measured speeds and the pixels they were measured at, newest first (index jobs_by_speed,
@@ -360,15 +264,15 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        """Open the database file (made if missing), its schema brought up to date first."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate.upgrade, path)
         db = await aiosqlite.connect(path, isolation_level=None)  # explicit transactions only
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA busy_timeout = 5000")
         await db.execute("PRAGMA foreign_keys = ON")
         store = cls(db)
-        await store.migrate()
         await store._read_guild_limits()
         await store._read_member_defaults()
         return store
@@ -383,13 +287,6 @@ class Store:
 
     async def close(self) -> None:
         await self.db.close()
-
-    async def migrate(self) -> int:
-        async with self.db.execute("PRAGMA user_version") as cursor:
-            (version,) = await cursor.fetchone()
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
-        return len(MIGRATIONS)
 
     async def _rows(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
         async with self._lock:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import preflight
+from bot import migrate, preflight
 from bot.__main__ import main
 from bot.config import Settings
-from bot.store import MIGRATIONS, NewJob, Store
+from bot.store import NewJob, Store
 from engine import weights
 from engine.models import required_files
 from tests.botrunner import TOKEN
@@ -62,8 +62,8 @@ async def test_check_reports_a_migrated_database_and_changes_nothing(tmp_path: P
 
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert f"OK    database: {tmp_path / 'data' / 'bot.sqlite3'}: writable, schema version " \
-           f"{len(MIGRATIONS)} of {len(MIGRATIONS)}" in out
+    assert f"OK    database: {tmp_path / 'data' / 'bot.sqlite3'}: writable, schema revision " \
+           f"{migrate.HEAD} (the latest)" in out
     assert "files kept 30 days, at most 2.5 GB" in out
     assert not (tmp_path / "outputs").exists()  # a check creates nothing
 
@@ -140,21 +140,27 @@ def test_weights_present_or_downloadable(tmp_path: Path) -> None:
     assert preflight.check_weights(settings_for(tmp_path, ENGINE_PRESET="huge")).status == "fail"
 
 
-@pytest.mark.parametrize(("version", "status", "says"), [
-    (1, "warn", "schema version 1 of"),
-    (len(MIGRATIONS) + 1, "fail", "newer than this bot knows"),
+@pytest.mark.parametrize(("revision", "status", "says"), [
+    (None, "warn", f"a first release's schema version 1 of {migrate.HEAD}; the bot upgrades it"),
+    ("0001", "warn", f"schema revision 0001 of {migrate.HEAD}"),
+    ("9999", "fail", "has schema revision 9999, newer than this bot knows"),
 ])
-def test_database_schema_older_or_newer_than_the_bot(tmp_path: Path, version: int, status: str,
+def test_database_schema_older_or_newer_than_the_bot(tmp_path: Path, revision: str | None, status: str,
                                                      says: str) -> None:
     path = tmp_path / "data" / "bot.sqlite3"
     path.parent.mkdir()
-    with sqlite3.connect(path) as db:
-        db.executescript(MIGRATIONS[0])
-        db.execute(f"PRAGMA user_version = {version}")
+    if revision is None:  # made by a first release, which numbered its own scripts
+        with sqlite3.connect(path) as db:
+            db.executescript(migrate.LEGACY[0])
+            db.execute("PRAGMA user_version = 1")
+    else:
+        migrate.upgrade(path)
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    before = migrate.revision_of(path)
     check = preflight.check_database(settings_for(tmp_path))
     assert (check.status, says in check.detail) == (status, True), check
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (version,)  # not migrated by the check
+    assert migrate.revision_of(path) == before  # not migrated by the check
 
 
 async def test_backup_command_copies_the_live_database_and_the_copy_restores(tmp_path: Path) -> None:

@@ -1,0 +1,235 @@
+"""`python -m bot`: the Discord bot and, in the same process, the single engine task.
+
+`python -m bot check` checks the machine is ready; `python -m bot backup PATH` copies the live database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiosqlite
+from pydantic import ValidationError
+
+from bot import health
+from bot.config import Settings
+from bot.store import DatabaseInUse, Store, only_bot_on
+from engine import weights
+
+# The bot, the engine and the checks that touch the device load torch and discord.py (seconds):
+# imported where used, so that `check --live` (the container's health check, every 30 s) and the
+# log commands stay quick and light.
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+log = logging.getLogger("bot")
+
+# Interaction tokens appear in webhook URLs: /webhooks/<application id>/<token>/...
+_WEBHOOK_TOKEN = re.compile(r"(/webhooks/\d+/)[^/\s?]+")
+_INTERACTION_TOKEN = re.compile(r"(/interactions/\d+/)[^/\s?]+")
+# ...and as a field of the payloads discord.py logs at DEBUG (INTERACTION_CREATE), dict or JSON alike.
+_TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+""")
+
+
+class RedactSecrets(logging.Filter):
+    """Keep the bot token and interaction tokens out of every log line, whoever logs them."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[token]")
+        text = _WEBHOOK_TOKEN.sub(r"\1[token]", text)
+        text = _INTERACTION_TOKEN.sub(r"\1[token]", text)
+        return _TOKEN_FIELD.sub(r"\1[token]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:  # a traceback's messages may quote a URL or token
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+def configure_logging(settings: Settings) -> list[logging.Handler]:
+    """One line per event to standard error and, if LOG_FILE is set, to a rotating file; both redacted."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(RotatingFileHandler(settings.log_file, maxBytes=settings.log_max_bytes,
+                                            backupCount=settings.log_backups, encoding="utf-8"))
+    token = settings.discord_token.get_secret_value() if settings.discord_token else ""
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RedactSecrets([token]))
+    logging.basicConfig(level=settings.log_level, handlers=handlers, force=True)
+    # aiosqlite logs every call with its parameters at DEBUG, interaction tokens among them, in a form
+    # no pattern can tell from other values: its DEBUG lines never reach the log.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    return handlers
+
+
+def ensure_weights(settings: Settings) -> None:
+    """Fail fast, before connecting, if the preset's weights are missing and can't be fetched."""
+    from engine.models import required_files
+
+    files = required_files(settings.engine_preset, settings.engine_clip, settings.clip_checkpoint is not None)
+    absent = weights.missing(files, settings.weights_dir, settings.weight_overrides)
+    if absent and not settings.download_weights:
+        raise weights.WeightsMissingError(
+            weights.missing_message(absent, settings.weights_dir, settings.weight_overrides))
+    if absent:
+        weights.ensure(files, settings.weights_dir, settings.weight_overrides)
+
+
+async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | None = None,
+                  handle_signals: bool = True, hold_database: bool = True) -> None:
+    """Run until closed. SIGINT/SIGTERM stop after the current step, save it, and exit cleanly.
+    `hold_database=False`: the caller already holds it (only_bot_on)."""
+    from bot.app import point_discord_at
+
+    point_discord_at(settings)
+    with only_bot_on(settings.database_path) if hold_database else contextlib.nullcontext():
+        await _run(settings, on_start, handle_signals)
+
+
+async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None,
+               handle_signals: bool) -> None:
+    from bot.app import ImagineBot
+
+    store = await Store.open(settings.database_path)
+    bot = ImagineBot(settings, store)
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+    if on_start is not None:
+        on_start(bot)
+    try:
+        async with bot:
+            await bot.start(settings.discord_token.get_secret_value())
+    finally:
+        await store.close()
+
+
+async def backup(settings: Settings, target: Path) -> int:
+    """Copy the live database to `target` with SQLite's online backup API (safe while the bot runs)."""
+    source = settings.database_path
+    if not source.is_file():
+        print(f"error: there is no database at {source} (DATABASE_PATH); nothing to back up", file=sys.stderr)
+        return 2
+    if target.exists():
+        print(f"error: {target} already exists; backups never overwrite, give a new file name",
+              file=sys.stderr)
+        return 2
+    # Not Store.open: that migrates, and a newer bot's backup must not upgrade the schema under an
+    # older bot that is still running.
+    store = Store(await aiosqlite.connect(source))
+    try:
+        await store.backup_to(target)
+    finally:
+        await store.close()
+    print(f"backed up {source} to {target} ({target.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+async def print_log(settings: Settings, guild_id: int | None, since: str | None, fmt: str) -> int:
+    """The generation log of one server (None: the DMs) to standard output, newest first."""
+    from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
+
+    try:
+        since_ts = parse_since(since)
+    except SinceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not settings.database_path.is_file():
+        print(f"error: there is no database at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
+        return 2
+    store = await Store.read_only(settings.database_path)
+    try:
+        jobs, _ = await store.generation_log(guild_id, since=since_ts, limit=EXPORT_ROWS)
+    finally:
+        await store.close()
+    sys.stdout.write(encode_export(export_rows(jobs), fmt).decode())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="The VQGAN+CLIP Discord bot; "
+                                     "without a command it runs the bot. Settings come from the "
+                                     "environment and .env (see .env.example).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check_command = commands.add_parser("check", help="check this machine is ready: token, weights, GPU, "
+                                        "database, outputs; exits 1 if a check fails")
+    check_command.add_argument("--live", action="store_true", help="instead, check that the running bot "
+                               "and its engine are up, from the bot's health file (touches no GPU)")
+    backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
+                                         "the bot runs")
+    backup_command.add_argument("path", type=Path, metavar="PATH", help="the new backup file")
+    log_command = commands.add_parser("log", help="print the generation log of a server, or of the DMs "
+                                      "(which no server's moderators see), as CSV or JSON Lines")
+    where = log_command.add_mutually_exclusive_group(required=True)
+    where.add_argument("--guild", type=int, metavar="ID", help="a server's id")
+    where.add_argument("--dms", action="store_true", help="the jobs made in DMs with the bot")
+    log_command.add_argument("--since", help="e.g. 7d, 12h or 2026-11-01")
+    log_command.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    if args.command == "check" and args.live:
+        return health.report([health.check_live(settings.database_path)])
+    if args.command == "check":
+        from bot import preflight
+
+        return preflight.main(settings)
+    if args.command == "backup":
+        return asyncio.run(backup(settings, args.path))
+    if args.command == "log":
+        return asyncio.run(print_log(settings, None if args.dms else args.guild, args.since, args.format))
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the bot until SIGTERM or Ctrl-C; exit 2 at once if it cannot start."""
+    if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
+        print("error: DISCORD_TOKEN is not set. Put DISCORD_TOKEN=<your bot token> in .env "
+              "(see .env.example) or in the environment.", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    try:
+        with only_bot_on(settings.database_path):  # first: a second bot downloads nothing either
+            try:
+                ensure_weights(settings)
+            except (ValueError, weights.WeightsMissingError) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
+                     settings.engine_device, settings.database_path)
+            asyncio.run(run_bot(settings, hold_database=False))
+    except DatabaseInUse as error:
+        log.error("not starting: %s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Who may do what. Discord's default_permissions only hide commands by default (server admins can
+change that), so moderator rights are always checked here, server-side."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+from bot.limits import GuildLimits
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+    from bot.config import Settings
+
+
+MODERATORS = discord.Permissions(manage_guild=True)  # who sees the moderator commands by default
+# Where moderator commands may run: a server's own tools have no meaning in a DM, even with ALLOW_DMS.
+SERVERS_ONLY = app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False)
+
+
+def is_moderator(interaction: discord.Interaction, moderator_role: int | None = None) -> bool:
+    """Manage Server (or Administrator), or the moderator role this server set."""
+    permissions = interaction.permissions
+    if permissions.manage_guild or permissions.administrator:
+        return True
+    roles = getattr(interaction.user, "roles", [])
+    return moderator_role is not None and any(role.id == moderator_role for role in roles)
+
+
+NOT_A_MODERATOR = ("Only moderators can do that here: members with Manage Server, or with this "
+                   "server's moderator role.")
+
+
+def refused_where(settings: Settings, guild_id: int | None) -> str | None:
+    """Why the bot takes no requests in this server (ALLOWED_GUILDS) or in DMs (ALLOW_DMS); None if it
+    does."""
+    if guild_id is None:
+        return None if settings.allow_dms else \
+            "I make pictures in servers only: use my commands in a server we share."
+    if settings.allowed_guilds and guild_id not in settings.allowed_guilds:
+        return ("This bot works only in the servers its admin chose, and this server isn't one of "
+                "them, so I can't take requests here. Nothing was queued.")
+    return None
+
+
+async def guild_limits(bot: ImagineBot, guild_id: int | None) -> GuildLimits:
+    """The limits in force on a server: its own settings over the bot's defaults."""
+    return GuildLimits.resolve(bot.settings, await bot.store.guild_limits(guild_id))
+
+
+async def moderator_or_refuse(bot: ImagineBot, interaction: discord.Interaction, hint: str = "") -> bool:
+    """True for a moderator of this server; anyone else is told why not (plus `hint`) and gets False."""
+    limits = await guild_limits(bot, interaction.guild_id)
+    if is_moderator(interaction, limits.moderator_role):
+        return True
+    await interaction.response.send_message(f"{NOT_A_MODERATOR} {hint}".rstrip(), ephemeral=True)
+    return False
+
+
+def missing_channel_permissions(interaction: discord.Interaction) -> list[str]:
+    """What the bot lacks in this channel to deliver a picture. Edits go through the bot token after
+    the interaction's 15 minutes, and Discord checks these then; in a DM nothing is needed."""
+    if interaction.guild_id is None:
+        return []
+    have = interaction.app_permissions
+    in_thread = isinstance(interaction.channel, discord.Thread)
+    needed = {"View Channel": have.view_channel,
+              "Send Messages in Threads" if in_thread else "Send Messages":
+                  have.send_messages_in_threads if in_thread else have.send_messages,
+              "Attach Files": have.attach_files, "Embed Links": have.embed_links}
+    return [name for name, granted in needed.items() if not granted]

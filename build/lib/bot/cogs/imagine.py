@@ -1,0 +1,374 @@
+"""/imagine and the buttons under its results (re-roll, variations, continue, edit, retry, recipe,
+delete, cancel) with the forms they open."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from pydantic import ValidationError
+
+from bot import init_images, jobs, views
+from bot.checks import guild_limits, missing_channel_permissions, refused_where
+from bot.errors import answer_unexpected
+from bot.limits import check_memory, check_request, model_choices, parse_size, size_choices, step_choices
+from bot.publisher import quote, recipe_embed
+from bot.store import NewJob, QueueFull
+from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+    from bot.store import Job
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """Something the member can fix; the message says what and how."""
+
+
+class Imagine(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    @app_commands.command()
+    @app_commands.describe(
+        prompt='What to draw. Weight parts with ":": "a dog on the beach:1 | blurry:-0.5"',
+        negative="What the picture should move away from",
+        style='Style text mixed into the prompt, e.g. "oil painting"',
+        steps="Optimisation steps: more is slower and more detailed",
+        size="Picture size, e.g. 512x384: the offered sizes fit this server (or type your own)",
+        seed="Random seed: the same seed and options give the same picture",
+        init_image="Start from this picture instead of noise",
+        model="The VQGAN that paints it (the models installed on this bot)",
+        private="Only you see it (where the server allows): moderators still see it in their log",
+    )
+    async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
+                      negative: app_commands.Range[str, 1, 1000] | None = None,
+                      style: app_commands.Range[str, 1, 1000] | None = None,
+                      steps: app_commands.Range[int, 1, 10000] | None = None,
+                      size: app_commands.Range[str, 1, 20] | None = None,
+                      seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+                      init_image: discord.Attachment | None = None,
+                      model: app_commands.Range[str, 1, 100] | None = None,
+                      private: bool | None = None) -> None:
+        """Paint a picture from a text prompt with VQGAN+CLIP."""
+        # Options left out come from the member's /settings here, then from the bot's defaults.
+        given = {"style": style, "steps": steps, "size": size, "model": model, "private": private}
+        saved = await self.bot.store.member_defaults(interaction.guild_id, interaction.user.id)
+        mine = {name: saved[name] for name, value in given.items() if value is None and name in saved}
+        fields: dict[str, Any] = {"prompt": prompt, "negative": negative or "", "seed": seed,
+                                  "style": style or mine.get("style", ""),
+                                  "steps": steps or mine.get("steps") or self.bot.settings.default_steps,
+                                  "model": model or mine.get("model"),
+                                  "size": size or mine.get("size") or self.bot.settings.default_size}
+        await self.submit(interaction, fields, init_from=init_image,
+                          private=private if private is not None else mine.get("private", False),
+                          defaults_used=mine)
+
+    @imagine.autocomplete("size")
+    async def _size_choices(self, interaction: discord.Interaction,
+                            current: str) -> list[app_commands.Choice[str]]:
+        return size_choices(await guild_limits(self.bot, interaction.guild_id), self.bot.memory, current)
+
+    @imagine.autocomplete("steps")
+    async def _steps_choices(self, interaction: discord.Interaction,
+                             current: int | str) -> list[app_commands.Choice[int]]:
+        return step_choices(await guild_limits(self.bot, interaction.guild_id),
+                            self.bot.settings.default_steps, current)
+
+    @imagine.autocomplete("model")
+    async def _model_choices(self, interaction: discord.Interaction,
+                             current: str) -> list[app_commands.Choice[str]]:
+        return model_choices(self.bot.installed_models(), current)
+
+    # --- one way in for every new job: the command and the re-roll/continue buttons --------------
+
+    def build_request(self, fields: dict[str, Any]) -> GenerationRequest:
+        """Validate against the engine's rules; raise UserError with what to fix."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if "size" in fields:  # typed by the member: autocomplete only suggests
+            size = fields.pop("size")
+            if (parsed := parse_size(size)) is None:
+                raise UserError(f"Size: {size!r} is not a size; pick one of the offered sizes or type "
+                                "width x height in pixels, e.g. 512x384.")
+            fields["width"], fields["height"] = parsed
+        fields.setdefault("preview_every", self.bot.settings.preview_every)
+        # Autocomplete only suggests: a member can still send any text, or re-roll a picture whose
+        # model has been removed since.
+        installed = self.bot.installed_models()
+        fields.setdefault("model", installed[0])  # named, so that a re-roll keeps it
+        if fields["model"] not in installed:
+            raise UserError(f"Model: {fields['model']!r} is not installed on this bot; pick one of "
+                            f"{', '.join(installed)}.")
+        try:
+            return GenerationRequest(**fields)
+        except ValidationError as error:
+            raise UserError(f"That request isn't valid — {describe_validation_error(error)}.") from None
+
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
+                     parent_job_id: int | None = None,
+                     init_from: discord.Attachment | Path | None = None, private: bool = False,
+                     defaults_used: dict[str, Any] | None = None) -> Job | None:
+        """Queue a picture, or tell the member why not. `init_from`: an upload, or the init image of the
+        job being re-rolled (each job gets its own copy). `private`: only the member sees it (in a DM
+        everything is). `defaults_used`: the member's /settings that filled in options, named if refused."""
+        limits = await guild_limits(self.bot, interaction.guild_id)
+        private = private and interaction.guild_id is not None
+        try:
+            if private and not limits.allow_private:
+                raise UserError("Private pictures are turned off on this server; leave private empty "
+                                "(moderators can allow them: /limits set allow_private yes).")
+            if not private and (missing := missing_channel_permissions(interaction)):
+                raise UserError(f"I can't deliver pictures in this channel: I'm missing "
+                                f"{', '.join(missing)}. Ask a server admin to grant my role that here, "
+                                "or use another channel.")
+            request = self.build_request(fields)
+            refusal = (check_request(limits, request, interaction.channel_id, init_from is not None)
+                       or check_memory(self.bot.memory, request))
+            if refusal:
+                raise UserError(refusal)
+            if isinstance(init_from, discord.Attachment) and init_from.size > init_images.MAX_BYTES:
+                raise UserError(f"Init image: {init_from.filename} is {init_from.size / 2**20:.1f} MiB; "
+                                f"the limit is {init_images.MAX_BYTES // 2**20} MiB.")
+        except UserError as error:
+            await interaction.response.send_message(str(error) + _from_settings(defaults_used),
+                                                    ephemeral=True)
+            return None
+
+        # Answer within Discord's 3 seconds; the reply becomes the job's message. From here on the
+        # member has been answered, so closing the bot waits for the request to reach the queue.
+        with self.bot.submitting():
+            response = await interaction.response.defer(thinking=True, ephemeral=private)
+            path = None if init_from is None else init_images.path_for(self.bot.settings.output_dir,
+                                                                       interaction.id)
+            try:
+                if path is not None:
+                    await self.keep_init_image(init_from, path, limits.max_pixels)
+                    request = self.build_request({**fields, "init_image": path})
+                job = await self.bot.store.enqueue(
+                    NewJob(request_json=request.model_dump_json(), total_steps=request.steps,
+                           channel_id=interaction.channel_id, user_id=interaction.user.id,
+                           guild_id=interaction.guild_id, application_id=interaction.application_id,
+                           interaction_id=interaction.id, interaction_token=interaction.token,
+                           parent_job_id=parent_job_id, message_id=response.message_id,
+                           upload_limit=interaction.filesize_limit, private=private),
+                    max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
+                    cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
+            except BaseException as error:
+                if path is not None:  # a refused request leaves nothing behind
+                    path.unlink(missing_ok=True)
+                if not isinstance(error, UserError | QueueFull):
+                    raise
+                message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
+                await interaction.delete_original_response()
+                await interaction.followup.send(message, ephemeral=True)
+                return None
+
+            log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
+            self.bot.worker.notify()
+            position, eta = await self.bot.store.position_and_eta(job.id)
+            self.bot.publisher.queued(job, position, eta)  # dropped if the engine started it already
+            return job
+
+    async def keep_init_image(self, source: discord.Attachment | Path, path: Path, max_pixels: int) -> None:
+        """Download, check and decode an upload (off the event loop), or copy a parent job's, to `path`."""
+        if isinstance(source, Path):
+            try:
+                await asyncio.to_thread(init_images.copy, source, path)
+            except FileNotFoundError:
+                raise UserError("The init image of that picture is gone (deleted or expired), so it "
+                                "can't be re-rolled with it.") from None
+            return
+        data = await source.read()
+        try:
+            image = await asyncio.to_thread(init_images.decode, data, source.filename, max_pixels)
+        except init_images.InitImageError as error:
+            raise UserError(str(error)) from None
+        await asyncio.to_thread(init_images.save, image, path)
+
+    # --- buttons and the forms they open ------------------------------------------------------------
+
+    async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
+        job = await jobs.find_job(self.bot, interaction, job_id)
+        if job is None or not await self.still_served(interaction, job):
+            return
+        if action == "cancel":
+            await jobs.cancel_job(self.bot, interaction, job)
+        elif action == "delete":
+            await jobs.delete_job(self.bot, interaction, job)
+        elif job.deleted_at is not None:  # its words and picture are gone, for good
+            await interaction.response.send_message(f"Job #{job.id} was deleted.", ephemeral=True)
+        elif action == "recipe":
+            await self.show_recipe(interaction, job)
+        elif action == "continue":
+            if await self.saved_latent(interaction, job):
+                limits = await guild_limits(self.bot, interaction.guild_id)
+                await interaction.response.send_modal(views.continue_form(
+                    job.id, min(self.bot.settings.default_steps, limits.max_steps), limits.max_steps))
+        elif action == "edit":
+            request = GenerationRequest.stored(job.request_json)
+            await interaction.response.send_modal(
+                views.edit_form(job.id, request.prompt, request.negative, request.style))
+        elif action in ("reroll", "vary", "retry"):
+            await self.follow_up_job(interaction, job, action)
+
+    @commands.Cog.listener()
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A submitted form (continue's steps, edit's texts), answered by its custom id."""
+        if interaction.type is not discord.InteractionType.modal_submit:
+            return
+        match = views.FORM.fullmatch(str((interaction.data or {}).get("custom_id", "")))
+        if match is None:
+            return
+        try:
+            job = await jobs.find_job(self.bot, interaction, int(match["job_id"]))
+            if job is not None and await self.still_served(interaction, job):
+                values = views.form_values(interaction.data or {})
+                await self.follow_up_job(interaction, job, match["action"], values)
+        except Exception as error:  # the member must not be left with a form that "failed"
+            await answer_unexpected(interaction, error)
+
+    async def still_served(self, interaction: discord.Interaction, job: Job) -> bool:
+        """Whether the bot still takes requests where the job was made (ALLOWED_GUILDS, ALLOW_DMS can
+        change after its buttons were posted); otherwise the member is told, and False."""
+        if (refusal := refused_where(self.bot.settings, job.guild_id)) is None:
+            return True
+        await interaction.response.send_message(refusal, ephemeral=True)
+        return False
+
+    async def show_recipe(self, interaction: discord.Interaction, job: Job) -> None:
+        request = GenerationRequest.stored(job.request_json)
+        line = imagine_line(request)
+        text, files = f"To make it again:\n```\n{line}\n```", []
+        if len(text) > 2000:  # three long texts: the line goes in a file instead
+            text = "To make it again, the `/imagine` line is in the file (it is longer than a message)."
+            files = [discord.File(io.BytesIO(line.encode()), f"job-{job.id}-imagine.txt")]
+        await interaction.response.send_message(content=text, embed=recipe_embed(job, request, job.seconds),
+                                                files=files, ephemeral=True)
+
+    async def saved_latent(self, interaction: discord.Interaction, job: Job) -> Path | None:
+        """The finished picture's latent, or None after telling the member there is none."""
+        if job.status == "done" and job.latent_path and Path(job.latent_path).is_file():
+            return Path(job.latent_path)
+        why = ("it has not finished" if job.status in ("queued", "running") else
+               f"it {job.status}" if job.status != "done" else "its saved state is gone (deleted or expired)")
+        await interaction.response.send_message(
+            f"Job #{job.id} can't be continued or varied: {why}. Re-roll or retry it instead.",
+            ephemeral=True)
+        return None
+
+    async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str,
+                            values: dict[str, str] | None = None) -> None:
+        """A new job made from this one: re-roll (new seed), variation (its latent, a little noise, new
+        seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
+        same seed). Queued for the member who asks, under their limits."""
+        values = values or {}
+        refusal = None
+        if job.deleted_at is not None:
+            refusal = f"Job #{job.id} was deleted, so nothing more can be made from it."
+        elif interaction.guild_id != job.guild_id:  # a private picture in DMs: its server's limits
+            refusal = "New pictures from this one are made on its server: use /imagine there."
+        elif action == "retry" and job.stopped_by_someone_else:
+            refusal = f"Job #{job.id} was stopped by a moderator, so it can't be retried as it was."
+        if refusal:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        # Only a retry keeps what the job started from (a retry is the same request again).
+        fields = GenerationRequest.stored(job.request_json).model_dump(
+            exclude=set() if action == "retry" else {"continue_from", "variation"})
+        if action == "retry" and job.status not in ("failed", "cancelled"):
+            await interaction.response.send_message(
+                f"Job #{job.id} {'finished' if job.status == 'done' else 'has not ended'}; only a failed "
+                "or cancelled job can be retried. Re-roll it for a new picture.", ephemeral=True)
+            return
+        if fields.get("continue_from") and not Path(fields["continue_from"]).is_file():
+            await interaction.response.send_message(
+                f"Job #{job.id} went on from another picture whose saved state is gone (deleted or "
+                "expired), so it can't be retried.", ephemeral=True)
+            return
+        if action in ("reroll", "vary"):
+            fields["seed"] = None  # a new seed is drawn
+        if action in ("vary", "continue"):
+            latent = await self.saved_latent(interaction, job)
+            if latent is None:
+                return
+            fields.update(continue_from=latent, init_image=None)
+            if action == "vary":
+                fields.update(variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
+            else:
+                steps = values.get("steps", "").strip()
+                if not steps.isdecimal():
+                    await interaction.response.send_message(
+                        f"Steps: {steps!r} is not a whole number; press Continue again and type how many "
+                        "more steps, e.g. 100.", ephemeral=True)
+                    return
+                fields["steps"] = int(steps)
+        if action == "edit":
+            fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
+                          style=values.get("style", ""))
+        init_from = None
+        if fields.get("init_image"):
+            init_from = Path(fields.pop("init_image"))  # copied for the new job
+            if not init_from.is_file():
+                await interaction.response.send_message(
+                    f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be made "
+                    "again with it.", ephemeral=True)
+                return
+        await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from,
+                          private=bool(job.private))
+
+
+# A variation starts from the picture's latent plus this much noise (in units of the latent's spread)
+# and runs this share of its steps: near enough to keep the composition, far enough to differ.
+VARIATION_NOISE = 0.25
+VARIATION_SHARE = 3
+
+
+def imagine_line(request: GenerationRequest) -> str:
+    """The /imagine command that asks for this recipe again (the options a member can type)."""
+    parts = [f"prompt:{request.prompt}"]
+    if request.negative:
+        parts.append(f"negative:{request.negative}")
+    if request.style:
+        parts.append(f"style:{request.style}")
+    parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
+    if request.model:
+        parts.append(f"model:{request.model}")
+    # One line (a slash command has no line breaks), with no backtick that could close the code block.
+    line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
+    return line + ("  (and the same init image)" if request.init_image else "")
+
+
+def _from_settings(used: dict[str, Any] | None) -> str:
+    """A refusal's hint when the member's saved defaults filled in options: which, and where to change
+    them."""
+    if not used:
+        return ""
+    shown = ", ".join(f"{name} {quote(str(value), 60)}" for name, value in sorted(used.items()))
+    return f" (Your /settings here gave: {shown}; change them with /settings.)"
+
+
+def _queue_full_message(error: QueueFull) -> str:
+    when = f" You can try again <t:{int(error.retry_at) + 1}:R>." if error.retry_at else ""
+    if error.limit == "blocked":
+        return "A moderator has blocked you from making pictures on this server."
+    if error.limit == "cooldown":
+        return f"This server asks members to wait {error.value} s between pictures.{when}"
+    if error.limit == "daily_quota":
+        return f"You've made {error.value} pictures in the last 24 hours, this server's daily quota.{when}"
+    if error.limit == "per_member":
+        return (f"You already have {error.value} pictures waiting or running, the most one member may "
+                "have. Wait for one to finish, or `/cancel` one.")
+    return (f"The queue for this server is full ({error.value} pictures). "
+            "Try again when it has moved on.")
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(Imagine(bot))

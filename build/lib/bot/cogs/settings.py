@@ -1,0 +1,117 @@
+"""/settings: a member's own defaults on this server (size, steps, style, model, privacy), which
+/imagine uses for the options they leave out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.checks import guild_limits
+from bot.limits import model_choices, parse_size, size_choices, size_fits, step_choices
+from bot.publisher import quote
+from bot.terms import contains_blocked_term
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+    from bot.limits import GuildLimits
+
+NAMES = ("size", "steps", "style", "model", "private")
+
+
+class MemberSettings(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="settings")
+    @app_commands.describe(
+        size="Your default size here, e.g. 512x384",
+        steps="Your default number of steps here",
+        style='Style text added to your prompts here, e.g. "oil painting"',
+        model="Your default VQGAN here",
+        private="Make your pictures here private unless you say otherwise (where the server allows)",
+        forget="Forget one of your defaults (or all of them)",
+    )
+    async def settings(self, interaction: discord.Interaction,
+                       size: app_commands.Range[str, 1, 20] | None = None,
+                       steps: app_commands.Range[int, 1, 10000] | None = None,
+                       style: app_commands.Range[str, 1, 1000] | None = None,
+                       model: app_commands.Range[str, 1, 100] | None = None,
+                       private: bool | None = None,
+                       forget: Literal["size", "steps", "style", "model", "private", "all"] | None = None,
+                       ) -> None:
+        """Your own defaults for /imagine here; with no options, shows them."""
+        store, where = self.bot.store, (interaction.guild_id, interaction.user.id)
+        limits = await guild_limits(self.bot, interaction.guild_id)
+        values = await store.member_defaults(*where)
+        given = {name: value for name, value in zip(NAMES, (size, steps, style, model, private), strict=True)
+                 if value is not None}
+        if refusal := self.refusal(interaction, limits, given):
+            await interaction.response.send_message(refusal + " Nothing was changed.", ephemeral=True)
+            return
+        if size is not None:
+            given["size"] = "{}x{}".format(*parse_size(size))  # type: ignore[str-format]
+        values = {} if forget == "all" else {k: v for k, v in values.items() if k != forget}
+        changed = given or forget
+        if changed:
+            values.update(given)
+            await store.set_member_defaults(*where, values)
+        await interaction.response.send_message(
+            ("Saved. " if changed else "") + self.describe(values, limits), ephemeral=True)
+
+    def refusal(self, interaction: discord.Interaction, limits: GuildLimits,
+                given: dict[str, Any]) -> str | None:
+        """What is wrong with a default the member asks for, as they would be told at /imagine."""
+        if "size" in given:
+            parsed = parse_size(given["size"])
+            if parsed is None or parsed[0] % 16 or parsed[1] % 16 or min(parsed) < 64:
+                return (f"Size: {given['size']!r} is not a size I can paint; type width x height in "
+                        "multiples of 16 from 64, e.g. 512x384.")
+            if not size_fits(*parsed, limits, self.bot.memory):
+                return (f"Size: {parsed[0]}×{parsed[1]} does not fit this server's limit of "
+                        f"{limits.max_pixels:,} pixels or this bot's GPU; pick one of the offered sizes.")
+        if given.get("steps", 0) > limits.max_steps:
+            return f"Steps: {given['steps']} is above this server's limit of {limits.max_steps}."
+        if "model" in given and given["model"] not in self.bot.installed_models():
+            return (f"Model: {given['model']!r} is not installed on this bot; pick one of "
+                    f"{', '.join(self.bot.installed_models())}.")
+        if "style" in given and contains_blocked_term(given["style"], limits.blocked_terms):
+            return "Style: it contains a term this server doesn't allow."
+        if given.get("private") and interaction.guild_id is not None and not limits.allow_private:
+            return "Private pictures are turned off on this server."
+        return None
+
+    def describe(self, values: dict[str, Any], limits: GuildLimits) -> str:
+        settings = self.bot.settings
+        shown = {
+            "size": values.get("size", f"{settings.default_size} (the bot's default)"),
+            "steps": values.get("steps",
+                                f"{min(settings.default_steps, limits.max_steps)} (the bot's default)"),
+            "style": quote(values["style"], 200) if values.get("style") else "none",
+            "model": values.get("model", f"{self.bot.installed_models()[0]} (the bot's default)"),
+            "private": "yes" if values.get("private") else "no",
+        }
+        lines = "\n".join(f"**{name}**: {value}" for name, value in shown.items())
+        return f"Your defaults for /imagine here (options you type win over them):\n{lines}"
+
+    @settings.autocomplete("size")
+    async def _size_choices(self, interaction: discord.Interaction,
+                            current: str) -> list[app_commands.Choice[str]]:
+        return size_choices(await guild_limits(self.bot, interaction.guild_id), self.bot.memory, current)
+
+    @settings.autocomplete("steps")
+    async def _steps_choices(self, interaction: discord.Interaction,
+                             current: int | str) -> list[app_commands.Choice[int]]:
+        return step_choices(await guild_limits(self.bot, interaction.guild_id),
+                            self.bot.settings.default_steps, current)
+
+    @settings.autocomplete("model")
+    async def _model_choices(self, interaction: discord.Interaction,
+                             current: str) -> list[app_commands.Choice[str]]:
+        return model_choices(self.bot.installed_models(), current)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(MemberSettings(bot))

@@ -1,0 +1,85 @@
+"""All settings, read from the environment and `.env` (see `.env.example` for each one)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_api_base: str = "https://discord.com/api/v10"  # a REST rate-limit proxy or test server
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    guild_ids: list[int] = Field(default_factory=list)  # sync commands here at once (else globally)
+    # Where the bot answers: only these servers (empty: any server that invites it), and DMs or not.
+    allowed_guilds: list[int] = Field(default_factory=list)
+    allow_dms: bool = False
+
+    # Storage
+    database_path: Path = Path("data/bot.sqlite3")
+    output_dir: Path = Path("outputs")
+
+    # Engine
+    weights_dir: Path = Path("weights")
+    engine_preset: str = "vqgan-f16-16384"
+    engine_clip: str = "ViT-B-32"  # or ViT-B-16, ViT-L-14, or two joined by '+' (an ensemble)
+    engine_device: str = "auto"
+    engine_precision: str = "auto"
+    engine_memory_gib: float = Field(0, ge=0)  # plan pictures within this much; 0 = all the device has
+    clip_checkpoint: Path | None = None
+    vqgan_config: Path | None = None
+    vqgan_checkpoint: Path | None = None
+    allow_unsafe_pickle: bool = False
+    download_weights: bool = True  # fetch missing weights at start-up
+
+    # Generation defaults and limits
+    default_steps: int = Field(200, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    default_size: str = "384x384"
+    max_pixels: int = Field(512 * 512, ge=64 * 64)
+    preview_every: int = Field(25, ge=1)
+    max_queued_per_user: int = Field(3, ge=1)
+    max_queue_length: int = Field(50, ge=1)
+    cooldown_s: int = Field(0, ge=0)  # between one member's requests; 0 = none
+    daily_quota: int = Field(0, ge=0)  # pictures per member per day; 0 = unlimited
+    allow_init_images: bool = True
+    allow_private: bool = False  # /imagine private:true (shown only to the member; moderators still see it)
+
+    # Replies
+    progress_interval_s: float = Field(2.0, ge=0.0)  # at most one progress edit this often
+    token_lifetime_s: float = Field(14 * 60, gt=0)  # switch to bot-token edits after this
+    preview_max_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024)
+
+    # Retention of output files; the job rows stay, marked expired
+    retention_days: int = Field(0, ge=0)  # remove files of jobs finished longer ago; 0 = keep forever
+    output_max_gb: float = Field(0, ge=0)  # remove the oldest until OUTPUT_DIR is under this; 0 = no cap
+
+    # Logging
+    log_level: str = "INFO"
+    log_file: Path | None = None  # also log to this file, rotated; empty = standard error only
+    log_max_bytes: int = Field(10 * 2**20, ge=1024)  # rotate the log file at this size
+    log_backups: int = Field(5, ge=0)  # rotated log files kept
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        return None if value == "" else value  # `LOG_FILE=` would otherwise be the current folder
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if not isinstance(logging.getLevelName(value.upper()), int):
+            raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @property
+    def weight_overrides(self) -> dict[str, Path]:
+        paths = {"clip_checkpoint": self.clip_checkpoint, "vqgan_config": self.vqgan_config,
+                 "vqgan_checkpoint": self.vqgan_checkpoint}
+        return {key: path for key, path in paths.items() if path}

@@ -1,0 +1,77 @@
+"""The bot's health, for `python -m bot check --live` (the container's health check).
+
+The running bot rewrites a small JSON file beside its database every HEALTH_INTERVAL_S: its process,
+when, and what the engine task is doing. The check reads that file instead of looking at the GPU, so
+it never opens a second CUDA context, and it sees what matters: a bot whose engine is down, or
+that stopped updating (hung or gone), is unhealthy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HEALTH_INTERVAL_S = 15.0
+STALE_AFTER_S = 4 * HEALTH_INTERVAL_S
+
+
+def health_path(database_path: Path) -> Path:
+    return database_path.with_name(database_path.stem + ".health.json")
+
+
+def write(path: Path, engine_state: str, engine_alive: bool, crashes: int) -> None:
+    record = {"pid": os.getpid(), "updated_at": time.time(), "engine": engine_state, "alive": engine_alive,
+              "crashes": crashes}
+    partial = path.with_suffix(".json.part")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)  # readers never see half a file
+
+
+def problem(path: Path, now: float | None = None) -> str | None:
+    """Why the bot is unhealthy, or None if it is running and its engine is up."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"no health file at {path}: the bot is not running (or has not started yet)"
+    except (OSError, ValueError) as error:
+        return f"unreadable health file {path}: {error}"
+    age = (time.time() if now is None else now) - record["updated_at"]
+    if age > STALE_AFTER_S:
+        return f"the bot (pid {record['pid']}) last reported {age:.0f} s ago: it is hung or gone"
+    if not record["alive"]:
+        return f"the engine is down: {record['engine']}"
+    return None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `python -m bot check` (bot/preflight.py) or `check --live`."""
+
+    name: str
+    status: str  # "ok", "warn" (works, but look at it) or "fail"
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status.upper():<4}  {self.name}: {self.detail}"
+
+
+def check_live(database_path: Path) -> Check:
+    """The running bot's own report: no GPU is touched, and nothing heavy is imported (the container
+    runs this every 30 s)."""
+    path = health_path(database_path)
+    trouble = problem(path)
+    if trouble:
+        return Check("live", "fail", trouble)
+    return Check("live", "ok", f"the bot and its engine are up ({path})")
+
+
+def report(checks: list[Check]) -> int:
+    """Print one line per check and the verdict; the exit status: 1 if any failed."""
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [check.name for check in checks if check.status == "fail"]
+    print(f"not ready: {', '.join(failed)} failed" if failed else "ready")
+    return 1 if failed else 0

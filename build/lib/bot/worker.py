@@ -1,0 +1,341 @@
+"""The single engine task: claim the next queued job (servers and members take turns), run it,
+publish, finish; then the next.
+
+`engine.generate` runs in a worker thread so the event loop never blocks. Its callback hands
+previews back to the loop; a cancel or a shutdown reaches `should_stop` within one step. A job
+that fails is marked failed with a short reason; the task itself goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from bot.publisher import Progress, Publisher, encode_preview
+from bot.store import Job, Store
+from engine import output
+from engine.generate import StepInfo, failure_reason, generate
+from engine.request import GenerationRequest, describe_validation_error
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from engine.memory import MemoryBudget
+    from engine.models import Models, ModelSet
+
+log = logging.getLogger(__name__)
+
+# Waits before restarting after the 1st, 2nd, 3rd and later crashes in a row, a row being broken by a
+# restart that got back to running jobs (a job that keeps crashing it is a poison job, below).
+RESTART_DELAYS_S = (1.0, 5.0, 15.0, 60.0)
+POISON_CRASHES = 2  # a job running at this many crashes fails instead of running again
+SPACE_CHECK_S = 5.0  # while paused for a full disk: how often to try writing again
+PROBE_BYTES = 1024 * 1024  # what a try writes: a picture and its state need about this much at least
+
+
+class EngineWorker:
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings,
+                 load_models: Callable[[], ModelSet], memory: MemoryBudget | None = None) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
+        self.load_models = load_models
+        self.memory = memory  # what a run may use (ENGINE_MEMORY_GIB): decides decoder checkpointing
+        self.model_set: ModelSet | None = None
+        self.current: Job | None = None
+        self.ready = asyncio.Event()  # models loaded, interrupted jobs re-queued
+        self._wake = asyncio.Event()
+        self._stopping = threading.Event()  # read from the engine thread
+        self._cancel_current = threading.Event()
+        self._stop_requested = asyncio.Event()  # wakes the supervisor from its back-off
+        self._pending: list[asyncio.Future] = []
+        self.state = "starting"  # for /status and the health file: what the engine task is doing
+        self.crashes = 0  # since start-up
+        self._crashes_of: dict[int, tuple[int, str]] = {}  # job id: crashes while it ran, the last one
+        self._claimed: Job | None = None
+        self._came_up = False  # this run of the loop got as far as taking jobs
+        self.paused: str | None = None  # why the queue waits (a full disk), if it does
+
+    # --- called by the cogs ----------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """A job was queued: wake the task if it is idle."""
+        self._wake.set()
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop the running job within one step, if it is this one."""
+        if self.current is not None and self.current.id == job_id:
+            self._cancel_current.set()
+            return True
+        return False
+
+    async def stop(self) -> None:
+        """Stop after the current step; the running job is saved and re-queued for the next start."""
+        self._stopping.set()
+        self._stop_requested.set()
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """Running its loop (or loading models), not down after a crash."""
+        return not self.state.startswith(("restarting", "stopped"))
+
+    # --- the supervisor --------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Run the engine loop, and after any unexpected error log it and start it again, backing off,
+        so that the bot never goes on queueing work that nothing runs. A job that was running at
+        POISON_CRASHES crashes fails with that reason at the restart (_fail_poison_jobs)."""
+        in_a_row = 0
+        while True:
+            self._came_up = False
+            try:
+                await self.run()
+                self.state = "stopped"
+                return
+            except Exception as error:
+                job, self._claimed, self.current = self._claimed, None, None
+                if _disk_full(error):  # no job's fault, and a restart would meet it again: wait for space
+                    self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
+                    log.error("%s%s; the queue is paused until there is space again", self.paused,
+                              f" while running job {job.id}" if job else "")
+                    # At least one interval first: a database that is full while a probe file still fits
+                    # (a quota, a size cap) must not turn this into a busy loop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(), SPACE_CHECK_S)
+                    await self._wait_for_space()  # then a restart re-queues that job and resumes it
+                    if self._stopping.is_set():
+                        self.state = "stopped"
+                        return
+                    continue
+                crash = _short(error)
+                self.crashes += 1
+                in_a_row = 1 if self._came_up else in_a_row + 1
+                log.exception("the engine task crashed (%s in a row)%s", in_a_row,
+                              f" while running job {job.id}" if job else "")
+                if job is not None:
+                    self._crashes_of[job.id] = (self._crashes_of.get(job.id, (0, ""))[0] + 1, crash)
+            wait = RESTART_DELAYS_S[min(in_a_row, len(RESTART_DELAYS_S)) - 1]
+            self.state = f"restarting in {wait:.0f} s after a crash: {crash}"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), wait)
+            if self._stopping.is_set():
+                self.state = "stopped"
+                return
+
+    async def _fail_poison_jobs(self) -> None:
+        """At a restart, before anything is re-queued: a job that was running at POISON_CRASHES crashes
+        fails with that reason, so that one bad job cannot keep the engine in a crash loop."""
+        for job_id, (crashes, last) in list(self._crashes_of.items()):
+            if crashes < POISON_CRASHES:
+                continue
+            reason = (f"the engine crashed {crashes} times while running it ({last}); "
+                      "it was stopped so that the other pictures can run")
+            job = await self.store.get(job_id)
+            del self._crashes_of[job_id]
+            if job is None or job.status not in ("queued", "running"):
+                continue
+            finished = await self.store.finish(job_id, "failed", error=reason)
+            log.error("job %s: failed as a poison job: %s", job_id, reason)
+            self.publisher.deliver(finished)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._fail_poison_jobs()
+        requeued = await self.store.requeue_interrupted()
+        if requeued:
+            log.info("re-queued jobs interrupted by the last stop: %s", requeued)
+        await self.publisher.deliver_unposted()
+        if self.model_set is None:  # a restart after a crash keeps the models it has
+            self.state = "loading the models"
+            self.model_set = await asyncio.to_thread(self.load_models)
+        if self.models.random_weights:
+            self.publisher.random_weights_note = (
+                f"⚠️ test models (`{self.models.preset}` preset): images are noise, not art.\n")
+        self.ready.set()
+        while True:
+            self._wake.clear()  # before looking, so a job queued meanwhile is not missed
+            if self._stopping.is_set():
+                return
+            self.state, self._came_up = "idle", True
+            if self.paused is not None:
+                await self._wait_for_space()
+                continue
+            job = await self.store.claim_next_job()
+            if job is None:
+                await self._wake.wait()
+                continue
+            self.state = f"running job {job.id}"
+            self._claimed = job  # until it is over: a crash on the way is this job's
+            _, eta = await self.store.position_and_eta(job.id)
+            self.publisher.progress(Progress(job=job, step=job.step, total=job.total_steps, preview_jpeg=None,
+                                             eta_s=eta, kind="started"))
+            self.publisher.queue_moved()  # everyone behind it moved up
+            await self.run_job(job)
+            self._claimed = None
+
+    @property
+    def models(self) -> Models | None:
+        """The default preset's models, once loaded."""
+        return self.model_set.default if self.model_set else None
+
+    def paths(self, job: Job) -> tuple[Path, Path, Path]:
+        out = self.settings.output_dir
+        return (out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt",
+                out / "checkpoints" / f"job-{job.id}.state.pt")
+
+    async def run_job(self, job: Job) -> None:
+        assert self.model_set is not None
+        png_path, state_path, checkpoint_path = self.paths(job)
+        self.current = job
+        self._cancel_current.clear()
+        if job.cancel_requested:
+            self._cancel_current.set()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        log.info("job %s: started (step %s of %s)", job.id, job.step, job.total_steps)
+        request: GenerationRequest | None = None
+        try:
+            request = GenerationRequest.stored(job.request_json)
+            # torch.load of a checkpoint takes a while on a large picture: off the event loop.
+            resume = await asyncio.to_thread(output.load_state, checkpoint_path) \
+                if job.checkpoint_path and checkpoint_path.is_file() else None
+
+            def on_step(info: StepInfo) -> None:  # runs in the engine thread
+                if info.state is None:
+                    return
+                output.save_state(info.state, checkpoint_path)
+                preview = encode_preview(info.preview, self.settings.preview_max_bytes)
+                first = resume.step if resume else 0
+                speed = (time.monotonic() - started) / max(1, info.step - first)
+                self._pending.append(asyncio.run_coroutine_threadsafe(
+                    self._on_preview(job, info.step, info.total, speed, preview), loop))
+
+            def should_stop() -> bool:
+                return self._cancel_current.is_set() or self._stopping.is_set()
+
+            models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
+            result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume,
+                                             self.memory)
+            await self._settle()
+
+            if result.cancelled and not self._cancel_current.is_set():
+                # Shutdown: keep the exact state so the next start finishes the same image.
+                await asyncio.to_thread(output.save_state, result.state, checkpoint_path)
+                await self.store.save_progress(job.id, result.state.step, str(checkpoint_path))
+                await self.store.requeue(job.id)
+                log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
+                return
+            if result.cancelled:
+                await self.store.save_progress(job.id, result.state.step)
+                finished = await self.store.finish(job.id, "cancelled")
+                checkpoint_path.unlink(missing_ok=True)  # a cancelled job never resumes
+                log.info("job %s: cancelled at step %s", job.id, result.state.step)
+            else:
+                await asyncio.to_thread(self._save_result, result, png_path, state_path)
+                await self.store.save_progress(job.id, result.state.step,
+                                               seconds_per_step=result.seconds_per_step)
+                finished = await self.store.finish(job.id, "done", output_path=str(png_path),
+                                                   latent_path=str(state_path))
+                checkpoint_path.unlink(missing_ok=True)
+                log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
+                         result.seconds_per_step)
+        except Exception as error:
+            await self._settle()
+            reason = failure_reason(error, request)
+            if request is None and isinstance(error, ValidationError):  # queued by an older version
+                reason = (f"its stored request is no longer valid ({describe_validation_error(error)}); "
+                          "please ask again")
+            if _disk_full(error):  # every next job would fail the same way: the queue waits instead
+                self.paused = f"the disk is full ({_where(error, self.settings.output_dir)})"
+                reason = (f"{self.paused}, so its picture could not be saved. The queue waits until the "
+                          "bot's admin frees some space; ask again then")
+                log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
+            finished = await self.store.finish(job.id, "failed", error=reason)  # then say it, once it is so
+            log.error("job %s: failed: %s", job.id, reason, exc_info=error)
+        finally:
+            self.current = None
+        self.publisher.deliver(finished)  # in the background: the next job starts now
+
+    async def _wait_for_space(self) -> None:
+        """Paused: try writing every SPACE_CHECK_S where the pictures and the database go; go on once
+        that works."""
+        self.state = f"paused: {self.paused}; waiting for free space"
+        probes = {folder / ".free-space-probe"
+                  for folder in (self.settings.output_dir, self.settings.database_path.parent)}
+        while not self._stopping.is_set():
+            try:
+                for probe in probes:
+                    await asyncio.to_thread(_probe_write, probe)
+            except OSError as error:
+                log.debug("still no space: %s", error)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), SPACE_CHECK_S)
+                continue
+            log.info("there is space again: the queue goes on")
+            self.paused = None
+            return
+
+    @staticmethod
+    def _save_result(result, png_path: Path, state_path: Path) -> None:
+        for index, image in enumerate(result.images):
+            path = png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}")
+            output.save_png(image, path, result.recipe)
+        output.save_state(result.state, state_path)
+
+    async def _on_preview(self, job: Job, step: int, total: int, seconds_per_step: float,
+                          preview: bytes | None) -> None:
+        await self.store.save_progress(job.id, step, str(self.paths(job)[2]), seconds_per_step)
+        eta = (total - step) * seconds_per_step
+        self.publisher.progress(Progress(job=job, step=step, total=total, eta_s=eta, preview_jpeg=preview))
+
+    async def _settle(self) -> None:
+        """Let the preview handlers the engine thread scheduled finish before the job ends."""
+        pending, self._pending = self._pending, []
+        results = await asyncio.gather(*map(asyncio.wrap_future, pending), return_exceptions=True)
+        for error in results:
+            if isinstance(error, Exception):
+                log.warning("a progress update failed: %s", error)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
+
+
+def _where(error: BaseException, output_dir: Path) -> str:
+    if isinstance(error, sqlite3.Error):
+        return "the database"
+    if isinstance(error, OSError) and error.filename:
+        return f"writing {error.filename}"
+    return f"writing to {output_dir}"
+
+
+def _probe_write(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    finally:
+        if not path.is_symlink():  # ours to remove; a link someone made (to another disk) stays
+            with contextlib.suppress(OSError):
+                path.unlink()

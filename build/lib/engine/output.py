@@ -1,0 +1,110 @@
+"""What a run leaves on disk: the PNG with its recipe, the saved state, and a timelapse."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image, PngImagePlugin
+
+if TYPE_CHECKING:
+    from engine.models import Models
+    from engine.request import GenerationRequest
+
+RECIPE_KEY = "vqgan-clip-recipe"
+PACKAGE = "vqgan-clip-bot"
+
+
+@dataclass
+class GenerationState:
+    """Everything needed to continue a run exactly: saved at every preview and at the end."""
+
+    step: int
+    latent: torch.Tensor
+    optimizer: dict
+    rng: torch.Tensor
+    recipe: dict
+    rng_device: str = "cpu"  # the kind of device whose generator `rng` is the state of
+
+
+def package_version() -> str:
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def recipe(request: GenerationRequest, models: Models) -> dict:
+    """Everything needed to make the image again: request, models, precision, package version."""
+    data = {
+        "request": request.model_dump(mode="json"),
+        "preset": models.preset,
+        "models": dict(models.ids),
+        "precision": models.precision,
+        "device": models.device.type,  # images match bit for bit only on the same kind of device
+        "torch": torch.__version__,
+        "engine": f"{PACKAGE} {package_version()}",
+    }
+    if models.random_weights:
+        data["note"] = "random model weights: this image is a test pattern, not a generation"
+    if request.continue_from is not None:
+        data["continued_from"] = load_state(request.continue_from).recipe
+    return data
+
+
+def save_png(image: Image.Image, path: Path, recipe: dict) -> Path:
+    """PNG with the recipe as JSON in a text chunk, and the prompt in the standard Description."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
+    info.add_text("Description", recipe["request"]["prompt"])
+    info.add_text("Software", recipe["engine"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def read_recipe(path: Path) -> dict:
+    with Image.open(path) as image:
+        return json.loads(image.text[RECIPE_KEY])
+
+
+def state_path_for(png_path: Path) -> Path:
+    """Where the saved state of an image lives: `dog.png` → `dog.state.pt`."""
+    return Path(png_path).with_suffix(".state.pt")
+
+
+def save_state(state: GenerationState, path: Path) -> Path:
+    """Write atomically, so a crash mid-write never leaves a state that cannot be resumed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    torch.save({"step": state.step, "latent": state.latent, "optimizer": state.optimizer,
+                "rng": state.rng, "rng_device": state.rng_device, "recipe": json.dumps(state.recipe)}, temp)
+    temp.replace(path)
+    return path
+
+
+def load_state(path: Path) -> GenerationState:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    # States saved before the device was recorded: a CPU generator's state is far larger than a CUDA one's.
+    rng_device = data.get("rng_device") or ("cpu" if data["rng"].numel() > 64 else "cuda")
+    return GenerationState(step=data["step"], latent=data["latent"], optimizer=data["optimizer"],
+                           rng=data["rng"], recipe=json.loads(data["recipe"]), rng_device=rng_device)
+
+
+def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
+    """An animated GIF or WebP (by suffix) of the previews; the last frame is held longer."""
+    if not frames:
+        raise ValueError("a timelapse needs at least one frame")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 5]
+    options = {"lossless": False, "quality": 80} if path.suffix.lower() == ".webp" else {}
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   **options)
+    return path

@@ -1,0 +1,178 @@
+"""One validated generation request, and the prompt syntax `"text:weight | text:-weight"`.
+
+Defaults follow the classic VQGAN+CLIP notebook (lr 0.5, AdamW wd 0.15, noise 0.22, w1 1.0, w2 0.1,
+32 cutouts, 448x448 — the notebook's 450 rounded to the latent grid), except `steps`, whose notebook
+value of 8000 is allowed but not the default.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+# Sides are multiples of 16: one latent cell per 16x16 pixels for f16 VQGANs, and per 8x8 for f8 ones.
+LATENT_FACTOR = 16
+MAX_SEED = 2**32 - 1
+
+# A trailing ":number" is a weight; any other colon belongs to the text ("photo: a dog").
+MAX_PROMPT_WEIGHT = 100.0
+_WEIGHT_SUFFIX = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*$",
+                            re.IGNORECASE | re.DOTALL)
+
+
+class WeightedPrompt(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    weight: float = 1.0
+
+
+def parse_prompts(prompt: str) -> list[WeightedPrompt]:
+    """Split `"a dog:1 | blurry:-0.5"` into weighted prompts; a missing weight means 1."""
+    prompts = []
+    for part in prompt.split("|"):
+        part = part.strip()
+        if not part:
+            continue
+        match = _WEIGHT_SUFFIX.match(part)
+        if match and match["text"].strip():
+            prompts.append(WeightedPrompt(text=match["text"].strip(), weight=float(match["weight"])))
+        else:
+            prompts.append(WeightedPrompt(text=part))
+    return prompts
+
+
+def _random_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+class GenerationRequest(BaseModel):
+    """Everything that decides the image: the recipe. Stored with the job and in the PNG."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    prompt: str = Field(
+        min_length=1, max_length=1000,
+        description='what to draw; weighted parts: "a dog on the beach:1 | blurry:-0.5"')
+    model: str | None = Field(
+        None, max_length=100, description="the VQGAN preset that paints it (None: the engine's default)")
+    negative: str = Field(
+        "", max_length=1000, description="text the image should move away from (the notebook's exclude)")
+    negative_weight: float = Field(
+        0.5, ge=0.0, le=10.0, description="strength of the negative text")
+    style: str = Field(
+        "", max_length=1000, description="extra style text mixed into each prompt (the notebook's extras)")
+    w1: float = Field(1.0, ge=-10.0, le=10.0, description="weight of the prompt when mixed with the style")
+    w2: float = Field(0.1, ge=-10.0, le=10.0, description="weight of the style text")
+    seed: int = Field(default_factory=_random_seed, ge=0, le=MAX_SEED,
+                      description="random seed; the same seed and recipe give the same image")
+    width: int = Field(448, ge=64, le=4096, multiple_of=LATENT_FACTOR,
+                       description="image width in pixels (multiple of 16)")
+    height: int = Field(448, ge=64, le=4096, multiple_of=LATENT_FACTOR,
+                        description="image height in pixels (multiple of 16)")
+    steps: int = Field(300, ge=1, le=10000, description="optimisation steps")
+    learning_rate: float = Field(0.5, gt=0.0, le=10.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.15, ge=0.0, le=10.0, description="AdamW weight decay")
+    noise_factor: float = Field(0.22, ge=0.0, le=2.0, description="noise added to each cutout")
+    cutn: int = Field(32, ge=1, le=256, description="number of random cutouts CLIP scores per step")
+    cut_pow: float = Field(1.0, gt=0.0, le=10.0,
+                           description="cutout size power; above 1 favours smaller cutouts")
+    preview_every: int = Field(50, ge=1, le=10000, description="decode a preview every N steps")
+    batch_size: int = Field(1, ge=1, le=8, description="images optimised together")
+    quantize: bool = Field(False, description="snap the latent to the VQGAN codebook (straight-through)")
+    init_image: Path | None = Field(None, description="start from this image instead of noise")
+    continue_from: Path | None = Field(
+        None, description="continue from a finished run's saved state (.state.pt) for `steps` more steps")
+    variation: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="with continue_from: noise (drawn from `seed`) mixed into the saved latent, in units of "
+                    "its spread, and a fresh optimiser: a variation of that picture rather than more of it")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        prompts = parse_prompts(value)
+        if not prompts:
+            raise ValueError("it has no text; write what to draw, e.g. 'a dog on the beach'")
+        for part in prompts:  # a huge weight makes the loss overflow at the first step
+            if not -MAX_PROMPT_WEIGHT <= part.weight <= MAX_PROMPT_WEIGHT:
+                raise ValueError(f"the weight of '{part.text[:40]}' is {part.weight:g}; weights go from "
+                                 f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
+        if all(p.weight == 0 for p in prompts):
+            raise ValueError("every prompt part has weight 0; give at least one part a non-zero weight")
+        return value
+
+    @field_validator("init_image", "continue_from")
+    @classmethod
+    def _file_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Only new requests must point at files: a stored one may outlive them (retention, delete).
+        stored = (info.context or {}).get("stored", False)
+        if value is not None and not stored and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _variation_needs_a_latent(self) -> GenerationRequest:
+        if self.variation and self.continue_from is None:
+            raise ValueError("variation needs continue_from: it varies a finished picture's latent")
+        return self
+
+    @classmethod
+    def stored(cls, data: str) -> GenerationRequest:
+        """A request read back from the queue or a recipe, whose files may be gone since."""
+        return cls.model_validate_json(data, context={"stored": True})
+
+    @property
+    def prompts(self) -> list[WeightedPrompt]:
+        return parse_prompts(self.prompt)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line a user can act on: which field, the value given, and what is allowed."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "request"
+        ctx = item.get("ctx") or {}
+        kind = item["type"]
+        given = item.get("input")
+        if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+            message = _allowed_range(field) or item["msg"].lower()
+        elif kind == "multiple_of":
+            message = f"must be a multiple of {ctx.get('multiple_of')}"
+        elif kind == "value_error":
+            message = str(ctx.get("error", item["msg"]))
+        elif kind == "extra_forbidden":
+            message = "is not a known option"
+        else:
+            message = item["msg"][0].lower() + item["msg"][1:]
+        shown = "" if kind in ("missing", "extra_forbidden") else f" (got {given!r})"
+        parts.append(f"{field}: {message}{shown}")
+    return "; ".join(parts)
+
+
+def _allowed_range(field: str) -> str | None:
+    info = GenerationRequest.model_fields.get(field)
+    if info is None:
+        return None
+    rules = {type(rule).__name__: rule for rule in info.metadata}
+    if "Ge" in rules and "Le" in rules:
+        return f"must be from {rules['Ge'].ge} to {rules['Le'].le}"
+    limits = []
+    if "Ge" in rules:
+        limits.append(f"at least {rules['Ge'].ge}")
+    if "Gt" in rules:
+        limits.append(f"above {rules['Gt'].gt}")
+    if "Le" in rules:
+        limits.append(f"at most {rules['Le'].le}")
+    return "must be " + " and ".join(limits) if limits else None
