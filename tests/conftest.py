@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import discord
@@ -9,6 +11,7 @@ import pytest
 from engine.models import TINY_CLIP_ARCH, Models, load_models
 from tests.botrunner import TOKEN
 from tests.fakediscord import FakeDiscord
+from tests.postgres import Postgres, running_postgres
 from tests.tiny_models import save_tiny_weights
 
 
@@ -31,3 +34,15 @@ async def fake() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord(token=TOKEN) as server:
         yield server
     discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL server for the session (tests/postgres.py); skips, saying why, without one."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_postgres())
+        except (FileNotFoundError, subprocess.CalledProcessError) as error:
+            detail = (getattr(error, "stderr", None) or b"").decode(errors="replace")
+            pytest.skip(f"no PostgreSQL server to test against: {error} {detail}".strip())
+        yield server

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -11,10 +12,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot import migrate
 from bot.schema import metadata
 from bot.store import RECENT_SPEEDS, NewJob, Store
+from tests.postgres import Postgres
 
 
 def schema_differences(path: Path) -> list:
@@ -73,6 +76,31 @@ async def test_a_database_made_by_a_first_release_upgrades_in_place(tmp_path: Pa
     reopened = await Store.open(path)
     assert await reopened.member_defaults(9, 7) == {"steps": 50}
     await reopened.close()
+
+
+async def test_the_migrations_build_the_same_schema_on_postgresql(postgres: Postgres) -> None:
+    url = postgres.url()
+    await asyncio.to_thread(migrate.upgrade_url, url)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            found = await connection.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), metadata))
+            sql = connection.exec_driver_sql
+            revision = (await sql("SELECT version_num FROM alembic_version")).scalar()
+            indexes = {name for (name,) in await sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version' AND indexname NOT LIKE '%pkey'")}
+            # 64-bit ids and double-precision times, where SQLite's INTEGER and REAL hold anything.
+            types = dict((await sql("SELECT column_name, data_type FROM information_schema.columns "
+                                    "WHERE table_name = 'jobs'")).all())
+    finally:
+        await engine.dispose()
+    assert found == [] and revision == migrate.HEAD
+    assert indexes == {index.name for table in metadata.tables.values() for index in table.indexes}
+    assert (types["user_id"], types["created_at"], types["private"]) == \
+        ("bigint", "double precision", "integer")
+    await asyncio.to_thread(migrate.upgrade_url, url)  # again: nothing to do
 
 
 async def test_backup_is_a_consistent_copy_that_restores(tmp_path: Path) -> None:
