@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from bot.config import Settings
 from bot.health import Check, report
 from bot.limits import memory_budget
-from bot.migrate import HEAD, LEGACY_DONE, MIGRATIONS_DIR, revision_of
+from bot.store.migrate import HEAD, LEGACY_DONE, MIGRATIONS_DIR, revision_of
 from engine import weights
 from engine.device import GIB, describe_device
 from engine.models import required_files

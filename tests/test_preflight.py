@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import migrate, preflight
+from bot import preflight
 from bot.__main__ import main
 from bot.config import Settings
-from bot.store import NewJob, Store
+from bot.store import NewJob, Store, migrate
 from engine import weights
 from engine.models import required_files
 from tests.botrunner import TOKEN

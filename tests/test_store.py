@@ -14,14 +14,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bot import migrate
-from bot.schema import metadata
-from bot.store import RECENT_SPEEDS, NewJob, Store
+from bot.store import RECENT_SPEEDS, NewJob, Store, migrate
+from bot.store.schema import metadata
 from tests.postgres import Postgres
 
 
 def schema_differences(path: Path) -> list:
-    """What Alembic's autogenerate finds between the file's tables and bot/schema.py, and the indexes
+    """What Alembic's autogenerate finds between the file's tables and bot/store/schema.py, and the indexes
     one has and the other not (it can't compare an expression index itself)."""
     engine = create_engine(f"sqlite:///{path}")
     try:

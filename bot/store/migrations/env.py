@@ -1,5 +1,5 @@
 """Alembic's entry point: runs the migrations on the bot's database (SQLite or PostgreSQL) through the
-same async drivers the store uses. `bot.migrate.upgrade` calls it; so may `alembic` by hand."""
+same async drivers the store uses. `bot.store.migrate.upgrade` calls it; so may `alembic` by hand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bot.schema import metadata
+from bot.store.schema import metadata
 
 
 def run_migrations(connection: Connection) -> None:

@@ -1,4 +1,4 @@
-"""Bring the database's schema up to date, at start-up: Alembic's migrations (bot/migrations/),
+"""Bring the database's schema up to date, at start-up: Alembic's migrations (bot/store/migrations/),
 after the numbered scripts of the first releases for a SQLite file they made.
 
 Those releases kept their schema version in SQLite's PRAGMA user_version (1 to 6). Such a file gets
@@ -130,14 +130,21 @@ def upgrade(path: Path | str) -> None:
             for number, script in enumerate(LEGACY[version:], start=version + 1):
                 db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
         version = LEGACY_DONE
-    from alembic import command
-
-    config = alembic_config(sqlite_url(path))
     if revision is None and version == LEGACY_DONE:
-        command.stamp(config, "0001")
-    command.upgrade(config, "head")
+        from alembic import command
+
+        command.stamp(alembic_config(sqlite_url(path)), "0001")
+    upgrade_url(sqlite_url(path))
     with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as db:
         db.execute(f"PRAGMA user_version = {ALEMBIC_OWNS}")
+
+
+def upgrade_url(url: str) -> None:
+    """Upgrade the database at an SQLAlchemy URL (an async driver's: sqlite+aiosqlite, postgresql+asyncpg)
+    to HEAD; blocking."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
 
 
 def alembic_config(url: str):  # -> alembic.config.Config (imported only when a migration runs)

@@ -1,5 +1,5 @@
 """The schema of the first releases, which numbered their own scripts (SQLite's PRAGMA user_version 1
-to 6); a database they made is stamped with this revision instead (bot/migrate.py).
+to 6); a database they made is stamped with this revision instead (bot/store/migrate.py).
 
 Revision ID: 0001
 Revises:
@@ -15,7 +15,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# As in bot/schema.py at this revision; a migration keeps its own copy, since the schema moves on.
+# As in bot/store/schema.py at this revision; a migration keeps its own copy, since the schema moves on.
 SNOWFLAKE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 SECONDS = sa.Double().with_variant(sa.REAL(), "sqlite")
 
