@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -381,36 +381,31 @@ class Publisher:
             fields["content"] = (origin + fields["content"])[:2000]
         if fields.get("view") is not None:
             fields["view"] = job_view(job.id, job.status, in_dm=True)
-        if job.dm_message_id is not None:
-            try:
-                await channel.get_partial_message(job.dm_message_id).edit(**fields)
-                return
-            except discord.NotFound as error:
-                if error.code != UNKNOWN_MESSAGE:
-                    raise
-        fields["files"] = fields.pop("attachments", [])
-        if fields.get("view") is None:
-            fields.pop("view", None)
-        message = await channel.send(**fields)
-        await self.store.set_dm_message(job.id, message.id)
+        await self._edit_or_post(job, channel, job.dm_message_id, self.store.set_dm_message, **fields)
 
     async def _edit_with_bot_token(self, job: Job, **fields) -> None:
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        if job.message_id is not None:
+        await self._edit_or_post(job, channel, job.message_id, self.store.set_message, **fields)
+
+    async def _edit_or_post(self, job: Job, channel: discord.PartialMessageable | discord.DMChannel,
+                            message_id: int | None,
+                            remember: Callable[[int, int], Awaitable[None]], **fields) -> None:
+        """Edit the message; a deleted (or never made) one: post a new one and `remember` its id, to
+        use from now on."""
+        if message_id is not None:
             try:
-                await channel.get_partial_message(job.message_id).edit(**fields)
+                await channel.get_partial_message(message_id).edit(**fields)
                 return
             except discord.NotFound as error:
                 if error.code != UNKNOWN_MESSAGE:
                     raise
                 log.info("job %s: its message was deleted; posting a new one", job.id)
-        # A deleted (or never created) message: post a new one and use it from now on.
         fields = dict(fields)
         fields["files"] = fields.pop("attachments", [])
         if fields.get("view") is None:
             fields.pop("view", None)
         message = await channel.send(**fields)
-        await self.store.set_message(job.id, message.id)
+        await remember(job.id, message.id)
 
 
 def quote(text: str, limit: int = 300) -> str:

@@ -65,7 +65,7 @@ async def test_a_database_made_by_a_first_release_upgrades_in_place(tmp_path: Pa
     kept = await store.get(1)
     added = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=7, total_steps=3, guild_id=9,
                                        private=True), max_per_user=5, max_queue_length=5)
-    await store.set_member_defaults(9, 7, {"steps": 50})
+    await store.update_member_defaults(9, 7, {"steps": 50})
     await store.close()
     assert (kept.user_id, kept.status, json.loads(kept.request_json), kept.private) == (42, "done",
                                                                                        {"prompt": "kept"}, 0)
@@ -247,4 +247,21 @@ async def test_the_eta_reads_the_latest_speeds_through_an_index_not_a_sort(tmp_p
     async with store.db.execute(f"EXPLAIN QUERY PLAN {RECENT_SPEEDS}", (20,)) as cursor:
         plan = " ".join(row[-1] for row in await cursor.fetchall())
     assert "USING INDEX jobs_by_speed" in plan and "TEMP B-TREE" not in plan
+    await store.close()
+
+
+async def test_a_members_settings_changed_twice_at_once_keep_both_changes(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    await asyncio.gather(store.update_member_defaults(1, 2, {"steps": 5}),
+                         store.update_member_defaults(1, 2, {"size": "64x64"}))
+    assert await store.update_member_defaults(None, 2, {"private": True}) == {"private": True}  # DMs: apart
+    await store.close()
+    store = await Store.open(tmp_path / "db.sqlite3")
+    assert await store.member_defaults(1, 2) == {"steps": 5, "size": "64x64"}
+    assert await store.update_member_defaults(1, 2, {}, forget="steps") == {"size": "64x64"}
+    assert await store.update_member_defaults(1, 2, {}, forget="all") == {}
+    await store.close()
+    store = await Store.open(tmp_path / "db.sqlite3")
+    assert await store.member_defaults(1, 2) == {}
+    assert await store.member_defaults(None, 2) == {"private": True}
     await store.close()

@@ -45,7 +45,6 @@ class MemberSettings(commands.Cog):
         """Your own defaults for /imagine here; with no options, shows them."""
         store, where = self.bot.store, (interaction.guild_id, interaction.user.id)
         limits = await guild_limits(self.bot, interaction.guild_id)
-        values = await store.member_defaults(*where)
         given = {name: value for name, value in zip(NAMES, (size, steps, style, model, private), strict=True)
                  if value is not None}
         if refusal := self.refusal(interaction, limits, given):
@@ -53,11 +52,9 @@ class MemberSettings(commands.Cog):
             return
         if size is not None:
             given["size"] = "{}x{}".format(*parse_size(size))  # type: ignore[str-format]
-        values = {} if forget == "all" else {k: v for k, v in values.items() if k != forget}
-        changed = given or forget
-        if changed:
-            values.update(given)
-            await store.set_member_defaults(*where, values)
+        changed = bool(given or forget)
+        values = await (store.update_member_defaults(*where, given, forget) if changed
+                        else store.member_defaults(*where))
         await interaction.response.send_message(
             ("Saved. " if changed else "") + self.describe(values, limits), ephemeral=True)
 

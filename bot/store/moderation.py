@@ -79,20 +79,25 @@ class ModerationStore(Database):
         rows = await self._rows("SELECT guild_id, user_id, values_json FROM member_defaults")
         self._member_defaults = {(guild, user): json.loads(values) for guild, user, values in rows}
 
-    async def set_member_defaults(self, guild_id: int | None, user_id: int, values: dict[str, Any]) -> None:
-        """Replace a member's defaults on a server; an empty dict forgets them."""
+    async def update_member_defaults(self, guild_id: int | None, user_id: int, changes: dict[str, Any],
+                                     forget: str | None = None) -> dict[str, Any]:
+        """Merge `changes` into a member's defaults on a server, after dropping `forget` (one name, or
+        "all"); returns them. The copy in memory changes before the write awaits, so two updates at
+        once both count."""
+        key = (guild_id or 0, user_id)
+        values = {} if forget == "all" else {k: v for k, v in self._member_defaults.get(key, {}).items()
+                                             if k != forget}
+        values.update(changes)
         if values:
+            self._member_defaults[key] = values
             await self._rows(
                 "INSERT INTO member_defaults (guild_id, user_id, values_json) VALUES (?, ?, ?) "
                 "ON CONFLICT (guild_id, user_id) DO UPDATE SET values_json = excluded.values_json",
-                (guild_id or 0, user_id, json.dumps(values, sort_keys=True)))
+                (*key, json.dumps(values, sort_keys=True)))
         else:
-            await self._rows("DELETE FROM member_defaults WHERE guild_id = ? AND user_id = ?",
-                             (guild_id or 0, user_id))
-        if values:
-            self._member_defaults[(guild_id or 0, user_id)] = dict(values)
-        else:
-            self._member_defaults.pop((guild_id or 0, user_id), None)
+            self._member_defaults.pop(key, None)
+            await self._rows("DELETE FROM member_defaults WHERE guild_id = ? AND user_id = ?", key)
+        return dict(values)
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
         rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",
