@@ -77,6 +77,20 @@ async def test_a_database_made_by_a_first_release_upgrades_in_place(tmp_path: Pa
     await reopened.close()
 
 
+def test_an_upgrade_that_fails_half_way_leaves_the_schema_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "odd.sqlite3"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for number, script in enumerate(migrate.LEGACY, start=1):
+            db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+        db.execute("ALTER TABLE jobs ADD COLUMN private TEXT")  # revision 0002's second step will fail
+    with pytest.raises(Exception, match="duplicate column name: private"):
+        migrate.upgrade(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "member_defaults" not in tables  # 0002's first step went back with the failed one
+    assert migrate.revision_of(path) == ("0001", migrate.LEGACY_DONE)  # and the next start tries again
+
+
 async def test_the_migrations_build_the_same_schema_on_postgresql(postgres: Postgres) -> None:
     url = postgres.url()
     await asyncio.to_thread(migrate.upgrade_url, url)
