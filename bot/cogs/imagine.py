@@ -197,27 +197,31 @@ class Imagine(commands.Cog):
 
     async def on_job_button(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         job = await jobs.find_job(self.bot, interaction, job_id)
-        if job is None or not await self.still_served(interaction, job):
+        if job is None:
             return
-        if action == "cancel":
-            await jobs.cancel_job(self.bot, interaction, job)
-        elif action == "delete":
-            await jobs.delete_job(self.bot, interaction, job)
-        elif job.deleted_at is not None:  # its words and picture are gone, for good
-            await interaction.response.send_message(f"Job #{job.id} was deleted.", ephemeral=True)
-        elif action == "recipe":
-            await self.show_recipe(interaction, job)
-        elif action == "continue":
-            if await self.saved_latent(interaction, job):
+        try:
+            self.check_still_served(job)
+            if action == "cancel":
+                await jobs.cancel_job(self.bot, interaction, job)
+            elif action == "delete":
+                await jobs.delete_job(self.bot, interaction, job)
+            elif job.deleted_at is not None:  # its words and picture are gone, for good
+                raise UserError(f"Job #{job.id} was deleted.")
+            elif action == "recipe":
+                await self.show_recipe(interaction, job)
+            elif action == "continue":
+                saved_latent(job)
                 limits = await guild_limits(self.bot, interaction.guild_id)
                 await interaction.response.send_modal(views.continue_form(
                     job.id, min(self.bot.settings.default_steps, limits.max_steps), limits.max_steps))
-        elif action == "edit":
-            request = GenerationRequest.stored(job.request_json)
-            await interaction.response.send_modal(
-                views.edit_form(job.id, request.prompt, request.negative, request.style))
-        elif action in ("reroll", "vary", "retry"):
-            await self.follow_up_job(interaction, job, action)
+            elif action == "edit":
+                request = GenerationRequest.stored(job.request_json)
+                await interaction.response.send_modal(
+                    views.edit_form(job.id, request.prompt, request.negative, request.style))
+            elif action in ("reroll", "vary", "retry"):
+                await self.follow_up_job(interaction, job, action)
+        except UserError as error:
+            await interaction.response.send_message(str(error), ephemeral=True)
 
     @commands.Cog.listener()
     async def on_interaction(self, interaction: discord.Interaction) -> None:
@@ -229,19 +233,20 @@ class Imagine(commands.Cog):
             return
         try:
             job = await jobs.find_job(self.bot, interaction, int(match["job_id"]))
-            if job is not None and await self.still_served(interaction, job):
-                values = views.form_values(interaction.data or {})
-                await self.follow_up_job(interaction, job, match["action"], values)
+            if job is not None:
+                self.check_still_served(job)
+                await self.follow_up_job(interaction, job, match["action"],
+                                         views.form_values(interaction.data or {}))
+        except UserError as error:
+            await interaction.response.send_message(str(error), ephemeral=True)
         except Exception as error:  # the member must not be left with a form that "failed"
             await answer_unexpected(interaction, error)
 
-    async def still_served(self, interaction: discord.Interaction, job: Job) -> bool:
-        """Whether the bot still takes requests where the job was made (ALLOWED_GUILDS, ALLOW_DMS can
-        change after its buttons were posted); otherwise the member is told, and False."""
-        if (refusal := refused_where(self.bot.settings, job.guild_id)) is None:
-            return True
-        await interaction.response.send_message(refusal, ephemeral=True)
-        return False
+    def check_still_served(self, job: Job) -> None:
+        """The bot still takes requests where the job was made (ALLOWED_GUILDS and ALLOW_DMS can change
+        after its buttons were posted)."""
+        if (refusal := refused_where(self.bot.settings, job.guild_id)) is not None:
+            raise UserError(refusal)
 
     async def show_recipe(self, interaction: discord.Interaction, job: Job) -> None:
         request = GenerationRequest.stored(job.request_json)
@@ -253,76 +258,65 @@ class Imagine(commands.Cog):
         await interaction.response.send_message(content=text, embed=recipe_embed(job, request, job.seconds),
                                                 files=files, ephemeral=True)
 
-    async def saved_latent(self, interaction: discord.Interaction, job: Job) -> Path | None:
-        """The finished picture's latent, or None after telling the member there is none."""
-        if job.status == "done" and job.latent_path and Path(job.latent_path).is_file():
-            return Path(job.latent_path)
-        why = ("it has not finished" if job.status in ("queued", "running") else
-               f"it {job.status}" if job.status != "done" else "its saved state is gone (deleted or expired)")
-        await interaction.response.send_message(
-            f"Job #{job.id} can't be continued or varied: {why}. Re-roll or retry it instead.",
-            ephemeral=True)
-        return None
-
     async def follow_up_job(self, interaction: discord.Interaction, job: Job, action: str,
                             values: dict[str, str] | None = None) -> None:
         """A new job made from this one: re-roll (new seed), variation (its latent, a little noise, new
         seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
-        same seed). Queued for the member who asks, under their limits."""
-        values = values or {}
-        refusal = None
-        if job.deleted_at is not None:
-            refusal = f"Job #{job.id} was deleted, so nothing more can be made from it."
-        elif interaction.guild_id != job.guild_id:  # a private picture in DMs: its server's limits
-            refusal = "New pictures from this one are made on its server: use /imagine there."
-        elif action == "retry" and job.stopped_by_someone_else:
-            refusal = f"Job #{job.id} was stopped by a moderator, so it can't be retried as it was."
-        if refusal:
-            await interaction.response.send_message(refusal, ephemeral=True)
-            return
-        # Only a retry keeps what the job started from (a retry is the same request again).
-        fields = GenerationRequest.stored(job.request_json).model_dump(
-            exclude=set() if action == "retry" else {"continue_from", "variation"})
-        if action == "retry" and job.status not in ("failed", "cancelled"):
-            await interaction.response.send_message(
-                f"Job #{job.id} {'finished' if job.status == 'done' else 'has not ended'}; only a failed "
-                "or cancelled job can be retried. Re-roll it for a new picture.", ephemeral=True)
-            return
-        if fields.get("continue_from") and not Path(fields["continue_from"]).is_file():
-            await interaction.response.send_message(
-                f"Job #{job.id} went on from another picture whose saved state is gone (deleted or "
-                "expired), so it can't be retried.", ephemeral=True)
-            return
-        if action in ("reroll", "vary"):
-            fields["seed"] = None  # a new seed is drawn
-        if action in ("vary", "continue"):
-            latent = await self.saved_latent(interaction, job)
-            if latent is None:
-                return
-            fields.update(continue_from=latent, init_image=None)
-            if action == "vary":
-                fields.update(variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
-            else:
-                steps = values.get("steps", "").strip()
-                if not steps.isdecimal():
-                    await interaction.response.send_message(
-                        f"Steps: {steps!r} is not a whole number; press Continue again and type how many "
-                        "more steps, e.g. 100.", ephemeral=True)
-                    return
-                fields["steps"] = int(steps)
-        if action == "edit":
-            fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
-                          style=values.get("style", ""))
-        init_from = None
-        if fields.get("init_image"):
-            init_from = Path(fields.pop("init_image"))  # copied for the new job
-            if not init_from.is_file():
-                await interaction.response.send_message(
-                    f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be made "
-                    "again with it.", ephemeral=True)
-                return
+        same seed). Queued for the member who asks, under their limits. UserError says why not."""
+        fields, init_from = follow_up_fields(interaction, job, action, values or {})
         await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from,
                           private=bool(job.private))
+
+
+def follow_up_fields(interaction: discord.Interaction, job: Job, action: str,
+                     values: dict[str, str]) -> tuple[dict[str, Any], Path | None]:
+    """The new job's request fields, and the init image to copy for it."""
+    if job.deleted_at is not None:
+        raise UserError(f"Job #{job.id} was deleted, so nothing more can be made from it.")
+    if interaction.guild_id != job.guild_id:  # a private picture in DMs: its server's limits
+        raise UserError("New pictures from this one are made on its server: use /imagine there.")
+    if action == "retry":
+        if job.stopped_by_someone_else:
+            raise UserError(f"Job #{job.id} was stopped by a moderator, so it can't be retried as it was.")
+        if job.status not in ("failed", "cancelled"):
+            raise UserError(f"Job #{job.id} {'finished' if job.status == 'done' else 'has not ended'}; only "
+                            "a failed or cancelled job can be retried. Re-roll it for a new picture.")
+    # Only a retry keeps what the job started from (a retry is the same request again).
+    fields = GenerationRequest.stored(job.request_json).model_dump(
+        exclude=set() if action == "retry" else {"continue_from", "variation"})
+    if fields.get("continue_from") and not Path(fields["continue_from"]).is_file():
+        raise UserError(f"Job #{job.id} went on from another picture whose saved state is gone (deleted "
+                        "or expired), so it can't be retried.")
+    if action in ("reroll", "vary"):
+        fields["seed"] = None  # a new seed is drawn
+    if action == "vary":
+        fields.update(continue_from=saved_latent(job), init_image=None, variation=VARIATION_NOISE,
+                      steps=max(1, fields["steps"] // VARIATION_SHARE))
+    if action == "continue":
+        steps = values.get("steps", "").strip()
+        if not steps.isdecimal():
+            raise UserError(f"Steps: {steps!r} is not a whole number; press Continue again and type how "
+                            "many more steps, e.g. 100.")
+        fields.update(continue_from=saved_latent(job), init_image=None, steps=int(steps))
+    if action == "edit":
+        fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
+                      style=values.get("style", ""))
+    init_from = None
+    if fields.get("init_image"):
+        init_from = Path(fields.pop("init_image"))  # copied for the new job
+        if not init_from.is_file():
+            raise UserError(f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be "
+                            "made again with it.")
+    return fields, init_from
+
+
+def saved_latent(job: Job) -> Path:
+    """The finished picture's saved latent, to continue or vary; UserError if there is none."""
+    if job.status == "done" and job.latent_path and Path(job.latent_path).is_file():
+        return Path(job.latent_path)
+    why = ("it has not finished" if job.status in ("queued", "running") else
+           f"it {job.status}" if job.status != "done" else "its saved state is gone (deleted or expired)")
+    raise UserError(f"Job #{job.id} can't be continued or varied: {why}. Re-roll or retry it instead.")
 
 
 # A variation starts from the picture's latent plus this much noise (in units of the latent's spread)
