@@ -2,21 +2,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.sql.expression import Executable
 
 from bot.store import RECENT_SPEEDS, NewJob, Store, migrate
+from bot.store import database as store_database
+from bot.store import logs as store_logs
+from bot.store import moderation as store_moderation
+from bot.store import queue as store_queue
 from bot.store.schema import metadata
+from bot.store.statements import SQLITE, prepare, upsert
 from tests.postgres import Postgres
+
+POSTGRESQL = asyncpg_dialect()
 
 
 def schema_differences(path: Path) -> list:
@@ -114,6 +126,39 @@ async def test_the_migrations_build_the_same_schema_on_postgresql(postgres: Post
     assert (types["user_id"], types["created_at"], types["private"]) == \
         ("bigint", "double precision", "integer")
     await asyncio.to_thread(migrate.upgrade_url, url)  # again: nothing to do
+
+
+def core_statements() -> dict[str, Callable[[str], Executable]]:
+    """Every Core statement the store's modules hold, by name, made for a dialect's name."""
+    found: dict[str, Callable[[str], Executable]] = {}
+    for module in (store_database, store_logs, store_moderation, store_queue):
+        for name, value in vars(module).items():
+            if isinstance(value, Executable):
+                found[f"{module.__name__}.{name}"] = lambda dialect, value=value: value
+            elif isinstance(value, functools.partial) and value.func is upsert:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+async def test_every_core_statement_is_valid_sql_on_sqlite_and_on_postgresql(tmp_path: Path,
+                                                                                postgres: Postgres) -> None:
+    statements = core_statements()
+    assert "bot.store.moderation.CANCEL_MEMBERS_JOBS" in statements and "bot.store.moderation.SET_BLOCK" \
+        in statements  # the search finds them
+    path = tmp_path / "db.sqlite3"
+    await asyncio.to_thread(migrate.upgrade, path)
+    await asyncio.to_thread(migrate.upgrade_url, postgres.url())
+    server = await asyncpg.connect(postgres.url().replace("postgresql+asyncpg", "postgresql"))
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            for name, make in statements.items():
+                on_sqlite = prepare(make("sqlite"), SQLITE)  # EXPLAIN compiles it against the tables
+                db.execute(f"EXPLAIN {on_sqlite.sql}", on_sqlite.params({n: None for n in on_sqlite.names}))
+                on_postgresql = prepare(make("postgresql"), POSTGRESQL)
+                await server.prepare(on_postgresql.sql)  # parsed and planned by the server, not run
+                assert (on_sqlite.names and on_postgresql.names) or "count" in name, name
+    finally:
+        await server.close()
 
 
 async def test_backup_is_a_consistent_copy_that_restores(tmp_path: Path) -> None:

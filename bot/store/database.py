@@ -9,12 +9,15 @@ import fcntl
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import aiosqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.expression import Executable
 
 from bot.store import migrate
 from bot.store.records import Job
+from bot.store.statements import SQLITE, prepare
 
 
 class DatabaseInUse(RuntimeError):
@@ -44,6 +47,8 @@ def only_bot_on(database_path: Path) -> Iterator[None]:
 
 
 class Database:
+    dialect: Dialect = SQLITE  # what the Core statements are compiled for (statements.py)
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
         # One connection serves every coroutine: each statement takes this lock, so no statement
@@ -78,11 +83,17 @@ class Database:
     async def close(self) -> None:
         await self.db.close()
 
-    async def _rows(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
+    async def _rows(self, sql: str | Executable, params: tuple = (), /, **values: Any) -> list[aiosqlite.Row]:
+        """Run one statement: Core (its values by name), or SQL text not yet moved to Core (its values
+        in order)."""
         async with self._lock:
-            return await self._rows_unlocked(sql, params)
+            return await self._rows_unlocked(sql, params, **values)
 
-    async def _rows_unlocked(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
+    async def _rows_unlocked(self, sql: str | Executable, params: tuple = (), /,
+                             **values: Any) -> list[aiosqlite.Row]:
+        if not isinstance(sql, str):
+            prepared = prepare(sql, self.dialect)
+            sql, params = prepared.sql, prepared.params(values)
         # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
         # commands those trips are most of what each one waits for.
         return list(await self.db.execute_fetchall(sql, params))

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
 
 import aiosqlite
+from sqlalchemy import bindparam, case, delete, func, select, update
 
 from bot.store.database import Database
 from bot.store.records import AuditEntry, Block, Job
+from bot.store.schema import audit_log, blocks, guild_limits, jobs, member_defaults
+from bot.store.statements import insert_of, one_of, upsert
 
 
 class ModerationStore(Database):
@@ -30,17 +34,13 @@ class ModerationStore(Database):
 
     async def audit(self, guild_id: int | None, actor_id: int, action: str, target: str | None = None,
                     old_value: str | None = None, new_value: str | None = None) -> None:
-        await self._rows(
-            "INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (guild_id, actor_id, action, target, old_value, new_value, time.time()))
+        await self._rows(AUDIT, guild_id=guild_id, actor_id=actor_id, action=action, target=target,
+                         old_value=old_value, new_value=new_value, created_at=time.time())
 
     async def audit_entries(self, guild_id: int, limit: int, offset: int = 0) -> tuple[list[AuditEntry], int]:
         """Newest first, one page; and how many there are in all."""
-        rows = await self._rows(
-            "SELECT * FROM audit_log WHERE guild_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
-            (guild_id, limit, offset))
-        total = await self._rows("SELECT count(*) FROM audit_log WHERE guild_id = ?", (guild_id,))
+        rows = await self._rows(AUDIT_PAGE, guild_id=guild_id, limit=limit, offset=offset)
+        total = await self._rows(AUDIT_COUNT, guild_id=guild_id)
         return [AuditEntry(**dict(row)) for row in rows], total[0][0]
 
     async def guild_limits(self, guild_id: int | None) -> dict[str, Any]:
@@ -49,7 +49,7 @@ class ModerationStore(Database):
 
     async def _read_guild_limits(self) -> None:
         limits: dict[int | None, dict[str, Any]] = {}
-        for guild_id, name, value in await self._rows("SELECT guild_id, name, value_json FROM guild_limits"):
+        for guild_id, name, value in await self._rows(select(guild_limits)):
             limits.setdefault(guild_id, {})[name] = json.loads(value)
         self._guild_limits = limits
 
@@ -58,15 +58,13 @@ class ModerationStore(Database):
         """Set (or with value None, reset) one limit, and record who changed it from what to what."""
         async with self._transaction() as run:
             if value is None:
-                await run("DELETE FROM guild_limits WHERE guild_id = ? AND name = ?", (guild_id, name))
+                await run(RESET_LIMIT, guild_id=guild_id, name=name)
             else:
-                await run("INSERT INTO guild_limits (guild_id, name, value_json) VALUES (?, ?, ?) "
-                          "ON CONFLICT (guild_id, name) DO UPDATE SET value_json = excluded.value_json",
-                          (guild_id, name, json.dumps(value)))
-            await run("INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, "
-                      "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (guild_id, actor_id, "limit reset" if value is None else "limit set", name,
-                       old_shown, new_shown, time.time()))
+                await run(SET_LIMIT(self.dialect.name), guild_id=guild_id, name=name,
+                          value_json=json.dumps(value))
+            await run(AUDIT, guild_id=guild_id, actor_id=actor_id,
+                      action="limit reset" if value is None else "limit set", target=name,
+                      old_value=old_shown, new_value=new_shown, created_at=time.time())
         await self._read_guild_limits()
 
     # --- members' own defaults ------------------------------------------------------------------
@@ -76,7 +74,7 @@ class ModerationStore(Database):
         return dict(self._member_defaults.get((guild_id or 0, user_id), {}))
 
     async def _read_member_defaults(self) -> None:
-        rows = await self._rows("SELECT guild_id, user_id, values_json FROM member_defaults")
+        rows = await self._rows(select(member_defaults))
         self._member_defaults = {(guild, user): json.loads(values) for guild, user, values in rows}
 
     async def update_member_defaults(self, guild_id: int | None, user_id: int, changes: dict[str, Any],
@@ -90,50 +88,68 @@ class ModerationStore(Database):
         values.update(changes)
         if values:
             self._member_defaults[key] = values
-            await self._rows(
-                "INSERT INTO member_defaults (guild_id, user_id, values_json) VALUES (?, ?, ?) "
-                "ON CONFLICT (guild_id, user_id) DO UPDATE SET values_json = excluded.values_json",
-                (*key, json.dumps(values, sort_keys=True)))
+            await self._rows(SET_MEMBER(self.dialect.name), guild_id=key[0], user_id=user_id,
+                             values_json=json.dumps(values, sort_keys=True))
         else:
             self._member_defaults.pop(key, None)
-            await self._rows("DELETE FROM member_defaults WHERE guild_id = ? AND user_id = ?", key)
+            await self._rows(FORGET_MEMBER, guild_id=key[0], user_id=user_id)
         return dict(values)
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
-        rows = await self._rows("SELECT * FROM blocks WHERE guild_id IS ? AND user_id = ?",
-                                (guild_id, user_id))
+        rows = await self._rows(BLOCK_OF, guild_id=guild_id, user_id=user_id)
         return Block(**dict(rows[0])) if rows else None
 
     async def blocks(self, guild_id: int) -> list[Block]:
-        rows = await self._rows("SELECT * FROM blocks WHERE guild_id = ? ORDER BY blocked_at", (guild_id,))
-        return [Block(**dict(row)) for row in rows]
+        return [Block(**dict(row)) for row in await self._rows(BLOCKS, guild_id=guild_id)]
 
     async def block(self, guild_id: int, user_id: int, reason: str | None, actor_id: int) -> list[Job]:
         """Block a member here and cancel their waiting and running jobs (returned, to tell them)."""
         now = time.time()
         async with self._transaction() as run:
-            await run("INSERT INTO blocks (guild_id, user_id, reason, blocked_by, blocked_at) "
-                      "VALUES (?, ?, ?, ?, ?) "
-                      "ON CONFLICT (guild_id, user_id) DO UPDATE SET reason = excluded.reason, "
-                      "blocked_by = excluded.blocked_by, blocked_at = excluded.blocked_at",
-                      (guild_id, user_id, reason, actor_id, now))
-            cancelled = await run(
-                """UPDATE jobs SET cancel_requested = 1, cancelled_by = ?,
-                       status = CASE status WHEN 'queued' THEN 'cancelled' ELSE status END,
-                       finished_at = CASE status WHEN 'queued' THEN ? ELSE finished_at END
-                   WHERE guild_id = ? AND user_id = ? AND status IN ('queued', 'running') RETURNING *""",
-                (actor_id, now, guild_id, user_id))
-            await run("INSERT INTO audit_log (guild_id, actor_id, action, target, old_value, new_value, "
-                      "created_at) VALUES (?, ?, 'block', ?, NULL, ?, ?)",
-                      (guild_id, actor_id, f"<@{user_id}>", reason, now))
+            await run(SET_BLOCK(self.dialect.name), guild_id=guild_id, user_id=user_id, reason=reason,
+                      blocked_by=actor_id, blocked_at=now)
+            cancelled = await run(CANCEL_MEMBERS_JOBS, guild_id=guild_id, user_id=user_id, actor_id=actor_id,
+                                  now=now)
+            await run(AUDIT, guild_id=guild_id, actor_id=actor_id, action="block", target=f"<@{user_id}>",
+                      old_value=None, new_value=reason, created_at=now)
         return [Job(**dict(row)) for row in cancelled]
 
     async def unblock(self, guild_id: int, user_id: int, actor_id: int) -> bool:
         async with self._transaction() as run:
-            removed = await run("DELETE FROM blocks WHERE guild_id = ? AND user_id = ? RETURNING user_id",
-                                (guild_id, user_id))
+            removed = await run(UNBLOCK, guild_id=guild_id, user_id=user_id)
             if removed:
-                await run("INSERT INTO audit_log (guild_id, actor_id, action, target, created_at) "
-                          "VALUES (?, ?, 'unblock', ?, ?)",
-                          (guild_id, actor_id, f"<@{user_id}>", time.time()))
+                await run(AUDIT, guild_id=guild_id, actor_id=actor_id, action="unblock",
+                          target=f"<@{user_id}>", old_value=None, new_value=None, created_at=time.time())
         return bool(removed)
+
+
+AUDIT = insert_of(audit_log, "guild_id", "actor_id", "action", "target", "old_value", "new_value",
+                  "created_at")
+AUDIT_PAGE = (select(audit_log).where(audit_log.c.guild_id == bindparam("guild_id"))
+              .order_by(audit_log.c.id.desc()).limit(bindparam("limit")).offset(bindparam("offset")))
+AUDIT_COUNT = select(func.count()).select_from(audit_log).where(audit_log.c.guild_id == bindparam("guild_id"))
+# Upserts are each dialect's own construct: these make them for a dialect's name.
+SET_LIMIT = functools.partial(upsert, guild_limits, ("guild_id", "name"))
+SET_MEMBER = functools.partial(upsert, member_defaults, ("guild_id", "user_id"))
+SET_BLOCK = functools.partial(upsert, blocks, ("guild_id", "user_id"))
+RESET_LIMIT = delete(guild_limits).where(guild_limits.c.guild_id == bindparam("guild_id"),
+                                         guild_limits.c.name == bindparam("name"))
+FORGET_MEMBER = delete(member_defaults).where(member_defaults.c.guild_id == bindparam("guild_id"),
+                                              member_defaults.c.user_id == bindparam("user_id"))
+# A member's block on a server, or (guild None) in DMs: none can be made there, but the query asks.
+BLOCK_OF = select(blocks).where(blocks.c.guild_id.is_not_distinct_from(bindparam("guild_id")),
+                                blocks.c.user_id == bindparam("user_id"))
+BLOCKS = select(blocks).where(blocks.c.guild_id == bindparam("guild_id")).order_by(blocks.c.blocked_at)
+UNBLOCK = (delete(blocks)
+           .where(blocks.c.guild_id == bindparam("guild_id"), blocks.c.user_id == bindparam("user_id"))
+           .returning(blocks.c.user_id))
+# Waiting jobs are cancelled at once; running ones are asked to stop (the engine ends them).
+_queued = jobs.c.status == "queued"
+CANCEL_MEMBERS_JOBS = (
+    update(jobs)
+    .where(jobs.c.guild_id == bindparam("guild_id"), jobs.c.user_id == bindparam("user_id"),
+           one_of(jobs.c.status, "queued", "running"))
+    .values(cancel_requested=1, cancelled_by=bindparam("actor_id"),
+            status=case((_queued, "cancelled"), else_=jobs.c.status),
+            finished_at=case((_queued, bindparam("now")), else_=jobs.c.finished_at))
+    .returning(*jobs.c))
