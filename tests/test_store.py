@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import sqlite3
 import warnings
@@ -137,14 +138,20 @@ def core_statements() -> dict[str, Callable[[str], Executable]]:
                 found[f"{module.__name__}.{name}"] = lambda dialect, value=value: value
             elif isinstance(value, functools.partial) and value.func is upsert:
                 found[f"{module.__name__}.{name}"] = value
+    names = sorted(store_logs.LOG_FILTERS)
+    every = itertools.chain.from_iterable(itertools.combinations(names, k) for k in range(len(names) + 1))
+    for chosen in every:  # the log's filters, in every combination
+        page, count = store_logs.log_queries(frozenset(chosen))
+        found[f"log page {chosen}"] = lambda dialect, page=page: page
+        found[f"log count {chosen}"] = lambda dialect, count=count: count
     return found
 
 
 async def test_every_core_statement_is_valid_sql_on_sqlite_and_on_postgresql(tmp_path: Path,
                                                                                 postgres: Postgres) -> None:
     statements = core_statements()
-    assert "bot.store.moderation.CANCEL_MEMBERS_JOBS" in statements and "bot.store.moderation.SET_BLOCK" \
-        in statements  # the search finds them
+    assert {"bot.store.moderation.CANCEL_MEMBERS_JOBS", "bot.store.moderation.SET_BLOCK",
+            "bot.store.logs.WITH_FILES"} <= set(statements)  # the search finds them
     path = tmp_path / "db.sqlite3"
     await asyncio.to_thread(migrate.upgrade, path)
     await asyncio.to_thread(migrate.upgrade_url, postgres.url())
@@ -152,11 +159,14 @@ async def test_every_core_statement_is_valid_sql_on_sqlite_and_on_postgresql(tmp
     try:
         with contextlib.closing(sqlite3.connect(path)) as db:
             for name, make in statements.items():
-                on_sqlite = prepare(make("sqlite"), SQLITE)  # EXPLAIN compiles it against the tables
-                db.execute(f"EXPLAIN {on_sqlite.sql}", on_sqlite.params({n: None for n in on_sqlite.names}))
-                on_postgresql = prepare(make("postgresql"), POSTGRESQL)
-                await server.prepare(on_postgresql.sql)  # parsed and planned by the server, not run
-                assert (on_sqlite.names and on_postgresql.names) or "count" in name, name
+                try:
+                    on_sqlite = prepare(make("sqlite"), SQLITE)  # EXPLAIN compiles it against the tables
+                    db.execute(f"EXPLAIN {on_sqlite.sql}", on_sqlite.params(dict.fromkeys(on_sqlite.names)))
+                    on_postgresql = prepare(make("postgresql"), POSTGRESQL)
+                    await server.prepare(on_postgresql.sql)  # parsed and planned by the server, not run
+                except Exception as error:
+                    error.add_note(f"in the statement {name}")
+                    raise
     finally:
         await server.close()
 

@@ -110,9 +110,9 @@ class Database:
                 raise
             await self.db.execute("COMMIT")
 
-    async def _one(self, sql: str, *params: object) -> Job | None:
-        rows = await self._rows(sql, params)
+    async def _one(self, sql: str | Executable, *params: object, **values: Any) -> Job | None:
+        rows = await self._rows(sql, params, **values)
         return Job(**dict(rows[0])) if rows else None
 
-    async def _all(self, sql: str, *params: object) -> list[Job]:
-        return [Job(**dict(row)) for row in await self._rows(sql, params)]
+    async def _all(self, sql: str | Executable, *params: object, **values: Any) -> list[Job]:
+        return [Job(**dict(row)) for row in await self._rows(sql, params, **values)]

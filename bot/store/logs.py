@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.sql.expression import Executable
 
 from bot.store.database import Database
 from bot.store.records import Job
+from bot.store.schema import jobs
+from bot.store.statements import HasText, json_text, one_of
 
 
 class LogStore(Database):
@@ -23,18 +27,15 @@ class LogStore(Database):
 
     async def jobs_with_files(self, finished_before: float | None = None) -> list[Job]:
         """Finished jobs whose files (output, latent, init image) may still be on disk, oldest first."""
-        sql = ("SELECT * FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND expired_at IS NULL "
-               "AND deleted_at IS NULL AND (output_path IS NOT NULL OR latent_path IS NOT NULL "
-               "OR json_extract(request_json, '$.init_image') IS NOT NULL)")
-        if finished_before is not None:
-            return await self._all(sql + " AND finished_at < ? ORDER BY finished_at", finished_before)
-        return await self._all(sql + " ORDER BY finished_at")
+        if finished_before is None:
+            return await self._all(WITH_FILES)
+        return await self._all(WITH_FILES_BEFORE, before=finished_before)
 
     async def mark_expired(self, job_ids: list[int]) -> None:
         """Retention removed these jobs' files; their rows stay for the generation log."""
         async with self._transaction() as run:
             for job_id in job_ids:
-                await run("UPDATE jobs SET expired_at = ? WHERE id = ?", (time.time(), job_id))
+                await run(EXPIRE, job_id=job_id, now=time.time())
 
     async def generation_log(self, guild_id: int | None, user_id: int | None = None,
                              status: str | None = None, contains: str | None = None,
@@ -42,25 +43,38 @@ class LogStore(Database):
                              before_id: int | None = None) -> tuple[list[Job], int]:
         """A server's generations (None: the DM jobs), newest first, filtered; one page and the total.
         `before_id` pages by key (jobs older than that one), steady while new jobs arrive."""
-        where = ["guild_id IS ?"]
-        params: list[Any] = [guild_id]
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        if user_id is not None:
-            where.append("user_id = ?")
-            params.append(user_id)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if contains:
-            where.append("instr(lower(json_extract(request_json, '$.prompt')), lower(?)) > 0")
-            params.append(contains)
-        if since is not None:
-            where.append("created_at >= ?")
-            params.append(since)
-        clause = " AND ".join(where)
-        jobs = await self._all(f"SELECT * FROM jobs WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
-                               *params, limit, offset)
-        total = await self._rows(f"SELECT count(*) FROM jobs WHERE {clause}", tuple(params))
+        given = {"before_id": before_id, "user_id": user_id, "status": status, "contains": contains or None,
+                 "since": since}
+        values = {name: value for name, value in given.items() if value is not None}
+        page, count = log_queries(frozenset(values))
+        jobs = await self._all(page, guild_id=guild_id, limit=limit, offset=offset, **values)
+        total = await self._rows(count, guild_id=guild_id, **values)
         return jobs, total[0][0]
+
+
+_files_left = and_(one_of(jobs.c.status, "done", "failed", "cancelled"), jobs.c.expired_at.is_(None),
+                   jobs.c.deleted_at.is_(None),
+                   or_(jobs.c.output_path.is_not(None), jobs.c.latent_path.is_not(None),
+                       json_text(jobs.c.request_json, "init_image").is_not(None)))
+WITH_FILES = select(jobs).where(_files_left).order_by(jobs.c.finished_at)
+WITH_FILES_BEFORE = (select(jobs).where(_files_left, jobs.c.finished_at < bindparam("before"))
+                     .order_by(jobs.c.finished_at))
+EXPIRE = update(jobs).where(jobs.c.id == bindparam("job_id")).values(expired_at=bindparam("now"))
+LOG_FILTERS = {
+    "before_id": jobs.c.id < bindparam("before_id"),
+    "user_id": jobs.c.user_id == bindparam("user_id"),
+    "status": jobs.c.status == bindparam("status"),
+    "contains": HasText(func.lower(json_text(jobs.c.request_json, "prompt")),
+                        func.lower(bindparam("contains"))),
+    "since": jobs.c.created_at >= bindparam("since"),
+}
+
+
+@functools.cache
+def log_queries(filters: frozenset[str]) -> tuple[Executable, Executable]:
+    """One page of a server's log and the count, with these filters (one pair per combination)."""
+    where = [jobs.c.guild_id.is_not_distinct_from(bindparam("guild_id")),
+             *(LOG_FILTERS[name] for name in sorted(filters))]
+    page = select(jobs).where(*where).order_by(jobs.c.id.desc()).limit(bindparam("limit")).offset(
+        bindparam("offset"))
+    return page, select(func.count()).select_from(jobs).where(*where)

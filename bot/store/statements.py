@@ -14,10 +14,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, bindparam, insert, or_
+from sqlalchemy import Boolean, ColumnElement, Table, Text, bindparam, insert, literal_column, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import Executable, FunctionElement
 
 SQLITE = sqlite.dialect(paramstyle="qmark")
 
@@ -77,3 +79,46 @@ def insert_of(table: Table, *names: str) -> Executable:
 def one_of(column: ColumnElement, *values: object) -> ColumnElement[bool]:
     """`column IN (values)` written as comparisons, which compile once (an IN list is made per call)."""
     return or_(*(column == value for value in values))
+
+
+class JsonText(FunctionElement[str]):
+    """A field of a JSON text column, as text (jobs keep their request as JSON text)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(JsonText, "sqlite")
+def _json_text_sqlite(element: JsonText, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key = element.clauses
+    return f"json_extract({compiler.process(column, **kw)}, '$.' || {compiler.process(key, **kw)})"
+
+
+@compiles(JsonText, "postgresql")
+def _json_text_postgresql(element: JsonText, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key = element.clauses
+    return f"(CAST({compiler.process(column, **kw)} AS jsonb) ->> {compiler.process(key, **kw)})"
+
+
+def json_text(column: ColumnElement[str], key: str) -> JsonText:
+    if not key.isidentifier():
+        raise ValueError(f"not a JSON key this helper quotes safely: {key!r}")
+    return JsonText(column, literal_column(f"'{key}'"))
+
+
+class HasText(FunctionElement[bool]):
+    """Whether the first text holds the second, taken as it is (LIKE would read % and _ in a member's
+    search as wildcards)."""
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(HasText, "sqlite")
+def _has_text_sqlite(element: HasText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(instr({compiler.process(element.clauses, **kw)}) > 0)"
+
+
+@compiles(HasText, "postgresql")
+def _has_text_postgresql(element: HasText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(strpos({compiler.process(element.clauses, **kw)}) > 0)"
