@@ -10,8 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 
+from sqlalchemy import and_, bindparam, case, func, select, update
+
 from bot.store.moderation import ModerationStore
 from bot.store.records import DAY_S, Job, MemberUsage, NewJob, QueueFull, Speed
+from bot.store.schema import jobs
+from bot.store.statements import one_of
 
 ACTIVE = ("queued", "running")
 
@@ -119,13 +123,9 @@ class QueueStore(ModerationStore):
     async def member_usage(self, guild_id: int | None, user_id: int, now: float | None = None) -> MemberUsage:
         """What counts against the member's limits (the same counts `enqueue` checks)."""
         now = time.time() if now is None else now
-        member = (user_id, guild_id)
-        active = (await self._rows("SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ? "
-                                   "AND status IN ('queued', 'running')", member))[0][0]
-        last = (await self._rows("SELECT max(created_at) FROM jobs WHERE user_id = ? AND guild_id IS ?",
-                                 member))[0][0]
-        recent = await self._rows("SELECT created_at FROM jobs WHERE user_id = ? AND guild_id IS ? "
-                                  "AND created_at > ? ORDER BY created_at", (*member, now - DAY_S))
+        active = (await self._rows(MEMBERS_ACTIVE, user_id=user_id, guild_id=guild_id))[0][0]
+        last = (await self._rows(MEMBERS_LAST, user_id=user_id, guild_id=guild_id))[0][0]
+        recent = await self._rows(MEMBERS_SINCE, user_id=user_id, guild_id=guild_id, since=now - DAY_S)
         return MemberUsage(active, [row[0] for row in recent], last)
 
     async def claim_next_job(self) -> Job | None:
@@ -142,84 +142,62 @@ class QueueStore(ModerationStore):
     async def requeue_interrupted(self) -> list[int]:
         """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a
         cancel was already asked for, end cancelled)."""
-        rows = await self._rows(
-            """UPDATE jobs SET
-                   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
-                   finished_at = CASE WHEN cancel_requested THEN ? ELSE finished_at END
-               WHERE status = 'running' RETURNING id, status""", (time.time(),))
+        rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time())
         return sorted(row[0] for row in rows if row[1] == "queued")
 
     async def save_progress(self, job_id: int, step: int, checkpoint_path: str | None = None,
                             seconds_per_step: float | None = None) -> None:
-        await self._rows(
-            """UPDATE jobs SET step = ?, checkpoint_path = coalesce(?, checkpoint_path),
-                   seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ?""",
-            (step, checkpoint_path, seconds_per_step, job_id))
+        await self._rows(SAVE_PROGRESS, job_id=job_id, step=step, checkpoint=checkpoint_path,
+                         speed=seconds_per_step)
 
     async def set_dm_message(self, job_id: int, message_id: int) -> None:
-        await self._rows("UPDATE jobs SET dm_message_id = ? WHERE id = ?", (message_id, job_id))
+        await self._rows(SET_DM_MESSAGE, job_id=job_id, message_id=message_id)
 
     async def set_message(self, job_id: int, message_id: int) -> None:
-        await self._rows("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
+        await self._rows(SET_MESSAGE, job_id=job_id, message_id=message_id)
 
     async def forget_interaction_token(self, job_id: int) -> None:
         """The token stopped working (expired, or its message is gone): don't keep a dead secret."""
-        await self._rows("UPDATE jobs SET interaction_token = NULL WHERE id = ?", (job_id,))
+        await self._rows(FORGET_TOKEN, job_id=job_id)
 
     async def finish(self, job_id: int, status: str, *, output_path: str | None = None,
                      latent_path: str | None = None, error: str | None = None) -> Job:
         assert status in FINISHED, status
-        job = await self._one(
-            """UPDATE jobs SET status = ?, finished_at = ?, output_path = ?, latent_path = ?, error = ?
-               WHERE id = ? RETURNING *""",
-            status, time.time(), output_path, latent_path, error, job_id)
+        job = await self._one(FINISH, job_id=job_id, status=status, now=time.time(), output=output_path,
+                              latent=latent_path, error=error)
         assert job is not None, f"job {job_id} vanished"
         return job
 
     async def requeue(self, job_id: int) -> None:
         """A running job stopped by shutdown waits for the next start."""
-        await self._rows("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'running'",
-                              (job_id,))
+        await self._rows(REQUEUE, job_id=job_id)
 
     async def mark_posted(self, job_id: int) -> None:
-        await self._rows("UPDATE jobs SET final_posted = 1 WHERE id = ?", (job_id,))
+        await self._rows(MARK_POSTED, job_id=job_id)
 
     async def unposted_finished(self) -> list[Job]:
         """Finished jobs whose final reply was not confirmed sent (e.g. a crash right after)."""
-        return await self._all(
-            "SELECT * FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND final_posted = 0 "
-            "ORDER BY id")
+        return await self._all(UNPOSTED)
 
     async def mark_deleted(self, job_id: int, by_user: int) -> None:
         """The picture and its files are gone; the row stays, saying who deleted it and when."""
-        await self._rows("UPDATE jobs SET deleted_at = ?, deleted_by = ? WHERE id = ?",
-                              (time.time(), by_user, job_id))
+        await self._rows(MARK_DELETED, job_id=job_id, now=time.time(), by_user=by_user)
 
     async def request_cancel(self, job_id: int, by_user: int) -> Job | None:
         """A queued job is cancelled at once; a running one is flagged for the engine to stop."""
-        return await self._one(
-            """
-            UPDATE jobs SET
-                cancel_requested = 1,
-                cancelled_by = ?,
-                status = CASE status WHEN 'queued' THEN 'cancelled' ELSE status END,
-                finished_at = CASE status WHEN 'queued' THEN ? ELSE finished_at END
-            WHERE id = ? AND status IN ('queued', 'running')
-            RETURNING *
-            """,
-            by_user, time.time(), job_id)
+        return await self._one(REQUEST_CANCEL, job_id=job_id, by_user=by_user, now=time.time())
 
     # --- reading ---------------------------------------------------------------------------------
 
     async def get(self, job_id: int) -> Job | None:
-        return await self._one("SELECT * FROM jobs WHERE id = ?", job_id)
+        return await self._one(GET, job_id=job_id)
 
     async def get_by_interaction(self, interaction_id: int) -> Job | None:
         """The job a command made (each /imagine or button press makes at most one)."""
-        return await self._one("SELECT * FROM jobs WHERE interaction_id = ?", interaction_id)
+        return await self._one(GET_BY_INTERACTION, interaction_id=interaction_id)
 
     async def count_jobs(self) -> int:
-        return (await self._rows("SELECT count(*) FROM jobs"))[0][0]
+        return (await self._rows(COUNT))[0][0]
 
     async def active_jobs(self, user_id: int | None = None) -> list[Job]:
         """Running first, then queued in the order they will run: a job's place is its index here."""
@@ -256,3 +234,44 @@ class QueueStore(ModerationStore):
         speed = await self.recent_speed()
         rows = await self._rows(QUEUE_PLACES, Speed.params(speed))
         return {job_id: (place, None if speed is None else seconds) for job_id, place, seconds in rows}
+
+
+# --- statements (SQLAlchemy Core, compiled once per dialect: statements.py) ----------------------
+
+_job = jobs.c.id == bindparam("job_id")
+_member = and_(jobs.c.user_id == bindparam("user_id"),
+               jobs.c.guild_id.is_not_distinct_from(bindparam("guild_id")))
+_active = one_of(jobs.c.status, *ACTIVE)
+MEMBERS_ACTIVE = select(func.count()).select_from(jobs).where(_member, _active)
+MEMBERS_LAST = select(func.max(jobs.c.created_at)).where(_member)
+MEMBERS_SINCE = select(jobs.c.created_at).where(_member, jobs.c.created_at > bindparam("since")).order_by(
+    jobs.c.created_at)
+_cancelling = jobs.c.cancel_requested != 0
+REQUEUE_INTERRUPTED = (
+    update(jobs).where(jobs.c.status == "running")
+    .values(status=case((_cancelling, "cancelled"), else_="queued"),
+            finished_at=case((_cancelling, bindparam("now")), else_=jobs.c.finished_at))
+    .returning(jobs.c.id, jobs.c.status))
+SAVE_PROGRESS = update(jobs).where(_job).values(
+    step=bindparam("step"), checkpoint_path=func.coalesce(bindparam("checkpoint"), jobs.c.checkpoint_path),
+    seconds_per_step=func.coalesce(bindparam("speed"), jobs.c.seconds_per_step))
+SET_MESSAGE = update(jobs).where(_job).values(message_id=bindparam("message_id"))
+SET_DM_MESSAGE = update(jobs).where(_job).values(dm_message_id=bindparam("message_id"))
+FORGET_TOKEN = update(jobs).where(_job).values(interaction_token=None)
+FINISH = update(jobs).where(_job).values(
+    status=bindparam("status"), finished_at=bindparam("now"), output_path=bindparam("output"),
+    latent_path=bindparam("latent"), error=bindparam("error")).returning(*jobs.c)
+REQUEUE = update(jobs).where(_job, jobs.c.status == "running").values(status="queued")
+MARK_POSTED = update(jobs).where(_job).values(final_posted=1)
+UNPOSTED = select(jobs).where(one_of(jobs.c.status, *FINISHED), jobs.c.final_posted == 0).order_by(jobs.c.id)
+MARK_DELETED = update(jobs).where(_job).values(deleted_at=bindparam("now"), deleted_by=bindparam("by_user"))
+_queued = jobs.c.status == "queued"
+REQUEST_CANCEL = (
+    update(jobs).where(_job, _active)
+    .values(cancel_requested=1, cancelled_by=bindparam("by_user"),
+            status=case((_queued, "cancelled"), else_=jobs.c.status),
+            finished_at=case((_queued, bindparam("now")), else_=jobs.c.finished_at))
+    .returning(*jobs.c))
+GET = select(jobs).where(_job)
+GET_BY_INTERACTION = select(jobs).where(jobs.c.interaction_id == bindparam("interaction_id"))
+COUNT = select(func.count()).select_from(jobs)
