@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.expression import Executable
 
-from bot.store import RECENT_SPEEDS, NewJob, Store, migrate
+from bot.store import RECENT_SPEEDS, NewJob, Store, migrate, statements
 from bot.store import database as store_database
 from bot.store import logs as store_logs
 from bot.store import moderation as store_moderation
@@ -334,3 +334,29 @@ async def test_a_members_settings_changed_twice_at_once_keep_both_changes(tmp_pa
     assert await store.member_defaults(1, 2) == {}
     assert await store.member_defaults(None, 2) == {"private": True}
     await store.close()
+
+
+async def test_statements_compile_once_however_often_they_run(tmp_path: Path) -> None:
+    """Every statement is a constant or comes from a cached builder: running the store's operations
+    again compiles nothing new (a statement made per call would be kept, and compiled, every call)."""
+    store = await Store.open(tmp_path / "db.sqlite3")
+
+    async def a_round(user: int) -> None:
+        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=3,
+                                         guild_id=9), max_per_user=5, max_queue_length=50)
+        await store.save_progress(job.id, 1, None, 0.5)
+        await store.request_cancel(job.id, user)
+        await store.set_guild_limit(9, "max_steps", 10 + user, 1, "old", "new")
+        await store.update_member_defaults(9, user, {"steps": 5})
+        await store.block(9, user, "spam", 1)
+        await store.unblock(9, user, 1)
+        await store.generation_log(9, user_id=user, contains="x")
+        await store.audit_entries(9, 10)
+        await store.jobs_with_files(finished_before=1e12)
+        await store.member_usage(9, user)
+
+    await a_round(1)
+    compiled = len(statements._prepared)
+    await a_round(2)
+    await store.close()
+    assert len(statements._prepared) == compiled

@@ -49,7 +49,7 @@ class ModerationStore(Database):
 
     async def _read_guild_limits(self) -> None:
         limits: dict[int | None, dict[str, Any]] = {}
-        for guild_id, name, value in await self._rows(select(guild_limits)):
+        for guild_id, name, value in await self._rows(ALL_LIMITS):
             limits.setdefault(guild_id, {})[name] = json.loads(value)
         self._guild_limits = limits
 
@@ -74,7 +74,7 @@ class ModerationStore(Database):
         return dict(self._member_defaults.get((guild_id or 0, user_id), {}))
 
     async def _read_member_defaults(self) -> None:
-        rows = await self._rows(select(member_defaults))
+        rows = await self._rows(ALL_MEMBER_DEFAULTS)
         self._member_defaults = {(guild, user): json.loads(values) for guild, user, values in rows}
 
     async def update_member_defaults(self, guild_id: int | None, user_id: int, changes: dict[str, Any],
@@ -128,6 +128,8 @@ AUDIT = insert_of(audit_log, "guild_id", "actor_id", "action", "target", "old_va
 AUDIT_PAGE = (select(audit_log).where(audit_log.c.guild_id == bindparam("guild_id"))
               .order_by(audit_log.c.id.desc()).limit(bindparam("limit")).offset(bindparam("offset")))
 AUDIT_COUNT = select(func.count()).select_from(audit_log).where(audit_log.c.guild_id == bindparam("guild_id"))
+ALL_LIMITS = select(guild_limits)
+ALL_MEMBER_DEFAULTS = select(member_defaults)
 # Upserts are each dialect's own construct: these make them for a dialect's name.
 SET_LIMIT = functools.partial(upsert, guild_limits, ("guild_id", "name"))
 SET_MEMBER = functools.partial(upsert, member_defaults, ("guild_id", "user_id"))
