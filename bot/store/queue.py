@@ -10,11 +10,13 @@ from __future__ import annotations
 import statistics
 import time
 
-from sqlalchemy import and_, bindparam, case, func, select, update
+from sqlalchemy import Double, Integer, and_, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from bot.store.moderation import ModerationStore
 from bot.store.records import DAY_S, Job, MemberUsage, NewJob, QueueFull, Speed
-from bot.store.schema import jobs
+from bot.store.schema import blocks, jobs
 from bot.store.statements import one_of
 
 ACTIVE = ("queued", "running")
@@ -76,32 +78,11 @@ class QueueStore(ModerationStore):
         a quota of 3 make exactly 3 jobs). Counts are per server; the quota is per 24 hours.
         """
         now = time.time()
-        member = (job.user_id, job.guild_id)
+        given = {name: getattr(job, name) for name in NEW_JOB_COLUMNS[:-2]}  # all but created_at, private
         row = await self._one(
-            """
-            INSERT INTO jobs (request_json, guild_id, channel_id, user_id, application_id, interaction_id,
-                              interaction_token, parent_job_id, message_id, total_steps, created_at,
-                              upload_limit, private)
-            SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-            WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ? AND guild_id IS ?)
-              AND (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
-                   AND status IN ('queued', 'running')) < ?
-              AND (SELECT count(*) FROM jobs WHERE guild_id IS ? AND status IN ('queued', 'running')) < ?
-              AND (? = 0 OR NOT EXISTS (SELECT 1 FROM jobs WHERE user_id = ? AND guild_id IS ?
-                                        AND created_at > ?))
-              AND (? = 0 OR (SELECT count(*) FROM jobs WHERE user_id = ? AND guild_id IS ?
-                             AND created_at > ?) < ?)
-            RETURNING *
-            """,
-            job.request_json, job.guild_id, job.channel_id, job.user_id, job.application_id,
-            job.interaction_id, job.interaction_token, job.parent_job_id, job.message_id,
-            job.total_steps, now, job.upload_limit, int(job.private),
-            *member,
-            *member, max_per_user,
-            job.guild_id, max_queue_length,
-            cooldown_s, *member, now - cooldown_s,
-            daily_quota, *member, now - DAY_S, daily_quota,
-        )
+            ENQUEUE, **given, created_at=now, private=int(job.private), max_per_user=max_per_user,
+            max_queue=max_queue_length, cooldown_s=cooldown_s, cooldown_since=now - cooldown_s,
+            daily_quota=daily_quota, day_since=now - DAY_S)
         if row is not None:
             return row
         raise await self._which_limit(job, max_per_user, max_queue_length, cooldown_s, daily_quota, now)
@@ -275,3 +256,32 @@ REQUEST_CANCEL = (
 GET = select(jobs).where(_job)
 GET_BY_INTERACTION = select(jobs).where(jobs.c.interaction_id == bindparam("interaction_id"))
 COUNT = select(func.count()).select_from(jobs)
+
+# Enqueue: one INSERT … SELECT that checks every limit as it inserts, so the limits hold under races.
+NEW_JOB_COLUMNS = ("request_json", "guild_id", "channel_id", "user_id", "application_id", "interaction_id",
+                   "interaction_token", "parent_job_id", "message_id", "total_steps", "upload_limit",
+                   "created_at", "private")  # the last two are not NewJob's own
+_others = jobs.alias("others")
+_theirs = and_(_others.c.user_id == bindparam("user_id"),
+               _others.c.guild_id.is_not_distinct_from(bindparam("guild_id")))
+
+
+def _count(*where: ColumnElement[bool]) -> ScalarSelect:
+    return select(func.count()).select_from(_others).where(*where).scalar_subquery()
+
+
+ENQUEUE = insert(jobs).from_select(
+    NEW_JOB_COLUMNS,
+    select(*(bindparam(name, type_=jobs.c[name].type) for name in NEW_JOB_COLUMNS)).where(
+        ~exists().where(blocks.c.user_id == bindparam("user_id"),
+                        blocks.c.guild_id.is_not_distinct_from(bindparam("guild_id"))),
+        _count(_theirs, one_of(_others.c.status, *ACTIVE)) < bindparam("max_per_user", type_=Integer),
+        _count(_others.c.guild_id.is_not_distinct_from(bindparam("guild_id")),
+               one_of(_others.c.status, *ACTIVE)) < bindparam("max_queue", type_=Integer),
+        or_(bindparam("cooldown_s", type_=Integer) == 0,
+            ~exists().where(_theirs, _others.c.created_at > bindparam("cooldown_since", type_=Double))),
+        or_(bindparam("daily_quota", type_=Integer) == 0,
+            _count(_theirs, _others.c.created_at > bindparam("day_since", type_=Double))
+            < bindparam("daily_quota", type_=Integer)),
+    ),
+).returning(*jobs.c)
