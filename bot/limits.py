@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from discord import app_commands
+from pydantic import ValidationError
 
 from bot.terms import contains_blocked_term, unmatchable
 from engine.memory import MemoryBudget
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, describe_validation_error
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -169,46 +170,26 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
+def size_problem(width: int, height: int) -> str | None:
+    """What the engine's request rules say against this size (multiples of 16, 64 to 4096); None if
+    none."""
+    try:
+        GenerationRequest(prompt="size", width=width, height=height)
+    except ValidationError as error:
+        return describe_validation_error(error)
+    return None
+
+
 def size_fits(width: int, height: int, limits: GuildLimits, budget: MemoryBudget | None) -> bool:
-    """Within the server's max_pixels and what the engine's memory can hold (at default settings)."""
-    return width * height <= limits.max_pixels and check_memory(
+    """A size the engine takes, within the server's max_pixels and what the engine's memory can hold
+    (at default settings)."""
+    return size_problem(width, height) is None and width * height <= limits.max_pixels and check_memory(
         budget, GenerationRequest(prompt="size", width=width, height=height)) is None
 
 
 def sizes_that_fit(limits: GuildLimits, budget: MemoryBudget | None) -> list[app_commands.Choice[str]]:
     """The preset sizes a request may have on this server, on this engine."""
     return [choice for choice in SIZES if size_fits(*parse_size(choice.value), limits, budget)]  # type: ignore[misc]
-
-
-def size_choices(limits: GuildLimits, budget: MemoryBudget | None,
-                 current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete for a size: the presets that fit this server and the GPU, and the member's own
-    size if it does."""
-    offered = [choice for choice in sizes_that_fit(limits, budget)
-               if current.casefold() in choice.name.casefold()]
-    typed = parse_size(current)
-    if typed and size_fits(*typed, limits, budget):
-        value = f"{typed[0]}x{typed[1]}"
-        if value not in [choice.value for choice in SIZES]:
-            offered.insert(0, app_commands.Choice(name=f"{typed[0]}×{typed[1]}", value=value))
-    return offered[:25]
-
-
-def step_choices(limits: GuildLimits, default_steps: int,
-                 current: int | str) -> list[app_commands.Choice[int]]:
-    """Autocomplete for steps: counts within this server's max_steps, the default marked."""
-    default = min(default_steps, limits.max_steps)
-    counts = sorted({default, limits.max_steps, *(n for n in STEP_CHOICES if n <= limits.max_steps)})
-    typed = str(current).strip()
-    return [app_commands.Choice(name=f"{n} steps" + (" (the default)" if n == default else "") +
-                                (" (this server's most)" if n == limits.max_steps else ""), value=n)
-            for n in counts if str(n).startswith(typed)][:25]
-
-
-def model_choices(installed: list[str], current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete for a model: the installed presets whose name holds what the member typed."""
-    return [app_commands.Choice(name=name, value=name) for name in installed
-            if current.casefold() in name.casefold()][:25]
 
 
 def memory_budget(settings: Settings) -> MemoryBudget | None:

@@ -224,12 +224,12 @@ class Publisher:
     async def finished(self, job: Job, note: str | None = None) -> bool:
         """Show a finished job's final state; returns whether Discord accepted it."""
         await self._quiet_progress(job.id)
-        prompt = quote(_prompt_of(job))
+        request = _stored_request(job)
+        prompt = quote(request.prompt if request else _raw_prompt(job))
         # A stored request today's rules refuse gets no buttons: they would make it again.
         status = "stopped" if job.stopped_by_someone_else else job.status
-        view = job_view(job.id, status) if _readable(job) else None
-        if job.status == "done" and job.output_path:
-            request = GenerationRequest.stored(job.request_json)  # it ran, so it is valid
+        view = job_view(job.id, status) if request else None
+        if job.status == "done" and job.output_path and request:  # it ran, so it is valid
             files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
             content = self._content(f"✅ **{prompt}** — {request.steps} steps in "
@@ -430,20 +430,17 @@ def _final_files(path: Path, limit: int) -> tuple[list[discord.File], str]:
             " (a JPEG: the PNG is over this server's upload limit)")
 
 
-def _readable(job: Job) -> bool:
+def _stored_request(job: Job) -> GenerationRequest | None:
+    """The job's request, or None if today's rules no longer accept the stored one."""
     try:
-        GenerationRequest.stored(job.request_json)
-        return True
+        return GenerationRequest.stored(job.request_json)
     except ValidationError:
-        return False
+        return None
 
 
-def _prompt_of(job: Job) -> str:
-    """The job's prompt, even from a stored request that today's rules no longer accept."""
+def _raw_prompt(job: Job) -> str:
+    """The prompt of a stored request that today's rules no longer accept."""
     try:
-        return GenerationRequest.stored(job.request_json).prompt
-    except ValidationError:
-        try:
-            return str(json.loads(job.request_json).get("prompt") or "(no prompt)")
-        except (ValueError, AttributeError):
-            return "(an unreadable request)"
+        return str(json.loads(job.request_json).get("prompt") or "(no prompt)")
+    except (ValueError, AttributeError):
+        return "(an unreadable request)"

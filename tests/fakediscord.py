@@ -1519,7 +1519,7 @@ class FakeDiscord:
             for c, child in enumerate(children):
                 where = f"components.{r}.components.{c}"
                 custom_id = child.get("custom_id")
-                if (child.get("style") != 5 and child.get("type") == 2) or child.get("type") != 2:
+                if not (child.get("type") == 2 and child.get("style") == 5):  # a link button has a url
                     if not custom_id or len(custom_id) > MAX_CUSTOM_ID:
                         raise _form_error(f"{where}.custom_id", "BASE_TYPE_BAD_LENGTH",
                                           f"Must be between 1 and {MAX_CUSTOM_ID} in length.")

@@ -67,6 +67,7 @@ async def test_size_and_steps_offer_only_what_this_server_allows(fake: FakeDisco
         assert await choices(fake, {"size": "portrait"}, "size") == []  # 384×512 is over the limit
         assert await choices(fake, {"size": "320 x 192"}, "size") == ["320x192"]  # the member's own
         assert await choices(fake, {"size": "1024x1024"}, "size") == []
+        assert await choices(fake, {"size": "100x100"}, "size") == []  # no size the engine takes
         assert await choices(fake, {"steps": ""}, "steps") == [2, 50, 100, 200, 250]
         assert await choices(fake, {"steps": "2"}, "steps") == [2, 200, 250]
 
@@ -113,6 +114,9 @@ async def test_settings_fill_in_the_options_a_member_leaves_out(fake: FakeDiscor
         too_big = await command(fake, "settings", {"size": "4096x4096"}, user=member)
         assert "does not fit this server's limit" in too_big["content"]
         assert "Nothing was changed" in too_big["content"]
+        odd = await command(fake, "settings", {"size": "100x8192"}, user=member)
+        assert "Size: width: must be a multiple of 16 (got 100); height: must be from 64 to 4096 (got " \
+            "8192)." in odd["content"]
         saved = await command(fake, "settings", {"size": "80 x 64", "steps": 3, "style": "ink"}, user=member)
         assert "**size**: 80x64" in saved["content"] and "**steps**: 3" in saved["content"]
         helped = fields_of(await command(fake, "help", user=member))["Here, for you"]

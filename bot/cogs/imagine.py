@@ -14,10 +14,10 @@ from discord import app_commands
 from discord.ext import commands
 from pydantic import ValidationError
 
-from bot import init_images, jobs, views
+from bot import init_images, jobs, options, views
 from bot.checks import guild_limits, missing_channel_permissions, refused_where
 from bot.errors import answer_unexpected
-from bot.limits import check_memory, check_request, model_choices, parse_size, size_choices, step_choices
+from bot.limits import check_memory, check_request, parse_size
 from bot.publisher import quote, recipe_embed
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
@@ -72,21 +72,9 @@ class Imagine(commands.Cog):
                           private=private if private is not None else mine.get("private", False),
                           defaults_used=mine)
 
-    @imagine.autocomplete("size")
-    async def _size_choices(self, interaction: discord.Interaction,
-                            current: str) -> list[app_commands.Choice[str]]:
-        return size_choices(await guild_limits(self.bot, interaction.guild_id), self.bot.memory, current)
-
-    @imagine.autocomplete("steps")
-    async def _steps_choices(self, interaction: discord.Interaction,
-                             current: int | str) -> list[app_commands.Choice[int]]:
-        return step_choices(await guild_limits(self.bot, interaction.guild_id),
-                            self.bot.settings.default_steps, current)
-
-    @imagine.autocomplete("model")
-    async def _model_choices(self, interaction: discord.Interaction,
-                             current: str) -> list[app_commands.Choice[str]]:
-        return model_choices(self.bot.installed_models(), current)
+    imagine.autocomplete("size")(options.size_choices)
+    imagine.autocomplete("steps")(options.step_choices)
+    imagine.autocomplete("model")(options.model_choices)
 
     # --- one way in for every new job: the command and the re-roll/continue buttons --------------
 

@@ -9,8 +9,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import options
 from bot.checks import guild_limits
-from bot.limits import model_choices, parse_size, size_choices, size_fits, step_choices
+from bot.limits import parse_size, size_fits, size_problem
 from bot.publisher import quote
 from bot.terms import contains_blocked_term
 
@@ -58,14 +59,19 @@ class MemberSettings(commands.Cog):
         await interaction.response.send_message(
             ("Saved. " if changed else "") + self.describe(values, limits), ephemeral=True)
 
+    settings.autocomplete("size")(options.size_choices)
+    settings.autocomplete("steps")(options.step_choices)
+    settings.autocomplete("model")(options.model_choices)
+
     def refusal(self, interaction: discord.Interaction, limits: GuildLimits,
                 given: dict[str, Any]) -> str | None:
         """What is wrong with a default the member asks for, as they would be told at /imagine."""
         if "size" in given:
             parsed = parse_size(given["size"])
-            if parsed is None or parsed[0] % 16 or parsed[1] % 16 or min(parsed) < 64:
-                return (f"Size: {given['size']!r} is not a size I can paint; type width x height in "
-                        "multiples of 16 from 64, e.g. 512x384.")
+            if parsed is None:
+                return f"Size: {given['size']!r} is not a size; type width x height in pixels, e.g. 512x384."
+            if problem := size_problem(*parsed):
+                return f"Size: {problem}."
             if not size_fits(*parsed, limits, self.bot.memory):
                 return (f"Size: {parsed[0]}×{parsed[1]} does not fit this server's limit of "
                         f"{limits.max_pixels:,} pixels or this bot's GPU; pick one of the offered sizes.")
@@ -92,22 +98,6 @@ class MemberSettings(commands.Cog):
         }
         lines = "\n".join(f"**{name}**: {value}" for name, value in shown.items())
         return f"Your defaults for /imagine here (options you type win over them):\n{lines}"
-
-    @settings.autocomplete("size")
-    async def _size_choices(self, interaction: discord.Interaction,
-                            current: str) -> list[app_commands.Choice[str]]:
-        return size_choices(await guild_limits(self.bot, interaction.guild_id), self.bot.memory, current)
-
-    @settings.autocomplete("steps")
-    async def _steps_choices(self, interaction: discord.Interaction,
-                             current: int | str) -> list[app_commands.Choice[int]]:
-        return step_choices(await guild_limits(self.bot, interaction.guild_id),
-                            self.bot.settings.default_steps, current)
-
-    @settings.autocomplete("model")
-    async def _model_choices(self, interaction: discord.Interaction,
-                             current: str) -> list[app_commands.Choice[str]]:
-        return model_choices(self.bot.installed_models(), current)
 
 
 async def setup(bot: ImagineBot) -> None:

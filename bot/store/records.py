@@ -71,10 +71,6 @@ class Job:
     dm_message_id: int | None = None
 
     @property
-    def remaining_steps(self) -> int:
-        return max(0, self.total_steps - self.step)
-
-    @property
     def stopped_by_someone_else(self) -> bool:
         """Cancelled by a moderator (or by blocking its member), not by the member who asked."""
         return self.status == "cancelled" and self.cancelled_by not in (None, self.user_id)
