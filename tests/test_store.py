@@ -313,7 +313,8 @@ async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None
 
 async def test_the_eta_reads_the_latest_speeds_through_an_index_not_a_sort(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
-    async with store.db.execute(f"EXPLAIN QUERY PLAN {RECENT_SPEEDS}", (20,)) as cursor:
+    speeds = statements.prepare(RECENT_SPEEDS, statements.SQLITE)
+    async with store.db.execute(f"EXPLAIN QUERY PLAN {speeds.sql}", speeds.params({"sample": 20})) as cursor:
         plan = " ".join(row[-1] for row in await cursor.fetchall())
     assert "USING INDEX jobs_by_speed" in plan and "TEMP B-TREE" not in plan
     await store.close()

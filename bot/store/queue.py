@@ -10,61 +10,36 @@ from __future__ import annotations
 import statistics
 import time
 
-from sqlalchemy import Double, Integer, and_, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Double,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import ScalarSelect
+from sqlalchemy.sql.selectable import ScalarSelect, TableClause
 
 from bot.store.moderation import ModerationStore
 from bot.store.records import DAY_S, Job, MemberUsage, NewJob, QueueFull, Speed
 from bot.store.schema import blocks, jobs
-from bot.store.statements import one_of
+from bot.store.statements import json_text, one_of
 
 ACTIVE = ("queued", "running")
 
-# The order jobs run in, fair to every server and member: round-robin across servers, then across the
-# members of a server (a member's 3rd picture waits behind other members' 1st). Each turn goes to the
-# server (and, within it, the member) served longest ago, by the start times the jobs table keeps:
-# nothing else to store, and it holds across restarts. `place` 1 is the running job; the queued jobs
-# follow in the order the claims will take them, if nothing new arrives. DM jobs take turns as one
-# more server. A job that a stop or a crash interrupted (started, then queued again) goes first: it
-# was the one running, and it resumes where it was.
-FAIR_ORDER = """
-    WITH queued AS (
-        SELECT id, status, guild_id, total_steps, step, started_at IS NOT NULL AS interrupted,
-               (SELECT max(started_at) FROM jobs AS s WHERE s.guild_id IS q.guild_id) AS server_served,
-               (SELECT max(started_at) FROM jobs AS s
-                WHERE s.guild_id IS q.guild_id AND s.user_id = q.user_id) AS member_served,
-               row_number() OVER (PARTITION BY guild_id, user_id ORDER BY id) AS member_turn
-        FROM jobs AS q WHERE status = 'queued'),
-    turns AS (
-        SELECT id, status, total_steps, step, interrupted, server_served,
-               row_number() OVER (PARTITION BY guild_id
-                                  ORDER BY member_turn, coalesce(member_served, 0), id) AS server_turn
-        FROM queued
-        UNION ALL
-        SELECT id, status, total_steps, step, 1, 0, 0 FROM jobs WHERE status = 'running'),
-    fair AS (
-        SELECT id, status, total_steps, step,
-               row_number() OVER (ORDER BY status = 'queued', NOT interrupted, server_turn,
-                                           coalesce(server_served, 0), id) AS place
-        FROM turns)
-"""
-# Every active job's place and the seconds until it is done (its own steps and those of the jobs ahead),
-# each job's steps at the speed of its size: parameters Speed.fixed, Speed.per_pixel.
-QUEUE_PLACES = f"""{FAIR_ORDER}
-    SELECT fair.id, fair.place,
-           sum(max(0, fair.total_steps - fair.step) * (? + ? * json_extract(jobs.request_json, '$.width')
-                                                           * json_extract(jobs.request_json, '$.height')))
-               OVER (ORDER BY fair.place) AS seconds
-    FROM fair JOIN jobs ON jobs.id = fair.id"""
 FINISHED = ("done", "failed", "cancelled")
-
-
-# The latest measured speeds and the pixels they were measured at, newest first (index jobs_by_speed,
-# migration 5).
-RECENT_SPEEDS = ("SELECT seconds_per_step, json_extract(request_json, '$.width') "
-                 "* json_extract(request_json, '$.height') FROM jobs WHERE seconds_per_step IS NOT NULL "
-                 "ORDER BY coalesce(finished_at, started_at) DESC LIMIT ?")
 
 
 class QueueStore(ModerationStore):
@@ -111,14 +86,7 @@ class QueueStore(ModerationStore):
 
     async def claim_next_job(self) -> Job | None:
         """Atomically move the next queued job in the fair order (FAIR_ORDER) to running."""
-        return await self._one(
-            f"""
-            UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?)
-            WHERE id = ({FAIR_ORDER} SELECT id FROM fair WHERE status = 'queued' ORDER BY place LIMIT 1)
-            RETURNING *
-            """,
-            time.time(),
-        )
+        return await self._one(CLAIM, now=time.time())
 
     async def requeue_interrupted(self) -> list[int]:
         """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a
@@ -182,20 +150,19 @@ class QueueStore(ModerationStore):
 
     async def active_jobs(self, user_id: int | None = None) -> list[Job]:
         """Running first, then queued in the order they will run: a job's place is its index here."""
-        mine = " WHERE jobs.user_id = ?" if user_id is not None else ""
-        params = (user_id,) if user_id is not None else ()
-        return await self._all(f"{FAIR_ORDER} SELECT jobs.* FROM jobs JOIN fair USING (id){mine} "
-                               "ORDER BY fair.place", *params)
+        if user_id is None:
+            return await self._all(ACTIVE_JOBS)
+        return await self._all(MEMBERS_ACTIVE_JOBS, user_id=user_id)
 
     async def recent_seconds_per_step(self, sample: int = 20) -> float | None:
         """The median measured speed of recent jobs, whatever their size; None until one has run."""
-        rows = await self._rows(RECENT_SPEEDS, (sample,))
+        rows = await self._rows(RECENT_SPEEDS, sample=sample)
         values = [row[0] for row in rows]
         return statistics.median(values) if values else None
 
     async def recent_speed(self, sample: int = 20) -> Speed | None:
         """Seconds per step as a function of pixels, from recent jobs, for ETAs; None until one has run."""
-        return Speed.fit([(row[1], row[0]) for row in await self._rows(RECENT_SPEEDS, (sample,))
+        return Speed.fit([(row[1], row[0]) for row in await self._rows(RECENT_SPEEDS, sample=sample)
                           if row[1]])
 
     async def position_and_eta(self, job_id: int) -> tuple[int, float | None]:
@@ -203,8 +170,7 @@ class QueueStore(ModerationStore):
         # Counted in SQL: a burst of /imagine asks this for every new job, and loading each whole
         # queue as Job rows made that quadratic.
         speed = await self.recent_speed()
-        rows = await self._rows(f"SELECT place, seconds FROM ({QUEUE_PLACES}) WHERE id = ?",
-                                (*Speed.params(speed), job_id))
+        rows = await self._rows(PLACE_OF, job_id=job_id, **Speed.values(speed))
         if not rows:
             return 0, None
         place, seconds = rows[0]
@@ -213,7 +179,7 @@ class QueueStore(ModerationStore):
     async def queue_places(self) -> dict[int, tuple[int, float | None]]:
         """`position_and_eta` of every active job, in one query."""
         speed = await self.recent_speed()
-        rows = await self._rows(QUEUE_PLACES, Speed.params(speed))
+        rows = await self._rows(QUEUE_PLACES, **Speed.values(speed))
         return {job_id: (place, None if speed is None else seconds) for job_id, place, seconds in rows}
 
 
@@ -285,3 +251,66 @@ ENQUEUE = insert(jobs).from_select(
             < bindparam("daily_quota", type_=Integer)),
     ),
 ).returning(*jobs.c)
+
+
+# The order jobs run in, fair to every server and member: round-robin across servers, then across the
+# members of a server (a member's 3rd picture waits behind other members' 1st). Each turn goes to the
+# server (and, within it, the member) served longest ago, by the start times the jobs table keeps:
+# nothing else to store, and it holds across restarts. `place` 1 is the running job; the queued jobs
+# follow in the order the claims will take them, if nothing new arrives. DM jobs take turns as one
+# more server. A job that a stop or a crash interrupted (started, then queued again) goes first: it
+# was the one running, and it resumes where it was.
+_q, _s = jobs.alias("q"), jobs.alias("s")
+_same_server = _s.c.guild_id.is_not_distinct_from(_q.c.guild_id)
+_queued_jobs = select(
+    _q.c.id, _q.c.status, _q.c.guild_id, _q.c.total_steps, _q.c.step,
+    _q.c.started_at.is_not(None).label("interrupted"),
+    select(func.max(_s.c.started_at)).where(_same_server).scalar_subquery().label("server_served"),
+    select(func.max(_s.c.started_at)).where(_same_server, _s.c.user_id == _q.c.user_id)
+    .scalar_subquery().label("member_served"),
+    func.row_number().over(partition_by=(_q.c.guild_id, _q.c.user_id), order_by=_q.c.id).label("member_turn"),
+).where(_q.c.status == "queued").cte("queued")
+_turns = union_all(
+    select(_queued_jobs.c.id, _queued_jobs.c.status, _queued_jobs.c.total_steps, _queued_jobs.c.step,
+           _queued_jobs.c.interrupted, _queued_jobs.c.server_served,
+           func.row_number().over(partition_by=_queued_jobs.c.guild_id, order_by=(
+               _queued_jobs.c.member_turn, func.coalesce(_queued_jobs.c.member_served, 0), _queued_jobs.c.id))
+           .label("server_turn")),
+    select(jobs.c.id, jobs.c.status, jobs.c.total_steps, jobs.c.step, true(), literal(0.0, Double),
+           literal(0, BigInteger)).where(jobs.c.status == "running"),
+).cte("turns")
+FAIR = select(
+    _turns.c.id, _turns.c.status, _turns.c.total_steps, _turns.c.step,
+    func.row_number().over(order_by=(
+        _turns.c.status == "queued", not_(_turns.c.interrupted), _turns.c.server_turn,
+        func.coalesce(_turns.c.server_served, 0), _turns.c.id)).label("place"),
+).cte("fair")
+
+NEXT = select(FAIR.c.id).where(FAIR.c.status == "queued").order_by(FAIR.c.place).limit(1).scalar_subquery()
+_now = bindparam("now", type_=Double)
+CLAIM = (update(jobs).where(jobs.c.id == NEXT)
+         .values(status="running", started_at=func.coalesce(jobs.c.started_at, _now)).returning(*jobs.c))
+ACTIVE_JOBS = select(jobs).join(FAIR, FAIR.c.id == jobs.c.id).order_by(FAIR.c.place)
+MEMBERS_ACTIVE_JOBS = ACTIVE_JOBS.where(jobs.c.user_id == bindparam("user_id"))
+
+
+def _pixels(table: TableClause) -> ColumnElement[int]:
+    return (cast(json_text(table.c.request_json, "width"), Integer)
+            * cast(json_text(table.c.request_json, "height"), Integer))
+
+
+# Every active job's place and the seconds until it is done (its own steps and those of the jobs ahead),
+# each job's steps at the speed of its size (Speed.values: fixed, per_pixel).
+_left = FAIR.c.total_steps - FAIR.c.step
+_seconds = (case((_left > 0, _left), else_=0)
+            * (bindparam("fixed", type_=Double) + bindparam("per_pixel", type_=Double) * _pixels(jobs)))
+QUEUE_PLACES = select(FAIR.c.id, FAIR.c.place,
+                      func.sum(_seconds).over(order_by=FAIR.c.place).label("seconds")
+                      ).select_from(FAIR.join(jobs, jobs.c.id == FAIR.c.id))
+_places = QUEUE_PLACES.subquery("places")
+PLACE_OF = select(_places.c.place, _places.c.seconds).where(_places.c.id == bindparam("job_id"))
+
+# The latest measured speeds and the pixels they were measured at, newest first (index jobs_by_speed).
+RECENT_SPEEDS = (select(jobs.c.seconds_per_step, _pixels(jobs)).where(jobs.c.seconds_per_step.is_not(None))
+                 .order_by(func.coalesce(jobs.c.finished_at, jobs.c.started_at).desc())
+                 .limit(bindparam("sample", type_=Integer)))

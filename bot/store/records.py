@@ -21,8 +21,9 @@ class Speed:
         return self.fixed + self.per_pixel * pixels
 
     @staticmethod
-    def params(speed: Speed | None) -> tuple[float, float]:
-        return (speed.fixed, speed.per_pixel) if speed else (0.0, 0.0)
+    def values(speed: Speed | None) -> dict[str, float]:
+        """The speed as the queue's ETA statement takes it (none yet: zeros)."""
+        return {"fixed": speed.fixed if speed else 0.0, "per_pixel": speed.per_pixel if speed else 0.0}
 
     @classmethod
     def fit(cls, measured: list[tuple[int, float]]) -> Speed | None:
