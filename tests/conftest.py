@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import discord
 import pytest
 
@@ -46,3 +48,21 @@ def postgres() -> Iterator[Postgres]:
             detail = (getattr(error, "stderr", None) or b"").decode(errors="replace")
             pytest.skip(f"no PostgreSQL server to test against: {error} {detail}".strip())
         yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Where a store lives, once for each database the bot runs on: a SQLite file's path, or a new,
+    empty database on the session's PostgreSQL server (skipped, saying why, where there is none)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "db.sqlite3")
+        return
+    server: Postgres = request.getfixturevalue("postgres")
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield server.url(name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -26,6 +26,10 @@ class Postgres:
         """An SQLAlchemy URL for the async driver the bot uses."""
         return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/{database}"
 
+    def dsn(self, database: str = "postgres") -> str:
+        """The same, as asyncpg takes it."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
 
 def postgres_bin() -> Path | None:
     """The folder with initdb and pg_ctl: on PATH, or Debian's newest version."""

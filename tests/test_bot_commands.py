@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from pathlib import Path
 
@@ -96,23 +95,6 @@ async def test_queue_limit_per_member(fake: FakeDiscord, tmp_path: Path) -> None
         refusal = fake.get_message(second.followup_ids[-1])
         assert refusal.ephemeral and "You already have 1 pictures waiting or running" in refusal.content
         assert await job_count(bot) == 1
-
-
-async def test_limits_hold_under_concurrent_enqueues(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "race.sqlite3")
-    new = NewJob(request_json="{}", channel_id=1, user_id=42, total_steps=10, guild_id=7)
-
-    async def attempt() -> bool:
-        try:
-            await store.enqueue(new, max_per_user=3, max_queue_length=100)
-            return True
-        except Exception:
-            return False
-
-    outcomes = await asyncio.gather(*(attempt() for _ in range(50)))
-    assert sum(outcomes) == 3
-    assert len(await store.active_jobs(user_id=42)) == 3
-    await store.close()
 
 
 async def test_result_buttons_and_forms_work_after_a_restart(fake: FakeDiscord, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.expression import Executable
 
-from bot.store import RECENT_SPEEDS, NewJob, Store, migrate, statements
+from bot.store import RECENT_SPEEDS, NewJob, QueueFull, Store, migrate, statements
 from bot.store import database as store_database
 from bot.store import logs as store_logs
 from bot.store import moderation as store_moderation
@@ -155,7 +155,7 @@ async def test_every_core_statement_is_valid_sql_on_sqlite_and_on_postgresql(tmp
     path = tmp_path / "db.sqlite3"
     await asyncio.to_thread(migrate.upgrade, path)
     await asyncio.to_thread(migrate.upgrade_url, postgres.url())
-    server = await asyncpg.connect(postgres.url().replace("postgresql+asyncpg", "postgresql"))
+    server = await asyncpg.connect(postgres.dsn())
     try:
         with contextlib.closing(sqlite3.connect(path)) as db:
             for name, make in statements.items():
@@ -189,8 +189,8 @@ async def test_backup_is_a_consistent_copy_that_restores(tmp_path: Path) -> None
     await restored.close()
 
 
-async def test_expired_jobs_keep_their_rows(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_expired_jobs_keep_their_rows(database: str) -> None:
+    store = await Store.open(database)
     job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
                               max_per_user=5, max_queue_length=5)
     await store.claim_next_job()
@@ -206,8 +206,8 @@ def sized(width: int, height: int) -> str:
     return json.dumps({"prompt": "p", "width": width, "height": height})
 
 
-async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(database: str) -> None:
+    store = await Store.open(database)
     jobs = [await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=user,
                                        total_steps=10), max_per_user=5, max_queue_length=5)
             for user in (1, 2, 3)]
@@ -228,8 +228,8 @@ async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(tm
     await store.close()
 
 
-async def test_etas_scale_each_jobs_steps_with_its_pixels(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_etas_scale_each_jobs_steps_with_its_pixels(database: str) -> None:
+    store = await Store.open(database)
 
     async def measured(width: int, height: int, seconds_per_step: float) -> None:
         job = await store.enqueue(NewJob(request_json=sized(width, height), channel_id=5, user_id=1,
@@ -250,8 +250,8 @@ async def test_etas_scale_each_jobs_steps_with_its_pixels(tmp_path: Path) -> Non
     await store.close()
 
 
-async def test_jobs_take_turns_across_servers_then_members(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_jobs_take_turns_across_servers_then_members(database: str) -> None:
+    store = await Store.open(database)
     alice, bob, carol, dave = 1, 2, 3, 4
     queued = [(10, alice), (10, alice), (10, alice), (10, bob), (20, carol), (None, dave)]  # in this order
     ids = {}
@@ -281,9 +281,9 @@ async def test_jobs_take_turns_across_servers_then_members(tmp_path: Path) -> No
     await store.close()
 
 
-async def test_a_job_interrupted_by_a_restart_resumes_before_the_rest(tmp_path: Path) -> None:
+async def test_a_job_interrupted_by_a_restart_resumes_before_the_rest(database: str) -> None:
     """Its own start time would otherwise make its server look served just now, and send it back."""
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store.open(database)
     for guild in (10, 20, 30):
         await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=guild, guild_id=guild,
                                    total_steps=10), max_per_user=5, max_queue_length=10)
@@ -295,8 +295,8 @@ async def test_a_job_interrupted_by_a_restart_resumes_before_the_rest(tmp_path: 
     await store.close()
 
 
-async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_server_limits_read_back_what_was_last_set(database: str) -> None:
+    store = await Store.open(database)
     assert await store.guild_limits(7) == {}
     await store.set_guild_limit(7, "max_steps", 50, actor_id=1, old_shown="1000", new_shown="50")
     limits = await store.guild_limits(7)
@@ -306,7 +306,7 @@ async def test_server_limits_read_back_what_was_last_set(tmp_path: Path) -> None
     await store.set_guild_limit(7, "max_steps", None, actor_id=1, old_shown="50", new_shown="1000")
     assert await store.guild_limits(7) == {}
     await store.close()
-    reopened = await Store.open(tmp_path / "db.sqlite3")
+    reopened = await Store.open(database)
     assert await reopened.guild_limits(7) == {}
     await reopened.close()
 
@@ -320,27 +320,27 @@ async def test_the_eta_reads_the_latest_speeds_through_an_index_not_a_sort(tmp_p
     await store.close()
 
 
-async def test_a_members_settings_changed_twice_at_once_keep_both_changes(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
+async def test_a_members_settings_changed_twice_at_once_keep_both_changes(database: str) -> None:
+    store = await Store.open(database)
     await asyncio.gather(store.update_member_defaults(1, 2, {"steps": 5}),
                          store.update_member_defaults(1, 2, {"size": "64x64"}))
     assert await store.update_member_defaults(None, 2, {"private": True}) == {"private": True}  # DMs: apart
     await store.close()
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store.open(database)
     assert await store.member_defaults(1, 2) == {"steps": 5, "size": "64x64"}
     assert await store.update_member_defaults(1, 2, {}, forget="steps") == {"size": "64x64"}
     assert await store.update_member_defaults(1, 2, {}, forget="all") == {}
     await store.close()
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store.open(database)
     assert await store.member_defaults(1, 2) == {}
     assert await store.member_defaults(None, 2) == {"private": True}
     await store.close()
 
 
-async def test_statements_compile_once_however_often_they_run(tmp_path: Path) -> None:
+async def test_statements_compile_once_however_often_they_run(database: str) -> None:
     """Every statement is a constant or comes from a cached builder: running the store's operations
     again compiles nothing new (a statement made per call would be kept, and compiled, every call)."""
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store.open(database)
 
     async def a_round(user: int) -> None:
         job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=3,
@@ -361,3 +361,20 @@ async def test_statements_compile_once_however_often_they_run(tmp_path: Path) ->
     await a_round(2)
     await store.close()
     assert len(statements._prepared) == compiled
+
+
+async def test_limits_hold_under_concurrent_enqueues(database: str) -> None:
+    store = await Store.open(database)
+    new = NewJob(request_json="{}", channel_id=1, user_id=42, total_steps=10, guild_id=7)
+
+    async def attempt() -> bool:
+        try:
+            await store.enqueue(new, max_per_user=3, max_queue_length=100)
+            return True
+        except QueueFull:
+            return False
+
+    outcomes = await asyncio.gather(*(attempt() for _ in range(50)))
+    assert sum(outcomes) == 3
+    assert len(await store.active_jobs(user_id=42)) == 3
+    await store.close()

@@ -1,5 +1,5 @@
-"""The connection to the database file: opened after its schema is brought up to date, one
-connection and lock for every statement, transactions; and the lock that keeps a second bot off it."""
+"""The connection to the database (a SQLite file, or a PostgreSQL server): opened after its schema is
+brought up to date, statements and transactions on either; and the lock that keeps a second bot off a file."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
+import asyncpg
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
 from bot.store import migrate
 from bot.store.records import Job
-from bot.store.statements import SQLITE, prepare
+from bot.store.statements import POSTGRESQL, SQLITE, prepare
 
 
 class DatabaseInUse(RuntimeError):
@@ -46,26 +47,60 @@ def only_bot_on(database_path: Path) -> Iterator[None]:
         yield
 
 
-class Database:
-    dialect: Dialect = SQLITE  # what the Core statements are compiled for (statements.py)
+Row = aiosqlite.Row | asyncpg.Record  # both read by index and by name; dict(row) gives the columns
+Run = Callable[..., Awaitable[list[Row]]]  # runs one statement: (statement, **values) -> rows
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+
+def is_postgresql(where: Path | str) -> bool:
+    """Whether DATABASE_URL names a PostgreSQL server (else it is a SQLite file's path)."""
+    return str(where).startswith(("postgresql:", "postgresql+asyncpg:", "postgres:"))
+
+
+def postgresql_urls(url: str) -> tuple[str, str]:
+    """The URL as SQLAlchemy (for Alembic) and as asyncpg (for the store) take it."""
+    rest = url.split(":", 1)[1]
+    return f"postgresql+asyncpg:{rest}", f"postgresql:{rest}"
+
+
+class Database:
+    """Every statement of the store goes through `_rows` (one statement) or `_transaction` (several that
+    land together). SQLite: one connection and a lock. PostgreSQL: a pool of connections."""
+
+    def __init__(self, db: aiosqlite.Connection | asyncpg.Pool, dialect: Dialect = SQLITE) -> None:
         self.db = db
-        # One connection serves every coroutine: each statement takes this lock, so no statement
+        self.dialect = dialect  # what the Core statements are compiled for (statements.py)
+        # SQLite: one connection serves every coroutine; each statement takes this lock, so no statement
         # can land inside another coroutine's open transaction.
         self._lock = asyncio.Lock()
 
+    @property
+    def on_postgresql(self) -> bool:
+        return self.dialect.name == "postgresql"
+
     @classmethod
-    async def open(cls, path: Path | str) -> Self:
-        """Open the database file (made if missing), its schema brought up to date first."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(migrate.upgrade, path)
-        db = await aiosqlite.connect(path, isolation_level=None)  # explicit transactions only
+    async def open(cls, where: Path | str) -> Self:
+        """Open the database, its schema brought up to date first: a SQLite file (made if missing) or a
+        PostgreSQL server's database (`postgresql://…`)."""
+        if is_postgresql(where):
+            return await cls._open_postgresql(str(where))
+        Path(where).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate.upgrade, where)
+        db = await aiosqlite.connect(where, isolation_level=None)  # explicit transactions only
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA busy_timeout = 5000")
         await db.execute("PRAGMA foreign_keys = ON")
         store = cls(db)
+        await store.load()
+        return store
+
+    @classmethod
+    async def _open_postgresql(cls, url: str) -> Self:
+        alembic_url, dsn = postgresql_urls(url)
+        await asyncio.to_thread(migrate.upgrade_url, alembic_url)
+        # Every statement is prepared once per connection and kept (the log's filters alone make 64).
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, statement_cache_size=512)
+        store = cls(pool, POSTGRESQL)
         await store.load()
         return store
 
@@ -83,36 +118,59 @@ class Database:
     async def close(self) -> None:
         await self.db.close()
 
-    async def _rows(self, sql: str | Executable, params: tuple = (), /, **values: Any) -> list[aiosqlite.Row]:
-        """Run one statement: Core (its values by name), or SQL text not yet moved to Core (its values
-        in order)."""
-        async with self._lock:
-            return await self._rows_unlocked(sql, params, **values)
+    def _text(self, statement: Executable, values: dict[str, Any]) -> tuple[str, tuple]:
+        prepared = prepare(statement, self.dialect)
+        return prepared.sql, prepared.params(values)
 
-    async def _rows_unlocked(self, sql: str | Executable, params: tuple = (), /,
-                             **values: Any) -> list[aiosqlite.Row]:
-        if not isinstance(sql, str):
-            prepared = prepare(sql, self.dialect)
-            sql, params = prepared.sql, prepared.params(values)
-        # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
-        # commands those trips are most of what each one waits for.
-        return list(await self.db.execute_fetchall(sql, params))
+    async def _rows(self, statement: Executable, /, **values: Any) -> list[Row]:
+        """Run one statement, its values by name."""
+        sql, params = self._text(statement, values)
+        if self.on_postgresql:
+            return await self.db.fetch(sql, *params)
+        async with self._lock:
+            # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
+            # commands those trips are most of what each one waits for.
+            return list(await self.db.execute_fetchall(sql, params))
+
+    async def _one_at_a_time(self, key: int, statement: Executable, /, **values: Any) -> list[Row]:
+        """Run one statement while no other with the same key runs (a limit it checks as it writes
+        holds under races). SQLite runs every statement so; PostgreSQL takes a lock on the key."""
+        if not self.on_postgresql:
+            return await self._rows(statement, **values)
+        async with self._transaction(one_at_a_time=key) as run:
+            return await run(statement, **values)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Callable[..., Awaitable[list[aiosqlite.Row]]]]:
-        """Several statements that must land together; yields the function that runs each."""
+    async def _transaction(self, *, one_at_a_time: int | None = None) -> AsyncIterator[Run]:
+        """Several statements that land together; yields the function that runs each. Transactions with
+        the same `one_at_a_time` key run one after the other (SQLite runs every one so)."""
+        if self.on_postgresql:
+            async with self.db.acquire() as connection, connection.transaction():
+                if one_at_a_time is not None:
+                    await connection.execute("SELECT pg_advisory_xact_lock($1)", one_at_a_time)
+
+                async def run(statement: Executable, /, **values: Any) -> list[Row]:
+                    sql, params = self._text(statement, values)
+                    return await connection.fetch(sql, *params)
+
+                yield run
+            return
         async with self._lock:
+            async def run_here(statement: Executable, /, **values: Any) -> list[Row]:
+                sql, params = self._text(statement, values)
+                return list(await self.db.execute_fetchall(sql, params))
+
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._rows_unlocked
+                yield run_here
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
 
-    async def _one(self, sql: str | Executable, *params: object, **values: Any) -> Job | None:
-        rows = await self._rows(sql, params, **values)
+    async def _one(self, statement: Executable, /, **values: Any) -> Job | None:
+        rows = await self._rows(statement, **values)
         return Job(**dict(rows[0])) if rows else None
 
-    async def _all(self, sql: str | Executable, *params: object, **values: Any) -> list[Job]:
-        return [Job(**dict(row)) for row in await self._rows(sql, params, **values)]
+    async def _all(self, statement: Executable, /, **values: Any) -> list[Job]:
+        return [Job(**dict(row)) for row in await self._rows(statement, **values)]

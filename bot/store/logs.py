@@ -21,6 +21,8 @@ class LogStore(Database):
 
     async def backup_to(self, target: Path | str) -> None:
         """A consistent copy of the live database through SQLite's online backup API."""
+        if self.on_postgresql:
+            raise NotImplementedError("a PostgreSQL database is backed up with its own tools (pg_dump)")
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         async with self._lock, aiosqlite.connect(target) as copy:
             await self.db.backup(copy)

@@ -9,17 +9,19 @@ import time
 from typing import Any
 
 import aiosqlite
+import asyncpg
 from sqlalchemy import bindparam, case, delete, func, select, update
+from sqlalchemy.engine import Dialect
 
 from bot.store.database import Database
 from bot.store.records import AuditEntry, Block, Job
 from bot.store.schema import audit_log, blocks, guild_limits, jobs, member_defaults
-from bot.store.statements import insert_of, one_of, upsert
+from bot.store.statements import SQLITE, insert_of, one_of, upsert
 
 
 class ModerationStore(Database):
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        super().__init__(db)
+    def __init__(self, db: aiosqlite.Connection | asyncpg.Pool, dialect: Dialect = SQLITE) -> None:
+        super().__init__(db, dialect)
         # The tables are small and this process their only writer, so a copy read at open and after
         # each change spares those reads a wait behind every other statement.
         self._guild_limits: dict[int | None, dict[str, Any]] = {}

@@ -54,12 +54,13 @@ class QueueStore(ModerationStore):
         """
         now = time.time()
         given = {name: getattr(job, name) for name in NEW_JOB_COLUMNS[:-2]}  # all but created_at, private
-        row = await self._one(
-            ENQUEUE, **given, created_at=now, private=int(job.private), max_per_user=max_per_user,
-            max_queue=max_queue_length, cooldown_s=cooldown_s, cooldown_since=now - cooldown_s,
-            daily_quota=daily_quota, day_since=now - DAY_S)
-        if row is not None:
-            return row
+        # A server's requests pass its limits one at a time (the queue's length is counted per server).
+        rows = await self._one_at_a_time(
+            job.guild_id or 0, ENQUEUE, **given, created_at=now, private=int(job.private),
+            max_per_user=max_per_user, max_queue=max_queue_length, cooldown_s=cooldown_s,
+            cooldown_since=now - cooldown_s, daily_quota=daily_quota, day_since=now - DAY_S)
+        if rows:
+            return Job(**dict(rows[0]))
         raise await self._which_limit(job, max_per_user, max_queue_length, cooldown_s, daily_quota, now)
 
     async def _which_limit(self, job: NewJob, max_per_user: int, max_queue_length: int, cooldown_s: int,
@@ -288,7 +289,8 @@ FAIR = select(
 
 NEXT = select(FAIR.c.id).where(FAIR.c.status == "queued").order_by(FAIR.c.place).limit(1).scalar_subquery()
 _now = bindparam("now", type_=Double)
-CLAIM = (update(jobs).where(jobs.c.id == NEXT)
+# `status = 'queued'` again: a claim that waited for another's row finds it taken and takes nothing.
+CLAIM = (update(jobs).where(jobs.c.id == NEXT, jobs.c.status == "queued")
          .values(status="running", started_at=func.coalesce(jobs.c.started_at, _now)).returning(*jobs.c))
 ACTIVE_JOBS = select(jobs).join(FAIR, FAIR.c.id == jobs.c.id).order_by(FAIR.c.place)
 MEMBERS_ACTIVE_JOBS = ACTIVE_JOBS.where(jobs.c.user_id == bindparam("user_id"))

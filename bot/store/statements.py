@@ -16,12 +16,14 @@ from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, Table, Text, bindparam, insert, literal_column, or_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import Executable, FunctionElement
 
 SQLITE = sqlite.dialect(paramstyle="qmark")
+POSTGRESQL = asyncpg_dialect()  # $1, $2 … as asyncpg takes them
 
 
 @dataclass(frozen=True)
