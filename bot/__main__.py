@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from bot import health
 from bot.config import Settings
-from bot.store import DatabaseInUse, Store, only_bot_on
+from bot.store import DatabaseInUse, DatabaseUnreachable, Store, only_bot_on
 from engine import weights
 
 # The bot, the engine and the checks that touch the device load torch and discord.py (seconds):
@@ -73,11 +73,12 @@ def configure_logging(settings: Settings) -> list[logging.Handler]:
     token = settings.discord_token.get_secret_value() if settings.discord_token else ""
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.addFilter(RedactSecrets([token]))
+        handler.addFilter(RedactSecrets([token, settings.database_password]))
     logging.basicConfig(level=settings.log_level, handlers=handlers, force=True)
     # aiosqlite logs every call with its parameters at DEBUG, interaction tokens among them, in a form
     # no pattern can tell from other values: its DEBUG lines never reach the log.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))  # its plugins
     return handlers
 
 
@@ -101,7 +102,8 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
     from bot.app import point_discord_at
 
     point_discord_at(settings)
-    with only_bot_on(settings.database_path) if hold_database else contextlib.nullcontext():
+    with only_bot_on(settings.database_path) if hold_database and not settings.database_url \
+            else contextlib.nullcontext():
         await _run(settings, on_start, handle_signals)
 
 
@@ -109,7 +111,7 @@ async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None
                handle_signals: bool) -> None:
     from bot.app import ImagineBot
 
-    store = await Store.open(settings.database_path)
+    store = await Store.open(settings.database)
     bot = ImagineBot(settings, store)
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -127,6 +129,10 @@ async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None
 async def backup(settings: Settings, target: Path) -> int:
     """Copy the live database to `target` with SQLite's online backup API (safe while the bot runs)."""
     source = settings.database_path
+    if settings.database_url is not None:
+        print("error: the database is PostgreSQL (DATABASE_URL); back it up with its own tools, e.g. "
+              "pg_dump --format=custom --file=PATH (deploy/README.md)", file=sys.stderr)
+        return 2
     if not source.is_file():
         print(f"error: there is no database at {source} (DATABASE_PATH); nothing to back up", file=sys.stderr)
         return 2
@@ -154,10 +160,10 @@ async def print_log(settings: Settings, guild_id: int | None, since: str | None,
     except SinceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not settings.database_path.is_file():
+    if settings.database_url is None and not settings.database_path.is_file():
         print(f"error: there is no database at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
         return 2
-    store = await Store.read_only(settings.database_path)
+    store = await Store.read_only(settings.database)
     try:
         jobs, _ = await store.generation_log(guild_id, since=since_ts, limit=EXPORT_ROWS)
     finally:
@@ -214,16 +220,19 @@ def serve(settings: Settings) -> int:
         return 2
     configure_logging(settings)
     try:
-        with only_bot_on(settings.database_path):  # first: a second bot downloads nothing either
+        # First: a second bot on the same file downloads nothing either. On PostgreSQL several
+        # processes share the database by design (leases decide who runs what).
+        on_file = settings.database_url is None
+        with only_bot_on(settings.database_path) if on_file else contextlib.nullcontext():
             try:
                 ensure_weights(settings)
             except (ValueError, weights.WeightsMissingError) as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 2
             log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
-                     settings.engine_device, settings.database_path)
+                     settings.engine_device, settings.database_shown)
             asyncio.run(run_bot(settings, hold_database=False))
-    except DatabaseInUse as error:
+    except (DatabaseInUse, DatabaseUnreachable) as error:
         log.error("not starting: %s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from bot.store.database import is_postgresql, postgresql_urls
 
 
 class Settings(BaseSettings):
@@ -23,6 +26,9 @@ class Settings(BaseSettings):
 
     # Storage
     database_path: Path = Path("data/bot.sqlite3")
+    # A PostgreSQL server instead of the file (postgresql://user:password@host:5432/name): for engine
+    # workers on several machines. A secret (it may hold a password): never logged.
+    database_url: SecretStr | None = None
     output_dir: Path = Path("outputs")
 
     # Engine
@@ -66,10 +72,17 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(10 * 2**20, ge=1024)  # rotate the log file at this size
     log_backups: int = Field(5, ge=0)  # rotated log files kept
 
-    @field_validator("log_file", mode="before")
+    @field_validator("log_file", "database_url", mode="before")
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         return None if value == "" else value  # `LOG_FILE=` would otherwise be the current folder
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not is_postgresql(value.get_secret_value()):
+            raise ValueError("must start with postgresql:// (a SQLite file is set with DATABASE_PATH)")
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -77,6 +90,26 @@ class Settings(BaseSettings):
         if not isinstance(logging.getLevelName(value.upper()), int):
             raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @property
+    def database(self) -> str | Path:
+        """Where the store lives: DATABASE_URL's server, else the DATABASE_PATH file."""
+        return self.database_url.get_secret_value() if self.database_url else self.database_path
+
+    @property
+    def database_shown(self) -> str:
+        """The database, for logs and messages: a server's URL without its password."""
+        if self.database_url is None:
+            return str(self.database_path)
+        return make_url(postgresql_urls(self.database_url.get_secret_value())[1]).render_as_string(
+            hide_password=True)
+
+    @property
+    def database_password(self) -> str:
+        """DATABASE_URL's password ("" if none), kept out of the logs like the bot token."""
+        if self.database_url is None:
+            return ""
+        return make_url(postgresql_urls(self.database_url.get_secret_value())[1]).password or ""
 
     @property
     def weight_overrides(self) -> dict[str, Path]:

@@ -6,6 +6,7 @@ is changed: the database is not migrated (the bot does that when it starts).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -16,9 +17,12 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import asyncpg
+
 from bot.config import Settings
 from bot.health import Check, report
 from bot.limits import memory_budget
+from bot.store.database import postgresql_urls
 from bot.store.migrate import HEAD, LEGACY_DONE, MIGRATIONS_DIR, revision_of
 from engine import weights
 from engine.device import GIB, describe_device
@@ -127,6 +131,8 @@ def check_memory(settings: Settings) -> Check:
 
 
 def check_database(settings: Settings) -> Check:
+    if settings.database_url is not None:
+        return check_postgresql(settings)
     path = settings.database_path
     if not path.exists():
         folder = _existing_parent(path)
@@ -142,17 +148,48 @@ def check_database(settings: Settings) -> Check:
             db.execute("ROLLBACK")
     except sqlite3.Error as error:
         return Check("database", "fail", f"{path}: {error}")
+    return _schema_check(str(path), "writable", revision, version, "python -m bot backup PATH")
+
+
+def check_postgresql(settings: Settings) -> Check:
+    """DATABASE_URL's server: reachable, and its schema's revision (read only, like the file's)."""
+    assert settings.database_url is not None
+    shown = settings.database_shown
+    try:
+        dsn = postgresql_urls(settings.database_url.get_secret_value())[1]
+        revision = asyncio.run(_postgresql_revision(dsn))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        reason = str(error).splitlines()[0] or type(error).__name__
+        return Check("database", "fail", f"{shown}: cannot connect: {reason}")
+    if revision is None:
+        return Check("database", "ok", f"{shown}: reachable, no tables yet; the bot creates them at start-up")
+    return _schema_check(shown, "reachable", revision, 0, "pg_dump")
+
+
+async def _postgresql_revision(dsn: str) -> str | None:
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        if await connection.fetchval("SELECT to_regclass('alembic_version')") is None:
+            return None
+        return await connection.fetchval("SELECT version_num FROM alembic_version")
+    finally:
+        await connection.close()
+
+
+def _schema_check(where: str, state: str, revision: str | None, version: int, backup: str) -> Check:
+    """The schema's revision against this bot's: the latest, older (upgraded at start-up) or newer."""
     if revision == HEAD:
-        return Check("database", "ok", f"{path}: writable, schema revision {revision} (the latest)")
+        return Check("database", "ok", f"{where}: {state}, schema revision {revision} (the latest)")
     if revision is None and version <= LEGACY_DONE:
         shown = f"a first release's schema version {version}" if version else "no schema yet"
     elif revision in known_revisions():
         shown = f"schema revision {revision}"
     else:
-        return Check("database", "fail", f"{path} has schema revision {revision or version}, newer than this "
-                     "bot knows: run the newer bot, or restore a backup made before the upgrade")
-    return Check("database", "warn", f"{path}: writable, {shown} of {HEAD}; the bot upgrades it at "
-                 "start-up (make a backup first: python -m bot backup PATH)")
+        return Check("database", "fail", f"{where} has schema revision {revision or version}, "
+                     "newer than this bot knows: run the newer bot, or restore a backup made before the "
+                     "upgrade")
+    return Check("database", "warn", f"{where}: {state}, {shown} of {HEAD}; the bot upgrades it at start-up "
+                 f"(make a backup first: {backup})")
 
 
 def known_revisions() -> set[str]:

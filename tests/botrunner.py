@@ -31,6 +31,11 @@ def bot_settings(fake: FakeDiscord, tmp_path: Path, **overrides: object) -> Sett
     return Settings(_env_file=None, **values)
 
 
+def on(database: str) -> dict[str, object]:
+    """bot_settings' overrides that put the store where the `database` fixture says."""
+    return {"database_url": database} if database.startswith("postgresql") else {"database_path": database}
+
+
 class BotRunner:
     """Start and stop the bot in this event loop, as `python -m bot` would run it."""
 

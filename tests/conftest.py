@@ -50,14 +50,9 @@ def postgres() -> Iterator[Postgres]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Where a store lives, once for each database the bot runs on: a SQLite file's path, or a new,
-    empty database on the session's PostgreSQL server (skipped, saying why, where there is none)."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "db.sqlite3")
-        return
-    server: Postgres = request.getfixturevalue("postgres")
+@contextlib.asynccontextmanager
+async def new_database(server: Postgres) -> AsyncIterator[str]:
+    """A new, empty database on the server, dropped afterwards; yields its URL."""
     name = f"test_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(server.dsn())
     try:
@@ -66,3 +61,14 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Where a store lives, once for each database the bot runs on: a SQLite file's path, or a new,
+    empty database on the session's PostgreSQL server (skipped, saying why, where there is none)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "db.sqlite3")
+        return
+    async with new_database(request.getfixturevalue("postgres")) as url:
+        yield url

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.botrunner import BotRunner, bot_settings, recipe_of, wait_for_reply
+from tests.botrunner import BotRunner, bot_settings, on, recipe_of, wait_for_reply
 from tests.fakediscord import FakeDiscord
 
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeDiscord,
-                                                                     tmp_path: Path) -> None:
-    async with BotRunner(bot_settings(fake, tmp_path)):
+async def test_imagine_defers_shows_progress_and_posts_the_final_png(fake: FakeDiscord, tmp_path: Path,
+                                                                     database: str) -> None:
+    """On each database the bot runs on (DATABASE_PATH's file, DATABASE_URL's PostgreSQL)."""
+    async with BotRunner(bot_settings(fake, tmp_path, **on(database))):
         interaction = await fake.send_slash_command("imagine", {"prompt": "a dog on the beach", "seed": 7})
         await fake.wait_for_response(interaction)
         assert interaction.response_type == 5  # deferred at once
@@ -66,9 +67,10 @@ async def test_two_members_jobs_run_in_order_one_at_a_time(fake: FakeDiscord, tm
     assert one.finished_at <= two.started_at  # never two at once
 
 
-async def test_queue_positions_and_cancel_by_command_and_button(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_queue_positions_and_cancel_by_command_and_button(fake: FakeDiscord, tmp_path: Path,
+                                                                database: str) -> None:
     bob = fake.add_member("bob")
-    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+    async with BotRunner(bot_settings(fake, tmp_path, **on(database))) as bot:
         long = await fake.send_slash_command("imagine", {"prompt": "long", "steps": 1000})
         await wait_for_reply(fake, long, "step")
         waiting = await fake.send_slash_command("imagine", {"prompt": "waiting"}, user=bob)

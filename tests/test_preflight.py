@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,6 +19,8 @@ from bot.store import NewJob, Store, migrate
 from engine import weights
 from engine.models import required_files
 from tests.botrunner import TOKEN
+from tests.conftest import new_database
+from tests.postgres import Postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +216,40 @@ def test_the_live_check_is_quick_because_it_loads_neither_torch_nor_discord(tmp_
                 if line.startswith("import time:")}
     assert result.returncode == 1 and "FAIL  live: no health file" in result.stdout
     assert "bot.health" in imported and not {"torch", "discord", "engine.models"} & imported
+
+
+def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postgres: Postgres, monkeypatch,
+                                                           capsys) -> None:
+    """check, log and backup with DATABASE_URL; and a server that can't be reached stops the start
+    with one clear line. The URL's password is never printed."""
+    async def made() -> None:
+        async with new_database(postgres) as url:
+            with_password = url.replace(f"{postgres.user}@", f"{postgres.user}:hunter2-pw@")
+            for key, value in admin_env(tmp_path, DATABASE_URL=with_password).items():
+                monkeypatch.setenv(key, value)
+            await asyncio.to_thread(main, ["check"])
+            (line,) = [line for line in capsys.readouterr().out.splitlines() if "database" in line]
+            assert line.startswith("OK    database: postgresql://") and "no tables yet" in line, line
+            assert "hunter2-pw" not in line and ":***@" in line
+
+            store = await Store.open(url)
+            asked = NewJob(request_json=json.dumps({"prompt": "a lighthouse"}), channel_id=5, user_id=1,
+                           guild_id=7, total_steps=3)
+            await store.enqueue(asked, max_per_user=5, max_queue_length=5)
+            await store.close()
+            assert await asyncio.to_thread(main, ["log", "--guild", "7", "--format", "jsonl"]) == 0
+            (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            assert row["prompt"] == "a lighthouse" and row["status"] == "queued"
+            assert await asyncio.to_thread(main, ["check"]) in (0, 1)
+            assert f"schema revision {migrate.HEAD} (the latest)" in capsys.readouterr().out
+            assert await asyncio.to_thread(main, ["backup", str(tmp_path / "copy")]) == 2
+            assert "pg_dump" in capsys.readouterr().err and not (tmp_path / "copy").exists()
+
+    asyncio.run(made())
+    unreachable = f"postgresql://{postgres.user}:hunter2-pw@127.0.0.1:1/nothing"
+    done = subprocess.run([sys.executable, "-m", "bot"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT),
+                               **admin_env(tmp_path, DATABASE_URL=unreachable)})
+    assert done.returncode == 2
+    assert "error: cannot use the PostgreSQL database (DATABASE_URL): " in done.stderr, done.stderr
+    assert "hunter2-pw" not in done.stdout + done.stderr

@@ -3,13 +3,14 @@ settings (moderation.py), the logs, retention and backups (logs.py), over one co
 (database.py). The tables are in schema.py, their migrations in migrations/ (migrate.py runs them).
 """
 
-from bot.store.database import Database, DatabaseInUse, only_bot_on
+from bot.store.database import Database, DatabaseInUse, DatabaseUnreachable, only_bot_on
 from bot.store.logs import LogStore
 from bot.store.queue import ACTIVE, FINISHED, RECENT_SPEEDS, QueueStore
 from bot.store.records import AuditEntry, Block, Job, MemberUsage, NewJob, QueueFull, Speed
 
-__all__ = ["ACTIVE", "FINISHED", "RECENT_SPEEDS", "AuditEntry", "Block", "Database", "DatabaseInUse", "Job",
-           "MemberUsage", "NewJob", "QueueFull", "Speed", "Store", "only_bot_on"]
+__all__ = ["ACTIVE", "FINISHED", "RECENT_SPEEDS", "AuditEntry", "Block", "Database", "DatabaseInUse",
+           "DatabaseUnreachable", "Job", "MemberUsage", "NewJob", "QueueFull", "Speed", "Store",
+           "only_bot_on"]
 
 
 class Store(QueueStore, LogStore):

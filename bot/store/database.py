@@ -14,6 +14,7 @@ from typing import Any, Self
 import aiosqlite
 import asyncpg
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
 from bot.store import migrate
@@ -23,6 +24,10 @@ from bot.store.statements import POSTGRESQL, SQLITE, prepare
 
 class DatabaseInUse(RuntimeError):
     """Another bot process runs on this database."""
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The PostgreSQL server named by DATABASE_URL refused or did not answer."""
 
 
 @contextlib.contextmanager
@@ -97,9 +102,15 @@ class Database:
     @classmethod
     async def _open_postgresql(cls, url: str) -> Self:
         alembic_url, dsn = postgresql_urls(url)
-        await asyncio.to_thread(migrate.upgrade_url, alembic_url)
-        # Every statement is prepared once per connection and kept (the log's filters alone make 64).
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, statement_cache_size=512)
+        try:
+            await asyncio.to_thread(migrate.upgrade_url, alembic_url)
+            # Every statement is prepared once per connection and kept (the log's filters alone make 64).
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, statement_cache_size=512)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DBAPIError) as error:
+            # The first line only: SQLAlchemy's message goes on with the statement and its values.
+            reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+            raise DatabaseUnreachable(f"cannot use the PostgreSQL database (DATABASE_URL): {reason}") \
+                from None
         store = cls(pool, POSTGRESQL)
         await store.load()
         return store
@@ -107,6 +118,10 @@ class Database:
     @classmethod
     async def read_only(cls, path: Path | str) -> Self:
         """For reading beside a running bot (the command line): no migration, no writes."""
+        if is_postgresql(path):
+            pool = await asyncpg.create_pool(postgresql_urls(str(path))[1], min_size=1, max_size=1,
+                                             server_settings={"default_transaction_read_only": "on"})
+            return cls(pool, POSTGRESQL)
         db = await aiosqlite.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA busy_timeout = 5000")
