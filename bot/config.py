@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -32,6 +33,12 @@ class Settings(BaseSettings):
     output_dir: Path = Path("outputs")
 
     # Engine
+    engine: bool = True  # ENGINE=off: no engine in this process (workers elsewhere: python -m bot worker)
+    # Engine workers (with DATABASE_URL): a running job's claim lasts LEASE_S unless its worker renews
+    # it; a worker that dies loses its job that long after, and another resumes it. WORKER_NAME tells
+    # workers apart (a restarted worker takes its own jobs back at once): unique per worker.
+    lease_s: float = Field(60.0, ge=3.0)
+    worker_name: str = Field(default_factory=socket.gethostname, min_length=1)
     weights_dir: Path = Path("weights")
     engine_preset: str = "vqgan-f16-16384"
     engine_clip: str = "ViT-B-32"  # or ViT-B-16, ViT-L-14, or two joined by '+' (an ensemble)
@@ -76,6 +83,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         return None if value == "" else value  # `LOG_FILE=` would otherwise be the current folder
+
+    @field_validator("worker_name", mode="before")
+    @classmethod
+    def _empty_means_this_machine(cls, value: object) -> object:
+        return socket.gethostname() if value == "" else value
 
     @field_validator("database_url")
     @classmethod

@@ -40,6 +40,7 @@ CANNOT_DM = 50007
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 DELIVERY_RETRIES_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # waits before each further try of a final post
 UNPOSTED_SWEEP_S = 900.0
+POSTING_HOLD_S = 300.0  # a final post in progress is this process's for this long (if it dies: then anyone's)
 BAN_WAIT_S = 600.0  # how long to keep quiet after a bare 429 that says nothing of when to come back
 QUEUE_REFRESH_PLACES = 10  # queued replies whose place is kept up to date (each change costs an edit)
 
@@ -222,7 +223,19 @@ class Publisher:
         self._last_sent.pop(job_id, None)
 
     async def finished(self, job: Job, note: str | None = None) -> bool:
-        """Show a finished job's final state; returns whether Discord accepted it."""
+        """Show a finished job's final state; returns whether Discord accepted it (or another process
+        posted it, or is posting it now: with several workers, a result is posted by one at a time)."""
+        if not await self.store.claim_posting(job.id, POSTING_HOLD_S, self.settings.worker_name):
+            return True
+        ok = False
+        try:
+            ok = await self._post_final(job, note)
+        finally:
+            if not ok:
+                await self.store.release_posting(job.id)
+        return ok
+
+    async def _post_final(self, job: Job, note: str | None) -> bool:
         await self._quiet_progress(job.id)
         request = _stored_request(job)
         prompt = quote(request.prompt if request else _raw_prompt(job))

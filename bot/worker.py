@@ -57,6 +57,7 @@ class EngineWorker:
         self._wake = asyncio.Event()
         self._stopping = threading.Event()  # read from the engine thread
         self._cancel_current = threading.Event()
+        self._lease_lost = threading.Event()  # the running job's lease ran out: stop, write nothing
         self._stop_requested = asyncio.Event()  # wakes the supervisor from its back-off
         self._pending: list[asyncio.Future] = []
         self.state = "starting"  # for /status and the health file: what the engine task is doing
@@ -143,17 +144,18 @@ class EngineWorker:
                       "it was stopped so that the other pictures can run")
             job = await self.store.get(job_id)
             del self._crashes_of[job_id]
-            if job is None or job.status not in ("queued", "running"):
+            if job is None or job.status != "running" or job.worker != self.settings.worker_name:
                 continue
-            finished = await self.store.finish(job_id, "failed", error=reason)
-            log.error("job %s: failed as a poison job: %s", job_id, reason)
-            self.publisher.deliver(finished)
+            finished = await self.store.finish(job, "failed", error=reason)  # under the claim it crashed in
+            if finished is not None:
+                log.error("job %s: failed as a poison job: %s", job_id, reason)
+                self.publisher.deliver(finished)
 
     # --- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self._fail_poison_jobs()
-        requeued = await self.store.requeue_interrupted()
+        requeued = await self.store.requeue_interrupted(self.settings.worker_name)
         if requeued:
             log.info("re-queued jobs interrupted by the last stop: %s", requeued)
         await self.publisher.deliver_unposted()
@@ -172,9 +174,13 @@ class EngineWorker:
             if self.paused is not None:
                 await self._wait_for_space()
                 continue
-            job = await self.store.claim_next_job()
+            if expired := await self.store.requeue_expired():
+                log.warning("re-queued jobs whose worker stopped renewing its lease: %s", expired)
+            job = await self.store.claim_next_job(self.settings.worker_name, self.settings.lease_s)
             if job is None:
-                await self._wake.wait()
+                # Woken by a new job, or after a while to look for leases that ran out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.lease_s / 2)
                 continue
             self.state = f"running job {job.id}"
             self._claimed = job  # until it is over: a crash on the way is this job's
@@ -200,8 +206,10 @@ class EngineWorker:
         png_path, state_path, checkpoint_path = self.paths(job)
         self.current = job
         self._cancel_current.clear()
+        self._lease_lost.clear()
         if job.cancel_requested:
             self._cancel_current.set()
+        heartbeat = asyncio.create_task(self._keep_lease(job), name=f"lease of job {job.id}")
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         log.info("job %s: started (step %s of %s)", job.id, job.step, job.total_steps)
@@ -223,30 +231,34 @@ class EngineWorker:
                     self._on_preview(job, info.step, info.total, speed, preview), loop))
 
             def should_stop() -> bool:
-                return self._cancel_current.is_set() or self._stopping.is_set()
+                return self._cancel_current.is_set() or self._stopping.is_set() or self._lease_lost.is_set()
 
             models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
             result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume,
                                              self.memory)
             await self._settle()
 
+            if self._lease_lost.is_set():
+                log.warning("job %s: stopped at step %s: its lease ran out and it went back to the queue, "
+                            "for whichever worker claims it next", job.id, result.state.step)
+                return
             if result.cancelled and not self._cancel_current.is_set():
                 # Shutdown: keep the exact state so the next start finishes the same image.
                 await asyncio.to_thread(output.save_state, result.state, checkpoint_path)
-                await self.store.save_progress(job.id, result.state.step, str(checkpoint_path))
-                await self.store.requeue(job.id)
+                await self.store.save_progress(job, result.state.step, str(checkpoint_path))
+                await self.store.requeue(job)
                 log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
                 return
             if result.cancelled:
-                await self.store.save_progress(job.id, result.state.step)
-                finished = await self.store.finish(job.id, "cancelled")
+                await self.store.save_progress(job, result.state.step)
+                finished = await self.store.finish(job, "cancelled")
                 checkpoint_path.unlink(missing_ok=True)  # a cancelled job never resumes
                 log.info("job %s: cancelled at step %s", job.id, result.state.step)
             else:
                 await asyncio.to_thread(self._save_result, result, png_path, state_path)
-                await self.store.save_progress(job.id, result.state.step,
+                await self.store.save_progress(job, result.state.step,
                                                seconds_per_step=result.seconds_per_step)
-                finished = await self.store.finish(job.id, "done", output_path=str(png_path),
+                finished = await self.store.finish(job, "done", output_path=str(png_path),
                                                    latent_path=str(state_path))
                 checkpoint_path.unlink(missing_ok=True)
                 log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
@@ -262,11 +274,30 @@ class EngineWorker:
                 reason = (f"{self.paused}, so its picture could not be saved. The queue waits until the "
                           "bot's admin frees some space; ask again then")
                 log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
-            finished = await self.store.finish(job.id, "failed", error=reason)  # then say it, once it is so
+            finished = await self.store.finish(job, "failed", error=reason)  # then say it, once it is so
             log.error("job %s: failed: %s", job.id, reason, exc_info=error)
         finally:
             self.current = None
+            heartbeat.cancel()
+        if finished is None:  # the lease ran out just before: the job is another claim's now
+            log.warning("job %s: its lease ran out before it finished; nothing of this run is kept", job.id)
+            return
         self.publisher.deliver(finished)  # in the background: the next job starts now
+
+    async def _keep_lease(self, job: Job) -> None:
+        """Renew the running job's lease a few times per LEASE_S. Once it is lost (this worker was cut
+        off, or stalled, long enough for another to take the job), stop the job within one step; the
+        store refuses this claim's writes anyway (fencing)."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                kept = await self.store.renew_lease(job, self.settings.lease_s)
+            except Exception as error:  # the database is unreachable: try again; the lease may still hold
+                log.warning("job %s: could not renew its lease: %s", job.id, error)
+                continue
+            if not kept:
+                self._lease_lost.set()
+                return
 
     async def _wait_for_space(self) -> None:
         """Paused: try writing every SPACE_CHECK_S where the pictures and the database go; go on once
@@ -296,7 +327,9 @@ class EngineWorker:
 
     async def _on_preview(self, job: Job, step: int, total: int, seconds_per_step: float,
                           preview: bytes | None) -> None:
-        await self.store.save_progress(job.id, step, str(self.paths(job)[2]), seconds_per_step)
+        if not await self.store.save_progress(job, step, str(self.paths(job)[2]), seconds_per_step):
+            self._lease_lost.set()  # another worker has the job now: its progress is that worker's to show
+            return
         eta = (total - step) * seconds_per_step
         self.publisher.progress(Progress(job=job, step=step, total=total, eta_s=eta, preview_jpeg=preview))
 

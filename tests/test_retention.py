@@ -22,20 +22,20 @@ async def make_job(store: Store, out: Path, days_ago: float, *, status: str = "d
                    posted: bool = True, request: GenerationRequest | None = None) -> Job:
     """A finished job with its PNG and state file (or, if not done, a checkpoint) of `size` bytes each."""
     request = request or GenerationRequest(prompt="a lighthouse", seed=1)
-    job = await store.enqueue(NewJob(request_json=request.model_dump_json(), channel_id=1, user_id=1,
-                                     total_steps=3), max_per_user=99, max_queue_length=99)
-    await store.claim_next_job()
+    await store.enqueue(NewJob(request_json=request.model_dump_json(), channel_id=1, user_id=1,
+                               total_steps=3), max_per_user=99, max_queue_length=99)
+    job = await store.claim_next_job()
     if status == "done":
         png, state = out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt"
         png.write_bytes(b"p" * size)
         state.write_bytes(b"s" * size)
-        await store.finish(job.id, "done", output_path=str(png), latent_path=str(state))
+        await store.finish(job, "done", output_path=str(png), latent_path=str(state))
     else:
         checkpoint = out / "checkpoints" / f"job-{job.id}.state.pt"
         checkpoint.parent.mkdir(exist_ok=True)
         checkpoint.write_bytes(b"c" * size)
-        await store.save_progress(job.id, 1, str(checkpoint))
-        await store.finish(job.id, status)
+        await store.save_progress(job, 1, str(checkpoint))
+        await store.finish(job, status)
     if posted:
         await store.mark_posted(job.id)
     with sqlite3.connect(store_path(out)) as db:  # as if it had finished `days_ago` days ago

@@ -191,10 +191,10 @@ async def test_backup_is_a_consistent_copy_that_restores(tmp_path: Path) -> None
 
 async def test_expired_jobs_keep_their_rows(database: str) -> None:
     store = await Store.open(database)
-    job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
-                              max_per_user=5, max_queue_length=5)
-    await store.claim_next_job()
-    await store.finish(job.id, "done", output_path="x.png", latent_path="x.state.pt")
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                        max_per_user=5, max_queue_length=5)
+    job = await store.claim_next_job()
+    await store.finish(job, "done", output_path="x.png", latent_path="x.state.pt")
     assert [j.id for j in await store.jobs_with_files()] == [job.id]
     await store.mark_expired([job.id])
     assert await store.jobs_with_files() == []
@@ -215,11 +215,11 @@ async def test_position_and_eta_count_the_running_job_then_the_queue_in_order(da
     await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=4, total_steps=10),
                         max_per_user=5, max_queue_length=5)
     # A finished job gives the speed: 0.5 s per step.
-    await store.claim_next_job()
-    await store.save_progress(jobs[0].id, 10, seconds_per_step=0.5)
-    await store.finish(jobs[0].id, "done")
-    await store.claim_next_job()  # the second job runs; 4 of its 10 steps done
-    await store.save_progress(jobs[1].id, 4)
+    first = await store.claim_next_job()
+    await store.save_progress(first, 10, seconds_per_step=0.5)
+    await store.finish(first, "done")
+    second = await store.claim_next_job()  # the second job runs; 4 of its 10 steps done
+    await store.save_progress(second, 4)
     assert await store.position_and_eta(jobs[1].id) == (1, 6 * 0.5)
     assert await store.position_and_eta(jobs[2].id) == (2, (6 + 10) * 0.5)
     assert await store.position_and_eta(jobs[0].id) == (0, None)  # finished: not in the queue
@@ -232,17 +232,17 @@ async def test_etas_scale_each_jobs_steps_with_its_pixels(database: str) -> None
     store = await Store.open(database)
 
     async def measured(width: int, height: int, seconds_per_step: float) -> None:
-        job = await store.enqueue(NewJob(request_json=sized(width, height), channel_id=5, user_id=1,
-                                         total_steps=10), max_per_user=9, max_queue_length=9)
-        await store.claim_next_job()
-        await store.save_progress(job.id, 10, seconds_per_step=seconds_per_step)
-        await store.finish(job.id, "done")
+        await store.enqueue(NewJob(request_json=sized(width, height), channel_id=5, user_id=1,
+                                   total_steps=10), max_per_user=9, max_queue_length=9)
+        job = await store.claim_next_job()
+        await store.save_progress(job, 10, seconds_per_step=seconds_per_step)
+        await store.finish(job, "done")
 
     await measured(256, 256, 1.0)  # one size so far: seconds per step taken as proportional to pixels
     big = await store.enqueue(NewJob(request_json=sized(512, 512), channel_id=5, user_id=2, total_steps=10),
                               max_per_user=9, max_queue_length=9)
     assert await store.position_and_eta(big.id) == (1, 10 * 4.0)
-    await store.finish(big.id, "cancelled")
+    await store.request_cancel(big.id, 2)
     # Two sizes: a line through them, 0.5 s fixed (CLIP on the cutouts) + a part that grows with pixels.
     await measured(512, 512, 2.5)
     speed = await store.recent_speed()
@@ -269,7 +269,7 @@ async def test_jobs_take_turns_across_servers_then_members(database: str) -> Non
         claimed.append(ids[job.id])
         # While it runs, it is place 1 and the others keep their order behind it.
         assert [ids[j.id] for j in await store.active_jobs()] == expected[len(claimed) - 1:]
-        await store.finish(job.id, "done")
+        await store.finish(job, "done")
     assert claimed == expected
 
     # A server served just now waits behind one served earlier, whoever queued first.
@@ -343,9 +343,13 @@ async def test_statements_compile_once_however_often_they_run(database: str) -> 
     store = await Store.open(database)
 
     async def a_round(user: int) -> None:
-        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=3,
-                                         guild_id=9), max_per_user=5, max_queue_length=50)
-        await store.save_progress(job.id, 1, None, 0.5)
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, total_steps=3,
+                                   guild_id=9), max_per_user=5, max_queue_length=50)
+        job = await store.claim_next_job("me", 60)
+        await store.save_progress(job, 1, None, 0.5)
+        await store.renew_lease(job, 60)
+        await store.requeue_expired()
+        await store.claim_posting(job.id, 60)
         await store.request_cancel(job.id, user)
         await store.set_guild_limit(9, "max_steps", 10 + user, 1, "old", "new")
         await store.update_member_defaults(9, user, {"steps": 5})
@@ -377,4 +381,59 @@ async def test_limits_hold_under_concurrent_enqueues(database: str) -> None:
     outcomes = await asyncio.gather(*(attempt() for _ in range(50)))
     assert sum(outcomes) == 3
     assert len(await store.active_jobs(user_id=42)) == 3
+    await store.close()
+
+
+async def test_a_worker_that_lost_its_lease_changes_nothing(database: str) -> None:
+    """Fencing: worker A stalls past its lease; the job goes back to the queue and B claims it. A's
+    progress, renewal, finish and requeue all come to nothing; B's count; the result is posted once."""
+    store = await Store.open(database)
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=10),
+                        max_per_user=5, max_queue_length=5)
+    a = await store.claim_next_job("worker-a", lease_s=0.05)
+    assert (a.worker, a.attempt) == ("worker-a", 1)
+    assert await store.save_progress(a, 3, "a.state.pt") and await store.renew_lease(a, lease_s=0.05)
+    assert await store.requeue_expired() == []  # renewed: still A's
+    await asyncio.sleep(0.1)
+    assert await store.claim_next_job("worker-b") is None  # expired, but not yet back in the queue
+    assert await store.requeue_expired() == [a.id]
+    b = await store.claim_next_job("worker-b")
+    assert (b.id, b.worker, b.attempt, b.step, b.checkpoint_path) == (a.id, "worker-b", 2, 3, "a.state.pt")
+
+    assert not await store.renew_lease(a) and not await store.save_progress(a, 9)
+    assert await store.finish(a, "done", output_path="a.png") is None
+    await store.requeue(a)
+    if store.on_postgresql:  # (on SQLite a restart is the one process's: every running job was its)
+        assert await store.requeue_interrupted("worker-a") == []  # A restarting takes nothing of B's
+    assert (await store.get(a.id)).status == "running"
+    assert await store.save_progress(b, 10)
+    done = await store.finish(b, "done", output_path="b.png")
+    assert (done.status, done.output_path, done.step) == ("done", "b.png", 10)
+    assert await store.finish(a, "failed") is None and (await store.get(a.id)).status == "done"
+
+    # Posting: one process at a time (on PostgreSQL; on SQLite there is one), and never again once posted.
+    assert await store.claim_posting(a.id, hold_s=60, by="worker-b")
+    assert await store.claim_posting(a.id, hold_s=60, by="worker-a") is not store.on_postgresql
+    assert await store.claim_posting(a.id, hold_s=60, by="worker-b")  # restarted: its own, at once
+    await store.release_posting(a.id)
+    assert await store.claim_posting(a.id, hold_s=60, by="worker-a")
+    await store.mark_posted(a.id)
+    assert not await store.claim_posting(a.id, hold_s=60, by="worker-a")
+    assert [j.id for j in await store.unposted_finished()] == []
+    await store.close()
+
+
+async def test_a_restarted_worker_takes_back_its_own_jobs_at_once(database: str) -> None:
+    """After kill -9, the same worker (by name) re-queues its job at start without waiting for the
+    lease; another worker's live job stays (on SQLite one process has the file: every job is its)."""
+    store = await Store.open(database)
+    for user in (1, 2):
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, guild_id=user,
+                                   total_steps=10), max_per_user=5, max_queue_length=5)
+    mine = await store.claim_next_job("gpu-1", lease_s=600)
+    theirs = await store.claim_next_job("gpu-2", lease_s=600)
+    requeued = await store.requeue_interrupted("gpu-1")
+    assert requeued == ([mine.id] if store.on_postgresql else [mine.id, theirs.id])
+    again = await store.claim_next_job("gpu-1")
+    assert (again.id, again.attempt) == (mine.id, 2)
     await store.close()

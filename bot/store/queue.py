@@ -12,8 +12,10 @@ import time
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Double,
     Integer,
+    Text,
     and_,
     bindparam,
     case,
@@ -38,6 +40,7 @@ from bot.store.schema import blocks, jobs
 from bot.store.statements import json_text, one_of
 
 ACTIVE = ("queued", "running")
+DEFAULT_LEASE_S = 60.0  # LEASE_S: a worker that stops renewing its claim this long loses the job
 
 FINISHED = ("done", "failed", "cancelled")
 
@@ -85,20 +88,35 @@ class QueueStore(ModerationStore):
         recent = await self._rows(MEMBERS_SINCE, user_id=user_id, guild_id=guild_id, since=now - DAY_S)
         return MemberUsage(active, [row[0] for row in recent], last)
 
-    async def claim_next_job(self) -> Job | None:
-        """Atomically move the next queued job in the fair order (FAIR_ORDER) to running."""
-        return await self._one(CLAIM, now=time.time())
+    async def claim_next_job(self, worker: str = "", lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+        """Atomically move the next queued job in the fair order (FAIR) to running, leased to `worker`
+        for `lease_s` unless renewed; the job returned carries the claim's attempt number."""
+        now = time.time()
+        return await self._one(CLAIM, now=now, worker=worker, until=now + lease_s)
 
-    async def requeue_interrupted(self) -> list[int]:
-        """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a
-        cancel was already asked for, end cancelled)."""
-        rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time())
+    async def renew_lease(self, job: Job, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        """Keep running `job` for `lease_s` more; False: the lease was lost (it ran out and the job
+        went back to the queue, or it ended), and the job is no longer this worker's."""
+        return bool(await self._rows(RENEW, job_id=job.id, attempt=job.attempt, until=time.time() + lease_s))
+
+    async def requeue_interrupted(self, worker: str = "") -> list[int]:
+        """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a cancel was
+        already asked for, end cancelled). On SQLite every running job is such (one process has the
+        file); on PostgreSQL, this worker's own (by its name) and those whose lease ran out."""
+        rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time(), every=not self.on_postgresql, me=worker)
         return sorted(row[0] for row in rows if row[1] == "queued")
 
-    async def save_progress(self, job_id: int, step: int, checkpoint_path: str | None = None,
-                            seconds_per_step: float | None = None) -> None:
-        await self._rows(SAVE_PROGRESS, job_id=job_id, step=step, checkpoint=checkpoint_path,
-                         speed=seconds_per_step)
+    async def requeue_expired(self) -> list[int]:
+        """Jobs whose worker stopped renewing its lease (killed, frozen, cut off) go back to the queue,
+        to resume from their last checkpoint wherever a worker is free."""
+        rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time(), every=False, me=None)
+        return sorted(row[0] for row in rows if row[1] == "queued")
+
+    async def save_progress(self, job: Job, step: int, checkpoint_path: str | None = None,
+                            seconds_per_step: float | None = None) -> bool:
+        """Record a running job's step (fenced: False if the claim `job` was read under is lost)."""
+        return bool(await self._rows(SAVE_PROGRESS, job_id=job.id, attempt=job.attempt, step=step,
+                                     checkpoint=checkpoint_path, speed=seconds_per_step))
 
     async def set_dm_message(self, job_id: int, message_id: int) -> None:
         await self._rows(SET_DM_MESSAGE, job_id=job_id, message_id=message_id)
@@ -110,17 +128,29 @@ class QueueStore(ModerationStore):
         """The token stopped working (expired, or its message is gone): don't keep a dead secret."""
         await self._rows(FORGET_TOKEN, job_id=job_id)
 
-    async def finish(self, job_id: int, status: str, *, output_path: str | None = None,
-                     latent_path: str | None = None, error: str | None = None) -> Job:
+    async def finish(self, job: Job, status: str, *, output_path: str | None = None,
+                     latent_path: str | None = None, error: str | None = None) -> Job | None:
+        """End a running job; None if the claim `job` was read under is lost (fenced: a worker that
+        lost its lease finishes nothing, and posts nothing)."""
         assert status in FINISHED, status
-        job = await self._one(FINISH, job_id=job_id, status=status, now=time.time(), output=output_path,
-                              latent=latent_path, error=error)
-        assert job is not None, f"job {job_id} vanished"
-        return job
+        return await self._one(FINISH, job_id=job.id, attempt=job.attempt, status=status, now=time.time(),
+                               output=output_path, latent=latent_path, error=error)
 
-    async def requeue(self, job_id: int) -> None:
-        """A running job stopped by shutdown waits for the next start."""
-        await self._rows(REQUEUE, job_id=job_id)
+    async def requeue(self, job: Job) -> None:
+        """A running job stopped by shutdown waits for the next start (fenced like `finish`)."""
+        await self._rows(REQUEUE, job_id=job.id, attempt=job.attempt)
+
+    async def claim_posting(self, job_id: int, hold_s: float, by: str = "") -> bool:
+        """Take the posting of a finished job's result for `hold_s`: False if it is posted, or another
+        process is posting it now (two processes never post one result at once). The same process
+        (`by`: WORKER_NAME), restarted, takes its own back at once; on SQLite, one process has the file."""
+        now = time.time()
+        return bool(await self._rows(CLAIM_POSTING, job_id=job_id, now=now, until=now + hold_s, by=by,
+                                     every=not self.on_postgresql))
+
+    async def release_posting(self, job_id: int) -> None:
+        """The post failed: the next try (or another process's sweep) may take it at once."""
+        await self._rows(RELEASE_POSTING, job_id=job_id)
 
     async def mark_posted(self, job_id: int) -> None:
         await self._rows(MARK_POSTED, job_id=job_id)
@@ -195,21 +225,36 @@ MEMBERS_LAST = select(func.max(jobs.c.created_at)).where(_member)
 MEMBERS_SINCE = select(jobs.c.created_at).where(_member, jobs.c.created_at > bindparam("since")).order_by(
     jobs.c.created_at)
 _cancelling = jobs.c.cancel_requested != 0
+_now = bindparam("now", type_=Double)
+_lease_over = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < _now)
 REQUEUE_INTERRUPTED = (
-    update(jobs).where(jobs.c.status == "running")
+    update(jobs)
+    .where(jobs.c.status == "running", or_(bindparam("every", type_=Boolean),
+                                           jobs.c.worker == bindparam("me", type_=Text), _lease_over))
     .values(status=case((_cancelling, "cancelled"), else_="queued"),
-            finished_at=case((_cancelling, bindparam("now")), else_=jobs.c.finished_at))
+            finished_at=case((_cancelling, _now), else_=jobs.c.finished_at), worker=None, lease_until=None)
     .returning(jobs.c.id, jobs.c.status))
-SAVE_PROGRESS = update(jobs).where(_job).values(
+# The claim a worker's write was made under still holds: the fence on every write about a running job.
+_held = and_(_job, jobs.c.attempt == bindparam("attempt", type_=Integer), jobs.c.status == "running")
+RENEW = update(jobs).where(_held).values(lease_until=bindparam("until", type_=Double)).returning(jobs.c.id)
+SAVE_PROGRESS = update(jobs).where(_held).values(
     step=bindparam("step"), checkpoint_path=func.coalesce(bindparam("checkpoint"), jobs.c.checkpoint_path),
-    seconds_per_step=func.coalesce(bindparam("speed"), jobs.c.seconds_per_step))
+    seconds_per_step=func.coalesce(bindparam("speed"), jobs.c.seconds_per_step)).returning(jobs.c.id)
 SET_MESSAGE = update(jobs).where(_job).values(message_id=bindparam("message_id"))
 SET_DM_MESSAGE = update(jobs).where(_job).values(dm_message_id=bindparam("message_id"))
 FORGET_TOKEN = update(jobs).where(_job).values(interaction_token=None)
-FINISH = update(jobs).where(_job).values(
+FINISH = update(jobs).where(_held).values(
     status=bindparam("status"), finished_at=bindparam("now"), output_path=bindparam("output"),
     latent_path=bindparam("latent"), error=bindparam("error")).returning(*jobs.c)
-REQUEUE = update(jobs).where(_job, jobs.c.status == "running").values(status="queued")
+REQUEUE = update(jobs).where(_held).values(status="queued", worker=None, lease_until=None)
+CLAIM_POSTING = (
+    update(jobs)
+    .where(_job, jobs.c.final_posted == 0,
+           or_(bindparam("every", type_=Boolean), jobs.c.posting_until.is_(None), jobs.c.posting_until < _now,
+               jobs.c.posting_by == bindparam("by", type_=Text)))
+    .values(posting_until=bindparam("until", type_=Double), posting_by=bindparam("by", type_=Text))
+    .returning(jobs.c.id))
+RELEASE_POSTING = update(jobs).where(_job).values(posting_until=None)
 MARK_POSTED = update(jobs).where(_job).values(final_posted=1)
 UNPOSTED = select(jobs).where(one_of(jobs.c.status, *FINISHED), jobs.c.final_posted == 0).order_by(jobs.c.id)
 MARK_DELETED = update(jobs).where(_job).values(deleted_at=bindparam("now"), deleted_by=bindparam("by_user"))
@@ -288,10 +333,12 @@ FAIR = select(
 ).cte("fair")
 
 NEXT = select(FAIR.c.id).where(FAIR.c.status == "queued").order_by(FAIR.c.place).limit(1).scalar_subquery()
-_now = bindparam("now", type_=Double)
 # `status = 'queued'` again: a claim that waited for another's row finds it taken and takes nothing.
 CLAIM = (update(jobs).where(jobs.c.id == NEXT, jobs.c.status == "queued")
-         .values(status="running", started_at=func.coalesce(jobs.c.started_at, _now)).returning(*jobs.c))
+         .values(status="running", started_at=func.coalesce(jobs.c.started_at, _now),
+                 attempt=jobs.c.attempt + 1, worker=bindparam("worker", type_=Text),
+                 lease_until=bindparam("until", type_=Double))
+         .returning(*jobs.c))
 ACTIVE_JOBS = select(jobs).join(FAIR, FAIR.c.id == jobs.c.id).order_by(FAIR.c.place)
 MEMBERS_ACTIVE_JOBS = ACTIVE_JOBS.where(jobs.c.user_id == bindparam("user_id"))
 

@@ -70,6 +70,11 @@ class Job:
     upload_limit: int | None = None
     private: int = 0
     dm_message_id: int | None = None
+    attempt: int = 0  # the claim this copy was read under: a worker's writes carry it (fencing)
+    worker: str | None = None
+    lease_until: float | None = None
+    posting_until: float | None = None
+    posting_by: str | None = None
 
     @property
     def stopped_by_someone_else(self) -> bool:

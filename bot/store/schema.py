@@ -64,6 +64,13 @@ jobs = Table(
     Column("upload_limit", Integer),
     Column("private", Integer, nullable=False, server_default="0"),
     Column("dm_message_id", Snowflake),
+    # Leases (migration 0003): which claim of the job this is, who holds it and until when; and until
+    # when a process is posting its result.
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("worker", Text),
+    Column("lease_until", Seconds),
+    Column("posting_until", Seconds),
+    Column("posting_by", Text),
     CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="job_status"),
     sqlite_autoincrement=True,
 )
