@@ -68,8 +68,7 @@ async def cancel_job(bot: ImagineBot, interaction: discord.Interaction, job: Job
     if cancelled.status == "cancelled":  # it was still waiting: nothing to stop
         await interaction.response.send_message(f"Cancelled job #{job.id}.", ephemeral=True)
         await bot.publisher.finished(cancelled)
-    else:
-        bot.worker.cancel(job.id)
+    else:  # the store told its engine to stop
         await interaction.response.send_message(
             f"Stopping job #{job.id} after the current step.", ephemeral=True)
 
@@ -92,8 +91,7 @@ async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> None:
     stays, marked deleted with who and when. Marked first: the publisher leaves a deleted job's
     message deleted, so a progress edit or the final post in flight cannot bring it back."""
     await bot.store.mark_deleted(job.id, actor_id)
-    if await bot.store.request_cancel(job.id, actor_id) is not None:
-        bot.worker.cancel(job.id)
+    await bot.store.request_cancel(job.id, actor_id)  # a running job's engine is told to stop
     init_image = GenerationRequest.stored(job.request_json).init_image  # its own copy (bot/init_images.py)
     for path in (job.output_path, job.latent_path, job.checkpoint_path, init_image):
         if path:

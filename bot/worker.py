@@ -97,6 +97,9 @@ class EngineWorker:
         """Run the engine loop, and after any unexpected error log it and start it again, backing off,
         so that the bot never goes on queueing work that nothing runs. A job that was running at
         POISON_CRASHES crashes fails with that reason at the restart (_fail_poison_jobs)."""
+        # New jobs and cancels reach the engine from whichever process took them (store notifications).
+        await self.store.listen("jobs", lambda _: self.notify())
+        await self.store.listen("cancels", lambda job_id: self.cancel(int(job_id)))
         in_a_row = 0
         while True:
             self._came_up = False
@@ -291,13 +294,15 @@ class EngineWorker:
         while True:
             await asyncio.sleep(self.settings.lease_s / 3)
             try:
-                kept = await self.store.renew_lease(job, self.settings.lease_s)
+                now = await self.store.renew_lease(job, self.settings.lease_s)
             except Exception as error:  # the database is unreachable: try again; the lease may still hold
                 log.warning("job %s: could not renew its lease: %s", job.id, error)
                 continue
-            if not kept:
+            if now is None:
                 self._lease_lost.set()
                 return
+            if now.cancel_requested:  # in case the cancel's notification was missed (a reconnect)
+                self._cancel_current.set()
 
     async def _wait_for_space(self) -> None:
         """Paused: try writing every SPACE_CHECK_S where the pictures and the database go; go on once

@@ -27,6 +27,7 @@ from bot.store import moderation as store_moderation
 from bot.store import queue as store_queue
 from bot.store.schema import metadata
 from bot.store.statements import SQLITE, prepare, upsert
+from tests.conftest import new_database
 from tests.postgres import Postgres
 
 POSTGRESQL = asyncpg_dialect()
@@ -437,3 +438,43 @@ async def test_a_restarted_worker_takes_back_its_own_jobs_at_once(database: str)
     again = await store.claim_next_job("gpu-1")
     assert (again.id, again.attempt) == (mine.id, 2)
     await store.close()
+
+
+async def test_new_jobs_and_cancels_reach_every_process_listening(database: str) -> None:
+    """What wakes an idle engine and stops a running job: on PostgreSQL from another process's store
+    (LISTEN/NOTIFY), on SQLite within the one process that has the file."""
+    store = await Store.open(database)
+    other = await Store.open(database) if store.on_postgresql else store
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    await other.listen("jobs", lambda payload: heard.put_nowait(("jobs", payload)))
+    await other.listen("cancels", lambda payload: heard.put_nowait(("cancels", payload)))
+
+    job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                              max_per_user=5, max_queue_length=5)
+    assert await asyncio.wait_for(heard.get(), 5) == ("jobs", "")
+    await store.claim_next_job("w")
+    await store.request_cancel(job.id, 1)
+    assert await asyncio.wait_for(heard.get(), 5) == ("cancels", str(job.id))
+    with pytest.raises(QueueFull):  # refused: nothing to wake anyone for
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                            max_per_user=0, max_queue_length=5)
+    await asyncio.sleep(0.2)
+    assert heard.empty()
+    if other is not store:
+        await other.close()
+    await store.close()
+
+
+async def test_limits_and_settings_changed_in_one_process_reach_the_others(postgres: Postgres) -> None:
+    """Several gateway processes on one PostgreSQL each keep the limits and members' settings in
+    memory; a change in one is read again by the others."""
+    async with new_database(postgres) as url:
+        first, second = await Store.open(url), await Store.open(url)
+        await first.set_guild_limit(7, "max_steps", 50, actor_id=1, old_shown="1000", new_shown="50")
+        await first.update_member_defaults(7, 2, {"steps": 5})
+        async with asyncio.timeout(5):
+            while await second.guild_limits(7) != {"max_steps": 50} or \
+                    await second.member_defaults(7, 2) != {"steps": 5}:
+                await asyncio.sleep(0.02)
+        await second.close()
+        await first.close()

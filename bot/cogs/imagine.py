@@ -160,7 +160,6 @@ class Imagine(commands.Cog):
                 return None
 
             log.info("job %s: queued by user %s in guild %s", job.id, job.user_id, job.guild_id)
-            self.bot.worker.notify()
             position, eta = await self.bot.store.position_and_eta(job.id)
             self.bot.publisher.queued(job, position, eta)  # dropped if the engine started it already
             return job

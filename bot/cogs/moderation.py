@@ -92,11 +92,9 @@ class Moderation(commands.Cog):
         if not await moderator_or_refuse(self.bot, interaction):
             return
         cancelled = await self.bot.store.block(interaction.guild_id, member.id, reason, interaction.user.id)
-        for job in cancelled:
+        for job in cancelled:  # a running one's engine was told to stop by the store
             if job.status == "cancelled":
                 await self.bot.publisher.finished(job, note="the member was blocked on this server")
-            else:
-                self.bot.worker.cancel(job.id)
         stopped = f" and cancelled {len(cancelled)} of their pictures" if cancelled else ""
         await interaction.response.send_message(f"Blocked {member.mention}{stopped}.", ephemeral=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from sqlalchemy.sql.expression import Executable
 from bot.store import migrate
 from bot.store.records import Job
 from bot.store.statements import POSTGRESQL, SQLITE, prepare
+
+log = logging.getLogger(__name__)
 
 
 class DatabaseInUse(RuntimeError):
@@ -52,6 +55,7 @@ def only_bot_on(database_path: Path) -> Iterator[None]:
         yield
 
 
+Listener = Callable[[str], None]  # called with a notification's payload
 Row = aiosqlite.Row | asyncpg.Record  # both read by index and by name; dict(row) gives the columns
 Run = Callable[..., Awaitable[list[Row]]]  # runs one statement: (statement, **values) -> rows
 
@@ -77,6 +81,8 @@ class Database:
         # SQLite: one connection serves every coroutine; each statement takes this lock, so no statement
         # can land inside another coroutine's open transaction.
         self._lock = asyncio.Lock()
+        self._listeners: dict[str, list[Listener]] = {}
+        self._listening: asyncpg.Connection | None = None  # PostgreSQL: LISTEN needs a connection of its own
 
     @property
     def on_postgresql(self) -> bool:
@@ -131,7 +137,35 @@ class Database:
         """Read what is kept in memory (at open); nothing here."""
 
     async def close(self) -> None:
+        if self._listening is not None:
+            for channel in self._listeners:
+                await self._listening.remove_listener(channel, self._heard)
+            await self.db.release(self._listening)
         await self.db.close()
+
+    # --- notifications: what one process tells the others (new jobs, cancels, changed settings) ----
+
+    async def listen(self, channel: str, listener: Listener) -> None:
+        """Call `listener` on every notification on `channel`, from any process on this database (on
+        SQLite, one process has the file: from this one)."""
+        self._listeners.setdefault(channel, []).append(listener)
+        if self.on_postgresql and len(self._listeners[channel]) == 1:
+            if self._listening is None:
+                self._listening = await self.db.acquire()  # held until close
+            await self._listening.add_listener(channel, self._heard)
+
+    def _heard(self, _connection: object, _pid: int, channel: str, payload: str) -> None:
+        for listener in self._listeners.get(channel, []):
+            try:
+                listener(payload)
+            except Exception:  # one listener's bug must not silence the others
+                log.exception("a listener on %r failed", channel)
+
+    async def _notify(self, channel: str, payload: str = "") -> None:
+        if self.on_postgresql:
+            await self.db.execute("SELECT pg_notify($1, $2)", channel, payload)
+        else:
+            self._heard(None, 0, channel, payload)
 
     def _text(self, statement: Executable, values: dict[str, Any]) -> tuple[str, tuple]:
         prepared = prepare(statement, self.dialect)

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiosqlite
@@ -22,15 +24,31 @@ from bot.store.statements import SQLITE, insert_of, one_of, upsert
 class ModerationStore(Database):
     def __init__(self, db: aiosqlite.Connection | asyncpg.Pool, dialect: Dialect = SQLITE) -> None:
         super().__init__(db, dialect)
-        # The tables are small and this process their only writer, so a copy read at open and after
-        # each change spares those reads a wait behind every other statement.
+        # The tables are small, so a copy read at open and after each change spares those reads a wait
+        # behind every other statement. Other processes' changes (PostgreSQL: several gateway processes)
+        # arrive as notifications, and the copy is read again.
         self._guild_limits: dict[int | None, dict[str, Any]] = {}
         self._member_defaults: dict[tuple[int, int], dict[str, Any]] = {}
+        self._rereads: set[asyncio.Task] = set()
 
     async def load(self) -> None:
         await super().load()
         await self._read_guild_limits()
         await self._read_member_defaults()
+        if self.on_postgresql:
+            await self.listen("limits", lambda _: self._reread(self._read_guild_limits))
+            await self.listen("member_defaults", lambda _: self._reread(self._read_member_defaults))
+
+    async def close(self) -> None:
+        for task in self._rereads:
+            task.cancel()
+        await asyncio.gather(*self._rereads, return_exceptions=True)
+        await super().close()
+
+    def _reread(self, read: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.get_running_loop().create_task(read())
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
 
     # --- moderation ------------------------------------------------------------------------------
 
@@ -68,6 +86,7 @@ class ModerationStore(Database):
                       action="limit reset" if value is None else "limit set", target=name,
                       old_value=old_shown, new_value=new_shown, created_at=time.time())
         await self._read_guild_limits()
+        await self._notify("limits")
 
     # --- members' own defaults ------------------------------------------------------------------
 
@@ -82,19 +101,22 @@ class ModerationStore(Database):
     async def update_member_defaults(self, guild_id: int | None, user_id: int, changes: dict[str, Any],
                                      forget: str | None = None) -> dict[str, Any]:
         """Merge `changes` into a member's defaults on a server, after dropping `forget` (one name, or
-        "all"); returns them. The copy in memory changes before the write awaits, so two updates at
-        once both count."""
+        "all"); returns them. Read, merged and written in one transaction, one member's at a time, so
+        two updates at once (in any processes) both count."""
         key = (guild_id or 0, user_id)
-        values = {} if forget == "all" else {k: v for k, v in self._member_defaults.get(key, {}).items()
-                                             if k != forget}
-        values.update(changes)
-        if values:
-            self._member_defaults[key] = values
-            await self._rows(SET_MEMBER(self.dialect.name), guild_id=key[0], user_id=user_id,
-                             values_json=json.dumps(values, sort_keys=True))
-        else:
-            self._member_defaults.pop(key, None)
-            await self._rows(FORGET_MEMBER, guild_id=key[0], user_id=user_id)
+        async with self._transaction(one_at_a_time=user_id) as run:
+            rows = await run(MEMBER_DEFAULTS_OF, guild_id=key[0], user_id=user_id)
+            stored = json.loads(rows[0][0]) if rows else {}
+            values = {} if forget == "all" else {k: v for k, v in stored.items() if k != forget}
+            values.update(changes)
+            if values:
+                await run(SET_MEMBER(self.dialect.name), guild_id=key[0], user_id=user_id,
+                          values_json=json.dumps(values, sort_keys=True))
+                self._member_defaults[key] = values
+            else:
+                await run(FORGET_MEMBER, guild_id=key[0], user_id=user_id)
+                self._member_defaults.pop(key, None)
+        await self._notify("member_defaults")
         return dict(values)
 
     async def block_of(self, guild_id: int | None, user_id: int) -> Block | None:
@@ -114,7 +136,11 @@ class ModerationStore(Database):
                                   now=now)
             await run(AUDIT, guild_id=guild_id, actor_id=actor_id, action="block", target=f"<@{user_id}>",
                       old_value=None, new_value=reason, created_at=now)
-        return [Job(**dict(row)) for row in cancelled]
+        jobs = [Job(**dict(row)) for row in cancelled]
+        for job in jobs:
+            if job.status == "running":
+                await self._notify("cancels", str(job.id))
+        return jobs
 
     async def unblock(self, guild_id: int, user_id: int, actor_id: int) -> bool:
         async with self._transaction() as run:
@@ -132,6 +158,8 @@ AUDIT_PAGE = (select(audit_log).where(audit_log.c.guild_id == bindparam("guild_i
 AUDIT_COUNT = select(func.count()).select_from(audit_log).where(audit_log.c.guild_id == bindparam("guild_id"))
 ALL_LIMITS = select(guild_limits)
 ALL_MEMBER_DEFAULTS = select(member_defaults)
+MEMBER_DEFAULTS_OF = select(member_defaults.c.values_json).where(
+    member_defaults.c.guild_id == bindparam("guild_id"), member_defaults.c.user_id == bindparam("user_id"))
 # Upserts are each dialect's own construct: these make them for a dialect's name.
 SET_LIMIT = functools.partial(upsert, guild_limits, ("guild_id", "name"))
 SET_MEMBER = functools.partial(upsert, member_defaults, ("guild_id", "user_id"))

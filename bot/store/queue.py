@@ -63,6 +63,7 @@ class QueueStore(ModerationStore):
             max_per_user=max_per_user, max_queue=max_queue_length, cooldown_s=cooldown_s,
             cooldown_since=now - cooldown_s, daily_quota=daily_quota, day_since=now - DAY_S)
         if rows:
+            await self._notify("jobs")  # wakes an idle engine, in this process or another
             return Job(**dict(rows[0]))
         raise await self._which_limit(job, max_per_user, max_queue_length, cooldown_s, daily_quota, now)
 
@@ -94,10 +95,10 @@ class QueueStore(ModerationStore):
         now = time.time()
         return await self._one(CLAIM, now=now, worker=worker, until=now + lease_s)
 
-    async def renew_lease(self, job: Job, lease_s: float = DEFAULT_LEASE_S) -> bool:
-        """Keep running `job` for `lease_s` more; False: the lease was lost (it ran out and the job
-        went back to the queue, or it ended), and the job is no longer this worker's."""
-        return bool(await self._rows(RENEW, job_id=job.id, attempt=job.attempt, until=time.time() + lease_s))
+    async def renew_lease(self, job: Job, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+        """Keep running `job` for `lease_s` more: the job as it is now (a cancel asked for shows), or
+        None: the lease was lost (it ran out and the job went back to the queue), it is not ours."""
+        return await self._one(RENEW, job_id=job.id, attempt=job.attempt, until=time.time() + lease_s)
 
     async def requeue_interrupted(self, worker: str = "") -> list[int]:
         """At start-up: jobs left running by a crash or a stop go back to the queue (or, if a cancel was
@@ -164,8 +165,12 @@ class QueueStore(ModerationStore):
         await self._rows(MARK_DELETED, job_id=job_id, now=time.time(), by_user=by_user)
 
     async def request_cancel(self, job_id: int, by_user: int) -> Job | None:
-        """A queued job is cancelled at once; a running one is flagged for the engine to stop."""
-        return await self._one(REQUEST_CANCEL, job_id=job_id, by_user=by_user, now=time.time())
+        """A queued job is cancelled at once; a running one is flagged, and its engine (in whichever
+        process runs it) told to stop."""
+        job = await self._one(REQUEST_CANCEL, job_id=job_id, by_user=by_user, now=time.time())
+        if job is not None and job.status == "running":
+            await self._notify("cancels", str(job.id))
+        return job
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -236,7 +241,7 @@ REQUEUE_INTERRUPTED = (
     .returning(jobs.c.id, jobs.c.status))
 # The claim a worker's write was made under still holds: the fence on every write about a running job.
 _held = and_(_job, jobs.c.attempt == bindparam("attempt", type_=Integer), jobs.c.status == "running")
-RENEW = update(jobs).where(_held).values(lease_until=bindparam("until", type_=Double)).returning(jobs.c.id)
+RENEW = update(jobs).where(_held).values(lease_until=bindparam("until", type_=Double)).returning(*jobs.c)
 SAVE_PROGRESS = update(jobs).where(_held).values(
     step=bindparam("step"), checkpoint_path=func.coalesce(bindparam("checkpoint"), jobs.c.checkpoint_path),
     seconds_per_step=func.coalesce(bindparam("speed"), jobs.c.seconds_per_step)).returning(jobs.c.id)
