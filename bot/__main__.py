@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "database, outputs; exits 1 if a check fails")
     check_command.add_argument("--live", action="store_true", help="instead, check that the running bot "
                                "and its engine are up, from the bot's health file (touches no GPU)")
+    check_command.add_argument("--worker", action="store_true", help="with --live: this machine's engine "
+                               "worker (WORKER_NAME) instead of the bot")
+    commands.add_parser("worker", help="run an engine worker: no gateway, jobs from the shared PostgreSQL "
+                        "queue (DATABASE_URL), results posted to Discord over REST")
     backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
                                          "the bot runs")
     backup_command.add_argument("path", type=Path, metavar="PATH", help="the new backup file")
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
         return 2
     if args.command == "check" and args.live:
-        return health.report([health.check_live(settings.database_path)])
+        return health.report([health.check_live(settings.database_path,
+                                                settings.worker_name if args.worker else None)])
     if args.command == "check":
         from bot import preflight
 
@@ -209,14 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(backup(settings, args.path))
     if args.command == "log":
         return asyncio.run(print_log(settings, None if args.dms else args.guild, args.since, args.format))
-    return serve(settings)
+    return serve(settings, worker=args.command == "worker")
 
 
-def serve(settings: Settings) -> int:
-    """Run the bot until SIGTERM or Ctrl-C; exit 2 at once if it cannot start."""
+def serve(settings: Settings, worker: bool = False) -> int:
+    """Run the bot (or, `worker`, an engine worker) until SIGTERM or Ctrl-C; exit 2 at once if it
+    cannot start."""
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         print("error: DISCORD_TOKEN is not set. Put DISCORD_TOKEN=<your bot token> in .env "
               "(see .env.example) or in the environment.", file=sys.stderr)
+        return 2
+    if worker and settings.database_url is None:
+        print("error: an engine worker shares the queue through PostgreSQL: set DATABASE_URL (the same as "
+              "the bot's). With the SQLite file, `python -m bot` runs the engine itself.", file=sys.stderr)
+        return 2
+    if worker and not settings.engine:
+        print("error: ENGINE=off leaves a worker nothing to do; unset it for workers", file=sys.stderr)
         return 2
     configure_logging(settings)
     try:
@@ -224,14 +237,22 @@ def serve(settings: Settings) -> int:
         # processes share the database by design (leases decide who runs what).
         on_file = settings.database_url is None
         with only_bot_on(settings.database_path) if on_file else contextlib.nullcontext():
-            try:
-                ensure_weights(settings)
-            except (ValueError, weights.WeightsMissingError) as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-            log.info("starting: preset %s, device %s, database %s", settings.engine_preset,
+            if settings.engine:
+                try:
+                    ensure_weights(settings)
+                except (ValueError, weights.WeightsMissingError) as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
+            log.info("starting %s: preset %s, device %s, database %s",
+                     f"worker {settings.worker_name}" if worker else "the bot",
+                     settings.engine_preset if settings.engine else "none (ENGINE=off)",
                      settings.engine_device, settings.database_shown)
-            asyncio.run(run_bot(settings, hold_database=False))
+            if worker:
+                from bot.worker_process import run_worker
+
+                asyncio.run(run_worker(settings))
+            else:
+                asyncio.run(run_bot(settings, hold_database=False))
     except (DatabaseInUse, DatabaseUnreachable) as error:
         log.error("not starting: %s", error)
         print(f"error: {error}", file=sys.stderr)

@@ -98,8 +98,9 @@ class ImagineBot(commands.Bot):
         except ValueError as error:  # the engine task reports it too, failing to load the models there
             log.warning("requests are not checked against the device's memory: %s", error)
             self.memory = None
+        # ENGINE=off: no engine here; workers elsewhere (python -m bot worker) take the queue's jobs.
         self.worker = EngineWorker(store, self.publisher, settings, load_models or preset_loader(settings),
-                                   self.memory)
+                                   self.memory) if settings.engine else None
         self.engine_task: asyncio.Task | None = None
         self.unposted_task: asyncio.Task | None = None
         self.health_task: asyncio.Task | None = None
@@ -111,10 +112,15 @@ class ImagineBot(commands.Bot):
             await self.load_extension(extension)
         self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
         await self.sync_commands()
-        self.engine_task = asyncio.create_task(self._run_engine(), name="engine")
+        if self.worker is not None:
+            self.engine_task = asyncio.create_task(self.worker.supervise(), name="engine")
+        else:
+            await self.publisher.deliver_unposted()  # an engine does this at its start
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")
         self.unposted_task = asyncio.create_task(self._sweep_unposted(), name="unposted results")
-        self.health_task = asyncio.create_task(self._report_health(), name="health")
+        self.health_task = asyncio.create_task(
+            health.keep_reporting(health.health_path(self.settings.database_path), self.engine_state),
+            name="health")
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:  # a guild sync shows up at once; a global one can take a while
@@ -125,26 +131,11 @@ class ImagineBot(commands.Bot):
         else:
             await self.tree.sync()
 
-    async def _run_engine(self) -> None:
-        await self.worker.supervise()
-
-    async def _report_health(self) -> None:
-        """The health file, rewritten at once when the engine's state changes, else every interval."""
-        path = health.health_path(self.settings.database_path)
-        written, last, failing = None, 0.0, False
-        while True:
-            worker = self.worker
-            now = (worker.state, worker.alive, worker.crashes)
-            if now != written or time.monotonic() - last >= health.HEALTH_INTERVAL_S:
-                try:
-                    await asyncio.to_thread(health.write, path, *now)
-                    written, last = now, time.monotonic()
-                    failing = False
-                except OSError as error:  # a full disk: the check then says the report is stale
-                    if not failing:  # once per outage, not twice a second
-                        log.warning("could not write the health file %s: %s", path, error)
-                    failing = True
-            await asyncio.sleep(0.5)
+    def engine_state(self) -> tuple[str, bool, int]:
+        """What the engine does, whether it is up, its crashes: for the health file."""
+        if self.worker is None:
+            return "off (ENGINE=off: engine workers elsewhere run the queue)", True, 0
+        return self.worker.state, self.worker.alive, self.worker.crashes
 
     async def _sweep_unposted(self) -> None:
         """Results Discord did not take (an outage longer than a delivery's retries) go out again."""
@@ -176,7 +167,8 @@ class ImagineBot(commands.Bot):
         it for the next start); then disconnect."""
         if self.submissions:  # a member saw "thinking…": their request must reach the queue
             await asyncio.wait(list(self.submissions), timeout=SUBMISSION_GRACE_S)
-        await self.worker.stop()
+        if self.worker is not None:
+            await self.worker.stop()
         if self.retention_task is not None:
             self.retention_task.cancel()
             await asyncio.gather(self.retention_task, return_exceptions=True)

@@ -8,18 +8,44 @@ that stopped updating (hung or gone), is unhealthy.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 15.0
 STALE_AFTER_S = 4 * HEALTH_INTERVAL_S
 
 
-def health_path(database_path: Path) -> Path:
+def health_path(database_path: Path, worker: str | None = None) -> Path:
+    """The bot's health file; an engine worker process (`python -m bot worker`) has its own."""
+    if worker is not None:
+        return database_path.with_name(f"worker-{worker}.health.json")
     return database_path.with_name(database_path.stem + ".health.json")
+
+
+async def keep_reporting(path: Path, state: Callable[[], tuple[str, bool, int]]) -> None:
+    """Rewrite the health file at once when the engine's `state` (what it does, alive, crashes)
+    changes, else every HEALTH_INTERVAL_S; runs until cancelled."""
+    written, last, failing = None, 0.0, False
+    while True:
+        now = state()
+        if now != written or time.monotonic() - last >= HEALTH_INTERVAL_S:
+            try:
+                await asyncio.to_thread(write, path, *now)
+                written, last = now, time.monotonic()
+                failing = False
+            except OSError as error:  # a full disk: the check then says the report is stale
+                if not failing:  # once per outage, not twice a second
+                    log.warning("could not write the health file %s: %s", path, error)
+                failing = True
+        await asyncio.sleep(0.5)
 
 
 def write(path: Path, engine_state: str, engine_alive: bool, crashes: int) -> None:
@@ -58,14 +84,14 @@ class Check:
         return f"{self.status.upper():<4}  {self.name}: {self.detail}"
 
 
-def check_live(database_path: Path) -> Check:
-    """The running bot's own report: no GPU is touched, and nothing heavy is imported (the container
-    runs this every 30 s)."""
-    path = health_path(database_path)
+def check_live(database_path: Path, worker: str | None = None) -> Check:
+    """The running bot's own report (or, with `worker`, an engine worker's): no GPU is touched, and
+    nothing heavy is imported (the container runs this every 30 s)."""
+    path = health_path(database_path, worker)
     trouble = problem(path)
     if trouble:
         return Check("live", "fail", trouble)
-    return Check("live", "ok", f"the bot and its engine are up ({path})")
+    return Check("live", "ok", f"the {'worker' if worker else 'bot'} and its engine are up ({path})")
 
 
 def report(checks: list[Check]) -> int:

@@ -14,6 +14,8 @@ from PIL import Image
 from bot.__main__ import run_bot
 from bot.app import ImagineBot
 from bot.config import Settings
+from bot.worker import EngineWorker
+from bot.worker_process import run_worker
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage
 
 # Shaped like a bot token so redaction is tested for real; it is not one.
@@ -49,7 +51,8 @@ class BotRunner:
         self.task = asyncio.create_task(run_bot(self.settings, on_start=started.set_result,
                                                 handle_signals=False))
         self.bot = await asyncio.wait_for(started, 10)
-        await asyncio.wait_for(self.bot.worker.ready.wait(), 30)
+        if self.bot.worker is not None:  # ENGINE=off: workers elsewhere
+            await asyncio.wait_for(self.bot.worker.ready.wait(), 30)
         # Every server READY named has arrived (GUILD_CREATE). on_ready itself comes discord.py's
         # guild_ready_timeout (2 s) after the last one; the bot needs nothing from it, the tests no wait.
         bot = self.bot
@@ -67,6 +70,29 @@ class BotRunner:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+class WorkerRunner:
+    """An engine worker in this event loop, as `python -m bot worker` runs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker: EngineWorker | None = None
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> EngineWorker:
+        started = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(run_worker(self.settings, on_start=started.set_result,
+                                                   handle_signals=False))
+        self.worker = await asyncio.wait_for(started, 10)
+        await asyncio.wait_for(self.worker.ready.wait(), 30)
+        return self.worker
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
 
 
 def reply(fake: FakeDiscord, interaction: FakeInteraction) -> FakeMessage | None:

@@ -253,3 +253,18 @@ def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postg
     assert done.returncode == 2
     assert "error: cannot use the PostgreSQL database (DATABASE_URL): " in done.stderr, done.stderr
     assert "hunter2-pw" not in done.stdout + done.stderr
+
+
+def test_a_worker_needs_the_shared_postgresql_queue(tmp_path: Path, monkeypatch, capsys) -> None:
+    for key, value in admin_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert main(["worker"]) == 2
+    assert "an engine worker shares the queue through PostgreSQL: set DATABASE_URL" in capsys.readouterr().err
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bot@127.0.0.1:1/bot")
+    monkeypatch.setenv("ENGINE", "off")
+    assert main(["worker"]) == 2
+    assert "ENGINE=off leaves a worker nothing to do" in capsys.readouterr().err
+    monkeypatch.setenv("DATABASE_URL", "mysql://bot@db/bot")
+    assert main(["worker"]) == 2
+    assert "invalid setting DATABASE_URL: Value error, must start with postgresql://" in \
+        capsys.readouterr().err

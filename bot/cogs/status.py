@@ -36,8 +36,11 @@ class Status(commands.Cog):
         uptime = format_duration(time.monotonic() - self.started)
         lines = [f"**vqgan-clip-bot {package_version()}** · up {uptime}"]
 
-        models = worker.models
-        if not worker.alive:
+        models = worker.models if worker is not None else None
+        if worker is None:
+            running = sum(job.status == "running" for job in active)
+            lines.append(f"Engine: in worker processes (ENGINE=off here) · {running} running now")
+        elif not worker.alive:
             lines.append(f"Engine: ⚠️ down, {worker.state} (pictures wait in the queue meanwhile)")
         elif worker.paused is not None:
             lines.append(f"Engine: ⏸️ paused, {worker.paused}: the queue waits until there is space again")
