@@ -478,3 +478,17 @@ async def test_limits_and_settings_changed_in_one_process_reach_the_others(postg
                 await asyncio.sleep(0.02)
         await second.close()
         await first.close()
+
+
+async def test_workers_claiming_at_once_each_get_a_different_job(database: str) -> None:
+    """Workers that ask at the same moment (FOR UPDATE SKIP LOCKED on PostgreSQL) each take one job,
+    the first ones in the fair order, and none comes back empty while jobs wait."""
+    store = await Store.open(database)
+    for user in range(8):
+        await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=user, guild_id=user % 4,
+                                   total_steps=3), max_per_user=5, max_queue_length=50)
+    expected = [job.id for job in await store.active_jobs()][:5]
+    claimed = await asyncio.gather(*(store.claim_next_job(f"w{n}") for n in range(5)))
+    assert None not in claimed
+    assert sorted(job.id for job in claimed) == sorted(expected)
+    await store.close()

@@ -337,7 +337,12 @@ FAIR = select(
         func.coalesce(_turns.c.server_served, 0), _turns.c.id)).label("place"),
 ).cte("fair")
 
-NEXT = select(FAIR.c.id).where(FAIR.c.status == "queued").order_by(FAIR.c.place).limit(1).scalar_subquery()
+# The first queued job in the fair order that no other worker is claiming this moment (PostgreSQL:
+# FOR UPDATE SKIP LOCKED; SQLite has one writer at a time and no such clause). The job's own status is
+# asked too: PostgreSQL checks it again on the newest row, so a job another claim took just before
+# is passed over (the fair order's copy of it is from before).
+NEXT = (select(jobs.c.id).join(FAIR, FAIR.c.id == jobs.c.id).where(jobs.c.status == "queued")
+        .order_by(FAIR.c.place).limit(1).with_for_update(skip_locked=True, of=jobs).scalar_subquery())
 # `status = 'queued'` again: a claim that waited for another's row finds it taken and takes nothing.
 CLAIM = (update(jobs).where(jobs.c.id == NEXT, jobs.c.status == "queued")
          .values(status="running", started_at=func.coalesce(jobs.c.started_at, _now),
