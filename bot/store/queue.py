@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -312,7 +313,8 @@ ENQUEUE = insert(jobs).from_select(
 # more server. A job that a stop or a crash interrupted (started, then queued again) goes first: it
 # was the one running, and it resumes where it was.
 _q, _s = jobs.alias("q"), jobs.alias("s")
-_same_server = _s.c.guild_id.is_not_distinct_from(_q.c.guild_id)
+_same_server = (func.coalesce(_s.c.guild_id, literal_column("0"))
+                == func.coalesce(_q.c.guild_id, literal_column("0")))  # DMs: server 0 (schema.SERVER)
 _queued_jobs = select(
     _q.c.id, _q.c.status, _q.c.guild_id, _q.c.total_steps, _q.c.step,
     _q.c.started_at.is_not(None).label("interrupted"),
@@ -335,7 +337,7 @@ FAIR = select(
     func.row_number().over(order_by=(
         _turns.c.status == "queued", not_(_turns.c.interrupted), _turns.c.server_turn,
         func.coalesce(_turns.c.server_served, 0), _turns.c.id)).label("place"),
-).cte("fair")
+).cte("fair").prefix_with("MATERIALIZED", dialect="postgresql")  # computed once, whatever the plan
 
 # The first queued job in the fair order that no other worker is claiming this moment (PostgreSQL:
 # FOR UPDATE SKIP LOCKED; SQLite has one writer at a time and no such clause). The job's own status is

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    literal_column,
     text,
 )
 
@@ -78,9 +79,12 @@ Index("jobs_by_status", jobs.c.status, jobs.c.id)
 Index("jobs_by_user", jobs.c.user_id, jobs.c.status)
 Index("jobs_by_finish", jobs.c.finished_at)
 Index("jobs_by_guild", jobs.c.guild_id, jobs.c.created_at)
-# The fair order asks when each server and member was last served.
-Index("jobs_served_by_server", jobs.c.guild_id, jobs.c.started_at)
-Index("jobs_served_by_member", jobs.c.guild_id, jobs.c.user_id, jobs.c.started_at)
+# The fair order asks when each server and member was last served, the DMs counting as server 0:
+# PostgreSQL has no index for `guild_id IS NOT DISTINCT FROM …` and read every job for each queued one
+# (26 ms a claim with 300 queued). Migration 0003 made them expressions.
+SERVER = func.coalesce(jobs.c.guild_id, literal_column("0"))
+Index("jobs_served_by_server", SERVER, jobs.c.started_at)
+Index("jobs_served_by_member", SERVER, jobs.c.user_id, jobs.c.started_at)
 # Every /imagine's ETA reads the latest measured speeds: an index, not a sort of the whole table.
 MEASURED = text("seconds_per_step IS NOT NULL")
 Index("jobs_by_speed", func.coalesce(jobs.c.finished_at, jobs.c.started_at),

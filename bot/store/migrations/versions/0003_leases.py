@@ -20,9 +20,15 @@ branch_labels = None
 depends_on = None
 
 SECONDS = sa.Double().with_variant(sa.REAL(), "sqlite")
+SERVED = {"jobs_served_by_server": ["started_at"], "jobs_served_by_member": ["user_id", "started_at"]}
 
 
 def upgrade() -> None:
+    # The fair order's "when was this server (member) last served", DMs as server 0: PostgreSQL can't
+    # use an index for IS NOT DISTINCT FROM, which the old ones needed.
+    for name, columns in SERVED.items():
+        op.drop_index(name, "jobs")
+        op.create_index(name, "jobs", [sa.text("coalesce(guild_id, 0)"), *columns])
     with op.batch_alter_table("jobs") as jobs:
         jobs.add_column(sa.Column("attempt", sa.Integer, nullable=False, server_default="0"))
         jobs.add_column(sa.Column("worker", sa.Text))
@@ -35,3 +41,6 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs") as jobs:
         for column in ("posting_by", "posting_until", "lease_until", "worker", "attempt"):
             jobs.drop_column(column)
+    for name, columns in SERVED.items():
+        op.drop_index(name, "jobs")
+        op.create_index(name, "jobs", ["guild_id", *columns])
