@@ -1,6 +1,7 @@
 """The bot under a burst: defer latency, enqueue rate, and what publishing progress costs the engine.
 
     .venv/bin/python -m bench.bot_latency                  # 200 members at once, then 2 x 6 pairs of jobs
+    .venv/bin/python -m bench.bot_latency --postgresql     # the burst with the store on PostgreSQL
 
 Everything runs as an admin runs it: the bot in its own process (`bench.bot_process`, which is
 `python -m bot`) with the tiny engine on the CPU, against the loopback Discord
@@ -11,7 +12,9 @@ limits raised to let all in); the engine starts on the first jobs as they land. 
 the fake's receive time of each interaction's callback request minus the moment the fake created
 the interaction (both on this process's clock; the fake's own time to send 200 events over its
 gateway is counted against the bot, so the figure is an upper bound). Enqueue rate is 200 over the
-time from the first dispatch to the insert of the 200th job row (read from the bot's SQLite file).
+time from the first dispatch to the insert of the 200th job row (read from the bot's database). With
+`--postgresql` the store lives on a throwaway PostgreSQL server (tests/postgres.py) instead of the
+SQLite file, and only the burst runs.
 The CPU seconds of the bot's event-loop thread over the burst, from /proc, say what each command
 costs it.
 
@@ -40,10 +43,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
 from bench.common import RESULTS_DIR, Results, machine
 from bot.config import Settings
 from tests.botrunner import TOKEN, wait_for_reply
 from tests.fakediscord import FakeDiscord, FakeInteraction
+from tests.postgres import running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = Settings(_env_file=None)
@@ -65,6 +71,19 @@ class BotProcess:
     fake: FakeDiscord
     pid: int
     database: Path
+    url: str | None = None  # DATABASE_URL, if the store is on PostgreSQL
+
+    async def jobs_made(self) -> tuple[int, float]:
+        """How many jobs there are, and when the last was made."""
+        query = "SELECT count(*), max(created_at) FROM jobs"
+        if self.url is not None:
+            connection = await asyncpg.connect(self.url.replace("+asyncpg", ""))
+            try:
+                return tuple(await connection.fetchrow(query))
+            finally:
+                await connection.close()
+        with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
+            return db.execute(query).fetchone()
 
     def job_row(self, interaction_id: int) -> tuple:
         with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
@@ -90,7 +109,7 @@ async def bot_process(tmp: Path, settings: dict[str, str]) -> AsyncIterator[BotP
             # One job first, not counted: models loaded, every first call's cost paid.
             await wait_for_reply(fake, await fake.send_slash_command("imagine", {"prompt": "warm-up"}), "✅",
                                  timeout=300)
-            yield BotProcess(fake, bot.pid, tmp / "bot.sqlite3")
+            yield BotProcess(fake, bot.pid, tmp / "bot.sqlite3", settings.get("DATABASE_URL"))
         except BaseException:
             print((tmp / "bot.log").read_text()[-3000:], file=sys.stderr)  # why the bot did not answer
             raise
@@ -119,8 +138,7 @@ async def burst(members: int, steps: int, engine: dict[str, str], emit) -> dict:
             # Let every command finish its reply (the queued position) before counting.
             await fake.wait_until(lambda: all(_replied(fake, i) for i in interactions), timeout=120)
             cpu_seconds = event_loop_cpu_seconds(bot.pid) - cpu_before
-            with contextlib.closing(sqlite3.connect(f"file:{bot.database}?mode=ro", uri=True)) as db:
-                count, last_created = db.execute("SELECT count(*), max(created_at) FROM jobs").fetchone()
+            count, last_created = await bot.jobs_made()
             callbacks = {r.path.split("/")[2]: r for r in fake.requests_matching(
                 "POST", r"^/interactions/\d+/[^/]+/callback$")}
             latencies = [callbacks[str(i.id)].received_at - i.dispatched_at for i in interactions]
@@ -130,7 +148,8 @@ async def burst(members: int, steps: int, engine: dict[str, str], emit) -> dict:
             created = sorted(i.dispatched_at - began for i in interactions)
             acked = sorted(callbacks[str(i.id)].received_at - began for i in interactions)
     enqueued_s = last_created - wall_minus_loop - began
-    record = {"burst_members": members, "deferred": deferred, "jobs": count - 1,  # less the warm-up
+    record = {"database": "postgresql" if "DATABASE_URL" in engine else "sqlite",
+              "burst_members": members, "deferred": deferred, "jobs": count - 1,  # less the warm-up
               "defer_p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
               "defer_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
               "defer_max_ms": round(max(latencies) * 1000, 1),
@@ -189,6 +208,16 @@ def _progress_edits(fake: FakeDiscord) -> list:
 
 async def run(args: argparse.Namespace, emit) -> None:
     engine = {"ENGINE_PRESET": args.preset, "DEFAULT_SIZE": args.size}
+    if args.postgresql:
+        with running_postgres() as server:
+            admin = await asyncpg.connect(server.dsn())
+            await admin.execute("CREATE DATABASE burst")
+            await admin.close()
+            on_postgresql = {**engine, "DATABASE_URL": server.url("burst")}
+            record = await burst(args.members, args.burst_steps, on_postgresql, emit)
+        emit({"summary": "bot_latency", **record, "machine": machine(),
+              "bars": {"defer_p99_le_100ms": record["defer_p99_ms"] <= 100}})
+        return
     emit({"benchmark": "bot_latency", "machine": machine(), "members": args.members,
           "burst_steps": args.burst_steps, "pairs": args.pairs, "steps": args.steps, **engine})
     burst_result = await burst(args.members, args.burst_steps, engine, emit)
@@ -210,6 +239,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps of each overhead job")
     parser.add_argument("--preset", default="tiny", help="engine preset; full-random for real step times")
     parser.add_argument("--size", default="64x64", help="size of every job")
+    parser.add_argument("--postgresql", action="store_true", help="the burst only, the store on PostgreSQL")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bot_latency.jsonl",
                         help="append the JSON lines here too ('-' for nowhere)")
     args = parser.parse_args()

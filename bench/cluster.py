@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.cluster                  # 3 workers, 30 jobs, kill -9 one every 20 s
     .venv/bin/python -m bench.cluster --scaling        # jobs per minute with 1, 2 and 3 workers
+    .venv/bin/python -m bench.cluster --storm          # 3 workers editing into one channel, no throttle
 
 A real PostgreSQL (initdb in a temporary folder, as the tests do), the loopback Discord in this process,
 one gateway process (`python -m bot`, ENGINE=off) and N `python -m bot worker` processes (the tiny
@@ -13,6 +14,10 @@ Figures: jobs lost, jobs finished twice (a "done" by two runs), messages with th
 job, final PNGs byte-identical to an uninterrupted run (the resumed ones among them), claim latency
 (5 workers claiming at once from a queue of 300, p50/p99), 429s Discord answered (the edit storm), and
 jobs per minute. The workers share one OUTPUT_DIR here (their checkpoints), as workers on one machine do.
+`--storm`: every job in one channel, a preview at every step, no throttle, and interaction tokens
+treated as stale after 1 s, so that every edit of every worker goes through the bot token into that
+one channel's bucket (5 edits per 5 s): what Discord answered 429 and whether each picture still
+landed once.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class Cluster:
     url: str
     steps: int
     lease_s: float
+    settings: dict[str, str] = field(default_factory=dict)
     gateway: subprocess.Popen | None = None
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     starts: collections.Counter = field(default_factory=collections.Counter)
@@ -72,7 +78,7 @@ class Cluster:
                 "DISCORD_GATEWAY_URL": self.fake.gateway_url, "DATABASE_URL": self.url,
                 "DATABASE_PATH": str(self.directory / "bot.sqlite3"),
                 "OUTPUT_DIR": str(self.directory / "outputs"), "DEFAULT_STEPS": str(self.steps),
-                "LEASE_S": str(self.lease_s), **extra}
+                "LEASE_S": str(self.lease_s), **self.settings, **extra}
 
     def _spawn(self, name: str, *command: str, **extra: str) -> subprocess.Popen:
         self.starts[name] += 1
@@ -122,18 +128,21 @@ async def until(check, timeout: float, step: float = 0.05) -> bool:
 
 
 async def run_cluster(url: str, directory: Path, *, workers: int, jobs: int, steps: int, lease_s: float,
-                      kill_every: float | None, seed: int, compare: bool = True) -> dict:
+                      kill_every: float | None, seed: int, compare: bool = True, storm: bool = False) -> dict:
     rng = random.Random(seed)
     database = await asyncpg.connect(url.replace("+asyncpg", ""))
     async with FakeDiscord(token=TOKEN) as fake:
-        cluster = Cluster(fake, directory, url, steps, lease_s)
-        servers = [fake.guild, fake.add_guild("second"), fake.add_guild("third")]
+        stormy = {"PREVIEW_EVERY": "1", "PROGRESS_INTERVAL_S": "0", "TOKEN_LIFETIME_S": "1"}
+        cluster = Cluster(fake, directory, url, steps, lease_s, stormy if storm else {})
+        servers = [fake.guild, *(fake.add_guild(name) for name in ("second", "third"))]
+        if storm:  # one channel: the first server's
+            servers = [fake.guild] * 3
         members = [fake.add_member(f"member{n}", guild=servers[n % 3]) for n in range(6)]
         cluster.start_gateway()
-        await fake.wait_ready(timeout=120)
         names = [f"w{n + 1}" for n in range(workers)]
         for name in names:
             cluster.start_worker(name)
+        await fake.wait_ready(timeout=120)
         await until(lambda: all(cluster.idle(name) for name in names), 180)
 
         async def rows() -> list[asyncpg.Record]:
@@ -202,6 +211,7 @@ def summarise(cluster: Cluster, fake: FakeDiscord, rows: list, jobs: int, settle
         "resumed_byte_identical": f"{resumed_identical}/{len(resumed)}" if compare else "not compared",
         "jobs_per_minute": round(len(done) / span * 60, 1) if finished else 0.0,
         "answered_429": dict(limited), "discord_requests": len(fake.requests),
+        "progress_edits": sum(request.method == "PATCH" for request in fake.requests),
         "seconds": round(seconds, 1), "kill_moments": cluster.kills, "machine": machine(),
     }
 
@@ -252,7 +262,10 @@ async def main_async(args: argparse.Namespace, directory: Path, server: Postgres
         return
     url = await new_database(server, "cluster")
     results.emit(await run_cluster(url, directory, workers=args.workers, jobs=args.jobs, steps=args.steps,
-                                   lease_s=args.lease_s, kill_every=args.kill_every, seed=args.seed))
+                                   lease_s=args.lease_s, kill_every=None if args.storm else args.kill_every,
+                                   seed=args.seed, storm=args.storm) | {"storm": args.storm})
+    if args.storm:
+        return
     results.emit(await claim_latency(await new_database(server, "claims")))
 
 
@@ -266,6 +279,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--scaling", action="store_true",
                         help="jobs per minute with 1, 2 and 3 workers, no kills")
+    parser.add_argument("--storm", action="store_true", help="every edit by the bot token into one channel")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "cluster.jsonl")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep the processes' logs")
     args = parser.parse_args()

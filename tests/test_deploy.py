@@ -30,11 +30,11 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions
 
 
-def unit() -> dict[str, list[tuple[str, str]]]:
-    """Sections of the systemd unit as (key, value) lists: systemd allows a key more than once."""
+def unit(name: str = "vqgan-clip-bot.service") -> dict[str, list[tuple[str, str]]]:
+    """Sections of a systemd unit as (key, value) lists: systemd allows a key more than once."""
     sections: dict[str, list[tuple[str, str]]] = {}
     current = ""
-    for line in (DEPLOY / "vqgan-clip-bot.service").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -58,7 +58,7 @@ def test_compose_reserves_the_gpu_and_keeps_data_on_volumes() -> None:
 
     mounts = dict(volume.split(":")[::-1] for volume in bot["volumes"])
     assert mounts == {"/data": "data", "/outputs": "outputs", "/weights": "weights"}
-    assert set(compose["volumes"]) == set(mounts.values())
+    assert set(compose["volumes"]) == {*mounts.values(), "postgres"}  # the last: the cluster profile's
     env = bot["environment"]
     assert set(env) <= SETTINGS
     assert Path(env["DATABASE_PATH"]).parent == Path("/data")
@@ -103,3 +103,38 @@ def test_the_systemd_unit_is_hardened_and_checks_before_starting() -> None:
     assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) >= 60
     assert "PrivateDevices" not in service  # it would hide /dev/nvidia*
     assert dict(sections["Install"])["WantedBy"] == "multi-user.target"
+
+
+def test_the_cluster_profile_adds_postgresql_and_workers_and_leaves_one_box_as_it_was() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert "profiles" not in services["bot"]  # `up` without a profile: the one-box bot, SQLite
+    assert services["postgres"]["profiles"] == services["worker"]["profiles"] == ["cluster"]
+    assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data"]
+    assert "POSTGRES_PASSWORD:?" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]  # no default
+    assert services["postgres"]["ports"][0].startswith("${POSTGRES_PUBLISH:-127.0.0.1}:")  # not the LAN
+    worker = services["worker"]
+    assert worker["command"] == ["worker"] and worker["env_file"] == services["bot"]["env_file"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert worker["healthcheck"]["test"] == ["CMD", "python", "-m", "bot", "check", "--live", "--worker"]
+    assert set(worker["environment"]) <= SETTINGS
+    for name in ("bot", "worker"):
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}
+
+    per_gpu = yaml.safe_load((DEPLOY / "compose.gpus.yaml").read_text())["services"]
+    gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in per_gpu.values()]
+    names = [s["environment"]["WORKER_NAME"] for s in per_gpu.values()]
+    assert gpus == [["0"], ["1"]] and len(set(names)) == len(names)
+    assert all(s["command"] == ["worker"] and s["profiles"] == ["cluster"] for s in per_gpu.values())
+
+
+def test_the_worker_unit_runs_one_worker_per_gpu_as_hardened_as_the_bot() -> None:
+    bot, worker = unit(), unit("vqgan-clip-bot-worker@.service")
+    service = dict(worker["Service"])
+    environment = [value for key, value in worker["Service"] if key == "Environment"]
+    assert "CUDA_VISIBLE_DEVICES=%i" in environment and "WORKER_NAME=%H-gpu%i" in environment
+    assert service["ExecStart"].endswith("python -m bot worker")
+    different = {"ExecStart", "Environment"}
+    assert [p for p in worker["Service"] if p[0] not in different] == \
+        [p for p in bot["Service"] if p[0] not in different]
