@@ -231,6 +231,10 @@ def serve(settings: Settings, worker: bool = False) -> int:
     if worker and not settings.engine:
         print("error: ENGINE=off leaves a worker nothing to do; unset it for workers", file=sys.stderr)
         return 2
+    if not settings.engine and settings.database_url is None:
+        print("error: ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL: "
+              "set DATABASE_URL too, or leave ENGINE on with the SQLite file", file=sys.stderr)
+        return 2
     configure_logging(settings)
     try:
         # First: a second bot on the same file downloads nothing either. On PostgreSQL several

@@ -34,8 +34,11 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    return [check_token(settings), check_weights(settings), check_device(settings),
-            check_memory(settings), check_database(settings), check_outputs(settings)]
+    if not settings.engine:  # the workers elsewhere need weights and a GPU; this process neither
+        engine = [Check("engine", "ok", "ENGINE=off: engine workers (python -m bot worker) run the queue")]
+    else:
+        engine = [check_weights(settings), check_device(settings), check_memory(settings)]
+    return [check_token(settings), *engine, check_database(settings), check_outputs(settings)]
 
 
 def main(settings: Settings) -> int:

@@ -255,7 +255,8 @@ def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postg
     assert "hunter2-pw" not in done.stdout + done.stderr
 
 
-def test_a_worker_needs_the_shared_postgresql_queue(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
     for key, value in admin_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     assert main(["worker"]) == 2
@@ -264,6 +265,10 @@ def test_a_worker_needs_the_shared_postgresql_queue(tmp_path: Path, monkeypatch,
     monkeypatch.setenv("ENGINE", "off")
     assert main(["worker"]) == 2
     assert "ENGINE=off leaves a worker nothing to do" in capsys.readouterr().err
+    monkeypatch.delenv("DATABASE_URL")
+    assert main([]) == 2  # the bot itself: nothing would run its queue
+    assert "ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL" in \
+        capsys.readouterr().err
     monkeypatch.setenv("DATABASE_URL", "mysql://bot@db/bot")
     assert main(["worker"]) == 2
     assert "invalid setting DATABASE_URL: Value error, must start with postgresql://" in \
