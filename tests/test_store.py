@@ -492,3 +492,26 @@ async def test_workers_claiming_at_once_each_get_a_different_job(database: str) 
     assert None not in claimed
     assert sorted(job.id for job in claimed) == sorted(expected)
     await store.close()
+
+
+async def test_etas_share_the_work_ahead_among_the_engines_running(database: str) -> None:
+    """Two workers run a job each: the next job waits for the two shares of work ahead of it to be
+    done by two engines, not one after the other."""
+    store = await Store.open(database)
+    done = await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=9, guild_id=9,
+                                      total_steps=10), max_per_user=5, max_queue_length=9)
+    measured = await store.claim_next_job("w1")
+    await store.save_progress(measured, 10, seconds_per_step=1.0)  # 1 s per step at 256x256
+    await store.finish(measured, "done")
+    assert done.id == measured.id
+    for guild in (1, 2, 3):
+        await store.enqueue(NewJob(request_json=sized(256, 256), channel_id=5, user_id=guild, guild_id=guild,
+                                   total_steps=10), max_per_user=5, max_queue_length=9)
+    first, second = await store.claim_next_job("w1"), await store.claim_next_job("w2")
+    await store.save_progress(first, 4)
+    await store.save_progress(second, 8)
+    places = await store.queue_places()
+    assert places[first.id] == (1, 6.0) and places[second.id] == (2, 2.0)  # running: their own steps
+    waiting = next(job_id for job_id in places if job_id not in (first.id, second.id))
+    assert places[waiting] == (3, 10.0 + (6.0 + 2.0) / 2)
+    await store.close()

@@ -360,13 +360,18 @@ def _pixels(table: TableClause) -> ColumnElement[int]:
             * cast(json_text(table.c.request_json, "height"), Integer))
 
 
-# Every active job's place and the seconds until it is done (its own steps and those of the jobs ahead),
-# each job's steps at the speed of its size (Speed.values: fixed, per_pixel).
+# Every active job's place and the seconds until it is done: its own steps, and those of the jobs ahead
+# shared among the engines running now (with jobs waiting, every engine is busy: as many engines as
+# running jobs), each job's steps at the speed of its size (Speed.values: fixed, per_pixel).
 _left = FAIR.c.total_steps - FAIR.c.step
-_seconds = (case((_left > 0, _left), else_=0)
-            * (bindparam("fixed", type_=Double) + bindparam("per_pixel", type_=Double) * _pixels(jobs)))
-QUEUE_PLACES = select(FAIR.c.id, FAIR.c.place,
-                      func.sum(_seconds).over(order_by=FAIR.c.place).label("seconds")
+_own = (case((_left > 0, _left), else_=0)
+        * (bindparam("fixed", type_=Double) + bindparam("per_pixel", type_=Double) * _pixels(jobs)))
+_running = jobs.alias("running")
+_engines = cast(select(func.count()).where(_running.c.status == "running").scalar_subquery(), Double)
+_through = func.sum(_own).over(order_by=FAIR.c.place)  # this job's and every one's ahead of it
+_seconds = case((FAIR.c.status == "running", _own),
+                else_=_own + (_through - _own) / case((_engines > 1, _engines), else_=1.0))
+QUEUE_PLACES = select(FAIR.c.id, FAIR.c.place, _seconds.label("seconds")
                       ).select_from(FAIR.join(jobs, jobs.c.id == FAIR.c.id))
 _places = QUEUE_PLACES.subquery("places")
 PLACE_OF = select(_places.c.place, _places.c.seconds).where(_places.c.id == bindparam("job_id"))
