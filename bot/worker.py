@@ -99,7 +99,8 @@ class EngineWorker:
         POISON_CRASHES crashes fails with that reason at the restart (_fail_poison_jobs)."""
         # New jobs and cancels reach the engine from whichever process took them (store notifications).
         await self.store.listen("jobs", lambda _: self.notify())
-        await self.store.listen("cancels", lambda job_id: self.cancel(int(job_id)))
+        # ("": notifications may have been missed; the lease renewal sees a cancel within LEASE_S/3.)
+        await self.store.listen("cancels", lambda job_id: job_id and self.cancel(int(job_id)))
         in_a_row = 0
         while True:
             self._came_up = False

@@ -515,3 +515,25 @@ async def test_etas_share_the_work_ahead_among_the_engines_running(database: str
     waiting = next(job_id for job_id in places if job_id not in (first.id, second.id))
     assert places[waiting] == (3, 10.0 + (6.0 + 2.0) / 2)
     await store.close()
+
+
+async def test_listening_resumes_after_the_server_drops_the_connection(postgres: Postgres) -> None:
+    """A PostgreSQL restart or failover closes the connection that LISTENs: it is made again, the
+    listeners hear "" (something may have been missed), and later notifications arrive as before."""
+    async with new_database(postgres) as url:
+        store, other = await Store.open(url), await Store.open(url)
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        await other.listen("cancels", heard.put_nowait)
+        admin = await asyncpg.connect(postgres.dsn())
+        dropped = await admin.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                       "WHERE query LIKE 'LISTEN%' AND datname = $1", url.rsplit("/", 1)[1])
+        await admin.close()
+        assert dropped == 2  # each store listens (for the limits, at least)
+        assert await asyncio.wait_for(heard.get(), 10) == ""
+        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                                  max_per_user=5, max_queue_length=5)
+        await store.claim_next_job("w")
+        await store.request_cancel(job.id, 1)
+        assert await asyncio.wait_for(heard.get(), 5) == str(job.id)
+        await other.close()
+        await store.close()

@@ -83,6 +83,8 @@ class Database:
         self._lock = asyncio.Lock()
         self._listeners: dict[str, list[Listener]] = {}
         self._listening: asyncpg.Connection | None = None  # PostgreSQL: LISTEN needs a connection of its own
+        self._relisten: asyncio.Task | None = None
+        self._closing = False
 
     @property
     def on_postgresql(self) -> bool:
@@ -137,6 +139,10 @@ class Database:
         """Read what is kept in memory (at open); nothing here."""
 
     async def close(self) -> None:
+        self._closing = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            await asyncio.gather(self._relisten, return_exceptions=True)
         if self._listening is not None:
             for channel in self._listeners:
                 await self._listening.remove_listener(channel, self._heard)
@@ -147,12 +153,43 @@ class Database:
 
     async def listen(self, channel: str, listener: Listener) -> None:
         """Call `listener` on every notification on `channel`, from any process on this database (on
-        SQLite, one process has the file: from this one)."""
+        SQLite, one process has the file: from this one). After the connection to PostgreSQL was lost
+        and made again, every listener is called once with "": notifications may have been missed."""
         self._listeners.setdefault(channel, []).append(listener)
         if self.on_postgresql and len(self._listeners[channel]) == 1:
             if self._listening is None:
-                self._listening = await self.db.acquire()  # held until close
+                self._listening = await self._listening_connection()
             await self._listening.add_listener(channel, self._heard)
+
+    async def _listening_connection(self) -> asyncpg.Connection:
+        connection = await self.db.acquire()  # held until close
+        connection.add_termination_listener(self._listening_lost)
+        return connection
+
+    def _listening_lost(self, connection: asyncpg.Connection) -> None:
+        """The server closed the listening connection (a restart, a failover, an admin): listen again."""
+        if self._listening is connection and not self._closing:
+            self._listening = None
+            log.warning("lost the database connection that listens for notifications; connecting again")
+            self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        delay = 1.0
+        while not self._closing:
+            try:
+                connection = await self._listening_connection()
+                for channel in self._listeners:
+                    await connection.add_listener(channel, self._heard)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("listening for notifications again failed (%s); next try in %.0f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._listening = connection
+            log.info("listening for notifications again")
+            for channel in list(self._listeners):
+                self._heard(None, 0, channel, "")  # what was missed meanwhile: look again
+            return
 
     def _heard(self, _connection: object, _pid: int, channel: str, payload: str) -> None:
         for listener in self._listeners.get(channel, []):
