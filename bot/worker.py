@@ -178,8 +178,11 @@ class EngineWorker:
             if self.paused is not None:
                 await self._wait_for_space()
                 continue
-            if expired := await self.store.requeue_expired():
+            expired, ended = await self.store.requeue_expired()
+            if expired:
                 log.warning("re-queued jobs whose worker stopped renewing its lease: %s", expired)
+            if ended:  # cancelled while their worker was gone: say so now, not at the next sweep
+                await self.publisher.deliver_unposted()
             job = await self.store.claim_next_job(self.settings.worker_name, self.settings.lease_s)
             if job is None:
                 # Woken by a new job, or after a while to look for leases that ran out.

@@ -394,10 +394,10 @@ async def test_a_worker_that_lost_its_lease_changes_nothing(database: str) -> No
     a = await store.claim_next_job("worker-a", lease_s=0.05)
     assert (a.worker, a.attempt) == ("worker-a", 1)
     assert await store.save_progress(a, 3, "a.state.pt") and await store.renew_lease(a, lease_s=0.05)
-    assert await store.requeue_expired() == []  # renewed: still A's
+    assert await store.requeue_expired() == ([], [])  # renewed: still A's
     await asyncio.sleep(0.1)
     assert await store.claim_next_job("worker-b") is None  # expired, but not yet back in the queue
-    assert await store.requeue_expired() == [a.id]
+    assert await store.requeue_expired() == ([a.id], [])
     b = await store.claim_next_job("worker-b")
     assert (b.id, b.worker, b.attempt, b.step, b.checkpoint_path) == (a.id, "worker-b", 2, 3, "a.state.pt")
 
@@ -421,6 +421,15 @@ async def test_a_worker_that_lost_its_lease_changes_nothing(database: str) -> No
     await store.mark_posted(a.id)
     assert not await store.claim_posting(a.id, hold_s=60, by="worker-a")
     assert [j.id for j in await store.unposted_finished()] == []
+
+    # A job whose cancel was asked for while its worker was gone ends cancelled when the lease runs out.
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=10),
+                        max_per_user=5, max_queue_length=5)
+    c = await store.claim_next_job("worker-c", lease_s=0.05)
+    await store.request_cancel(c.id, 1)
+    await asyncio.sleep(0.1)
+    assert await store.requeue_expired() == ([], [c.id])
+    assert [j.id for j in await store.unposted_finished()] == [c.id]
     await store.close()
 
 

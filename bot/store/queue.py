@@ -108,11 +108,13 @@ class QueueStore(ModerationStore):
         rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time(), every=not self.on_postgresql, me=worker)
         return sorted(row[0] for row in rows if row[1] == "queued")
 
-    async def requeue_expired(self) -> list[int]:
+    async def requeue_expired(self) -> tuple[list[int], list[int]]:
         """Jobs whose worker stopped renewing its lease (killed, frozen, cut off) go back to the queue,
-        to resume from their last checkpoint wherever a worker is free."""
+        to resume from their last checkpoint wherever a worker is free; those whose cancel was asked
+        for end cancelled. Returns both lists of ids."""
         rows = await self._rows(REQUEUE_INTERRUPTED, now=time.time(), every=False, me=None)
-        return sorted(row[0] for row in rows if row[1] == "queued")
+        return (sorted(row[0] for row in rows if row[1] == "queued"),
+                sorted(row[0] for row in rows if row[1] == "cancelled"))
 
     async def save_progress(self, job: Job, step: int, checkpoint_path: str | None = None,
                             seconds_per_step: float | None = None) -> bool:
