@@ -228,9 +228,8 @@ def serve(settings: Settings, worker: bool = False) -> int:
         print("error: an engine worker shares the queue through PostgreSQL: set DATABASE_URL (the same as "
               "the bot's). With the SQLite file, `python -m bot` runs the engine itself.", file=sys.stderr)
         return 2
-    if worker and not settings.engine:
-        print("error: ENGINE=off leaves a worker nothing to do; unset it for workers", file=sys.stderr)
-        return 2
+    if worker:  # a worker is an engine, whatever ENGINE says (the bot's .env may say off)
+        settings = settings.model_copy(update={"engine": True})
     if not settings.engine and settings.database_url is None:
         print("error: ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL: "
               "set DATABASE_URL too, or leave ENGINE on with the SQLite file", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,7 +15,9 @@ from bot.store.database import is_postgresql, postgresql_urls
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a refused DATABASE_URL or token must not be quoted back in the error.
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      hide_input_in_errors=True)
 
     # Discord
     discord_token: SecretStr | None = None
@@ -94,6 +97,9 @@ class Settings(BaseSettings):
     def _postgresql_only(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not is_postgresql(value.get_secret_value()):
             raise ValueError("must start with postgresql:// (a SQLite file is set with DATABASE_PATH)")
+        if value is not None and urlsplit(value.get_secret_value()).netloc.count("@") > 1:
+            # The first @ would end the password for the driver: its rest taken for the host, and shown.
+            raise ValueError("has an @ in the password: percent-encode it (%40), and : / ? # [ ] too")
         return value
 
     @field_validator("log_level")

@@ -51,6 +51,7 @@ async def keep_reporting(path: Path, state: Callable[[], tuple[str, bool, int]])
 def write(path: Path, engine_state: str, engine_alive: bool, crashes: int) -> None:
     record = {"pid": os.getpid(), "updated_at": time.time(), "engine": engine_state, "alive": engine_alive,
               "crashes": crashes}
+    path.parent.mkdir(parents=True, exist_ok=True)  # on PostgreSQL nothing else makes DATABASE_PATH's folder
     partial = path.with_suffix(".json.part")
     partial.write_text(json.dumps(record))
     partial.replace(path)  # readers never see half a file

@@ -164,6 +164,9 @@ def check_postgresql(settings: Settings) -> Check:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         reason = str(error).splitlines()[0] or type(error).__name__
         return Check("database", "fail", f"{shown}: cannot connect: {reason}")
+    except ValueError:  # a malformed URL: the driver's message quotes it, password and all
+        return Check("database", "fail", "DATABASE_URL is not a URL PostgreSQL's driver can read; "
+                     "percent-encode special characters in the password")
     if revision is None:
         return Check("database", "ok", f"{shown}: reachable, no tables yet; the bot creates them at start-up")
     return _schema_check(shown, "reachable", revision, 0, "pg_dump")

@@ -111,7 +111,10 @@ def test_the_cluster_profile_adds_postgresql_and_workers_and_leaves_one_box_as_i
     assert "profiles" not in services["bot"]  # `up` without a profile: the one-box bot, SQLite
     assert services["postgres"]["profiles"] == services["worker"]["profiles"] == ["cluster"]
     assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data"]
-    assert "POSTGRES_PASSWORD:?" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]  # no default
+    # From .env, never a default (an empty one: the image refuses to start); `:?` would break one-box
+    # commands, which interpolate the whole file whatever the profile.
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
+    assert services["worker"]["build"] == services["bot"]["build"]
     assert services["postgres"]["ports"][0].startswith("${POSTGRES_PUBLISH:-127.0.0.1}:")  # not the LAN
     worker = services["worker"]
     assert worker["command"] == ["worker"] and worker["env_file"] == services["bot"]["env_file"]
@@ -123,6 +126,7 @@ def test_the_cluster_profile_adds_postgresql_and_workers_and_leaves_one_box_as_i
         assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}
 
     per_gpu = yaml.safe_load((DEPLOY / "compose.gpus.yaml").read_text())["services"]
+    assert per_gpu.pop("worker") == {"deploy": {"replicas": 0}}  # not beside the per-GPU ones
     gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in per_gpu.values()]
     names = [s["environment"]["WORKER_NAME"] for s in per_gpu.values()]
     assert gpus == [["0"], ["1"]] and len(set(names)) == len(names)
@@ -132,9 +136,10 @@ def test_the_cluster_profile_adds_postgresql_and_workers_and_leaves_one_box_as_i
 def test_the_worker_unit_runs_one_worker_per_gpu_as_hardened_as_the_bot() -> None:
     bot, worker = unit(), unit("vqgan-clip-bot-worker@.service")
     service = dict(worker["Service"])
-    environment = [value for key, value in worker["Service"] if key == "Environment"]
-    assert "CUDA_VISIBLE_DEVICES=%i" in environment and "WORKER_NAME=%H-gpu%i" in environment
-    assert service["ExecStart"].endswith("python -m bot worker")
-    different = {"ExecStart", "Environment"}
+    # On the command line: bot.env (EnvironmentFile=) would override Environment= values.
+    for command, ending in (("ExecStartPre", "python -m bot check"), ("ExecStart", "python -m bot worker")):
+        assert service[command].startswith("/usr/bin/env CUDA_VISIBLE_DEVICES=%i WORKER_NAME=%H-gpu%i /")
+        assert service[command].endswith(ending)
+    different = {"ExecStart", "ExecStartPre"}
     assert [p for p in worker["Service"] if p[0] not in different] == \
         [p for p in bot["Service"] if p[0] not in different]

@@ -224,15 +224,16 @@ def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postg
     with one clear line. The URL's password is never printed."""
     async def made() -> None:
         async with new_database(postgres) as url:
-            with_password = url.replace(f"{postgres.user}@", f"{postgres.user}:hunter2-pw@")
+            # A % in the password, percent-encoded as it must be (Alembic's config reads % specially).
+            with_password = url.replace(f"{postgres.user}@", f"{postgres.user}:hunter2%25pw@")
             for key, value in admin_env(tmp_path, DATABASE_URL=with_password).items():
                 monkeypatch.setenv(key, value)
             await asyncio.to_thread(main, ["check"])
             (line,) = [line for line in capsys.readouterr().out.splitlines() if "database" in line]
             assert line.startswith("OK    database: postgresql://") and "no tables yet" in line, line
-            assert "hunter2-pw" not in line and ":***@" in line
+            assert "hunter2" not in line and ":***@" in line
 
-            store = await Store.open(url)
+            store = await Store.open(with_password)  # migrated through Alembic, % and all
             asked = NewJob(request_json=json.dumps({"prompt": "a lighthouse"}), channel_id=5, user_id=1,
                            guild_id=7, total_steps=3)
             await store.enqueue(asked, max_per_user=5, max_queue_length=5)
@@ -246,6 +247,11 @@ def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postg
             assert "pg_dump" in capsys.readouterr().err and not (tmp_path / "copy").exists()
 
     asyncio.run(made())
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://{postgres.user}:hunter2@pw@127.0.0.1:1/nothing")
+    assert main(["check"]) == 2  # an @ not encoded: refused by name, the URL not quoted
+    error = capsys.readouterr().err
+    assert "invalid setting DATABASE_URL: Value error, has an @ in the password" in error
+    assert "hunter2" not in error
     unreachable = f"postgresql://{postgres.user}:hunter2-pw@127.0.0.1:1/nothing"
     done = subprocess.run([sys.executable, "-m", "bot"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT),
@@ -261,10 +267,10 @@ def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tm
         monkeypatch.setenv(key, value)
     assert main(["worker"]) == 2
     assert "an engine worker shares the queue through PostgreSQL: set DATABASE_URL" in capsys.readouterr().err
+    monkeypatch.setenv("ENGINE", "off")  # the bot's: workers read the same .env, and run an engine anyway
     monkeypatch.setenv("DATABASE_URL", "postgresql://bot@127.0.0.1:1/bot")
-    monkeypatch.setenv("ENGINE", "off")
-    assert main(["worker"]) == 2
-    assert "ENGINE=off leaves a worker nothing to do" in capsys.readouterr().err
+    assert main(["worker"]) == 2  # past the checks: the server is not there
+    assert "cannot use the PostgreSQL database (DATABASE_URL)" in capsys.readouterr().err
     monkeypatch.delenv("DATABASE_URL")
     assert main([]) == 2  # the bot itself: nothing would run its queue
     assert "ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL" in \

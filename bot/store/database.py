@@ -25,6 +25,9 @@ from bot.store.statements import POSTGRESQL, SQLITE, prepare
 log = logging.getLogger(__name__)
 
 
+MIGRATION_LOCK = 0x76716763  # pg_advisory_lock key while a process upgrades the schema ("vqgc")
+
+
 class DatabaseInUse(RuntimeError):
     """Another bot process runs on this database."""
 
@@ -66,7 +69,8 @@ def is_postgresql(where: Path | str) -> bool:
 
 
 def postgresql_urls(url: str) -> tuple[str, str]:
-    """The URL as SQLAlchemy (for Alembic) and as asyncpg (for the store) take it."""
+    """The URL as SQLAlchemy (for Alembic) and as asyncpg (for the store) take it (a percent-encoded
+    password stays encoded in both)."""
     rest = url.split(":", 1)[1]
     return f"postgresql+asyncpg:{rest}", f"postgresql:{rest}"
 
@@ -111,7 +115,13 @@ class Database:
     async def _open_postgresql(cls, url: str) -> Self:
         alembic_url, dsn = postgresql_urls(url)
         try:
-            await asyncio.to_thread(migrate.upgrade_url, alembic_url)
+            # The bot and its workers often start together: one upgrades the schema, the others wait.
+            upgrading = await asyncpg.connect(dsn, timeout=30)
+            try:
+                await upgrading.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+                await asyncio.to_thread(migrate.upgrade_url, alembic_url)
+            finally:
+                await upgrading.close()  # the lock goes with the connection
             # Every statement is prepared once per connection and kept (the log's filters alone make 64).
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, statement_cache_size=512)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DBAPIError) as error:
@@ -119,6 +129,9 @@ class Database:
             reason = str(getattr(error, "orig", None) or error).splitlines()[0]
             raise DatabaseUnreachable(f"cannot use the PostgreSQL database (DATABASE_URL): {reason}") \
                 from None
+        except ValueError:  # a malformed URL; the parsers' messages quote it, password and all
+            raise DatabaseUnreachable("DATABASE_URL is not a URL PostgreSQL's driver can read; "
+                                      "percent-encode special characters in the password") from None
         store = cls(pool, POSTGRESQL)
         await store.load()
         return store

@@ -152,5 +152,5 @@ def alembic_config(url: str):  # -> alembic.config.Config (imported only when a 
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser: %% is a %
     return config
