@@ -14,6 +14,7 @@ and mtime the file had when it last matched, so an unchanged file is not hashed 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
@@ -343,7 +344,22 @@ class _DownloadFailed(Exception):
 
 def ensure(files: list[WeightFile], weights_dir: Path, overrides: dict[str, Path] | None = None,
            progress: bool = True) -> dict[str, Path]:
-    """Make every file present, downloading what is missing; fail fast with one clear message."""
+    """Make every file present, downloading what is missing; fail fast with one clear message. Processes
+    that start together on one weights folder (a bot and its workers) download one at a time: the
+    others find the files there when it is their turn."""
+    if not missing(files, weights_dir, overrides):
+        return {f.key: resolve_path(f, weights_dir, overrides) for f in files}
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    folder = os.open(weights_dir, os.O_RDONLY)  # the folder itself is the lock: no file left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released at close, or by the kernel if the process dies
+        return _ensure_locked(files, weights_dir, overrides, progress)
+    finally:
+        os.close(folder)
+
+
+def _ensure_locked(files: list[WeightFile], weights_dir: Path, overrides: dict[str, Path] | None,
+                   progress: bool) -> dict[str, Path]:
     for f in missing(files, weights_dir, overrides):
         target = resolve_path(f, weights_dir, overrides)
         partial = _part_path(target)

@@ -6,6 +6,7 @@ ignore Range, or to send a web page instead of the file, which is how real hosts
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import http.server
@@ -285,3 +286,13 @@ def test_weights_status_and_verify_commands(tmp_path: Path, capsys: pytest.Captu
     assert out.count("CORRUPT") == 1 and out.count("verified (recorded sha256)") == len(files) - 1
     assert f"error: {corrupt} ({files[1].description}) is corrupt" in err
     assert "python -m engine weights download" in err
+
+
+def test_processes_starting_together_download_each_file_once(server: Server, tmp_path: Path) -> None:
+    """A bot and its workers on one weights folder start at the same moment: one downloads, the others
+    wait for it and find the file (they would otherwise write the same partial file at once)."""
+    file = weight_file(server.url("model.ckpt"))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each its own lock file handle, as processes
+        paths = list(pool.map(lambda _: weights.ensure([file], tmp_path, progress=False), range(4)))
+    assert server.requests == [("model.ckpt", None)]
+    assert all(found["vqgan_checkpoint"].read_bytes() == PAYLOAD for found in paths)
