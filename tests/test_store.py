@@ -546,3 +546,13 @@ async def test_listening_resumes_after_the_server_drops_the_connection(postgres:
         assert await asyncio.wait_for(heard.get(), 5) == str(job.id)
         await other.close()
         await store.close()
+
+
+async def test_a_url_with_libpqs_sslmode_works_for_the_migrations_and_the_store(postgres: Postgres) -> None:
+    """Admins copy URLs with ?sslmode=… (libpq's word; SQLAlchemy's asyncpg dialect calls it ssl=)."""
+    async with new_database(postgres) as url:
+        store = await Store.open(f"{url}?sslmode=prefer")  # this server has no TLS: prefer falls back
+        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                                  max_per_user=5, max_queue_length=5)
+        assert (await store.get(job.id)).status == "queued"
+        await store.close()

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -72,7 +73,9 @@ def postgresql_urls(url: str) -> tuple[str, str]:
     """The URL as SQLAlchemy (for Alembic) and as asyncpg (for the store) take it (a percent-encoded
     password stays encoded in both)."""
     rest = url.split(":", 1)[1]
-    return f"postgresql+asyncpg:{rest}", f"postgresql:{rest}"
+    # libpq's (and asyncpg's) sslmode= is ssl= to SQLAlchemy's asyncpg dialect, which refuses sslmode.
+    for_sqlalchemy = re.sub(r"([?&])sslmode=", r"\1ssl=", rest)
+    return f"postgresql+asyncpg:{for_sqlalchemy}", f"postgresql:{rest}"
 
 
 class Database:
