@@ -226,12 +226,17 @@ def test_on_postgresql_the_admin_commands_say_what_they_do(tmp_path: Path, postg
         async with new_database(postgres) as url:
             # A % in the password, percent-encoded as it must be (Alembic's config reads % specially).
             with_password = url.replace(f"{postgres.user}@", f"{postgres.user}:hunter2%25pw@")
-            for key, value in admin_env(tmp_path, DATABASE_URL=with_password).items():
+            for key, value in admin_env(tmp_path, DATABASE_URL=with_password, ENGINE="off").items():
                 monkeypatch.setenv(key, value)
-            await asyncio.to_thread(main, ["check"])
-            (line,) = [line for line in capsys.readouterr().out.splitlines() if "database" in line]
+            assert await asyncio.to_thread(main, ["check"]) == 0
+            lines = capsys.readouterr().out.splitlines()
+            # A bot without an engine needs no weights nor GPU: one line says so instead.
+            assert [line.split(":")[0] for line in lines] == ["OK    token", "OK    engine", "OK    database",
+                                                              "OK    outputs", "ready"]
+            line = lines[2]
             assert line.startswith("OK    database: postgresql://") and "no tables yet" in line, line
             assert "hunter2" not in line and ":***@" in line
+            monkeypatch.delenv("ENGINE")
 
             store = await Store.open(with_password)  # migrated through Alembic, % and all
             asked = NewJob(request_json=json.dumps({"prompt": "a lighthouse"}), channel_id=5, user_id=1,
