@@ -151,6 +151,29 @@ async def backup(settings: Settings, target: Path) -> int:
     return 0
 
 
+async def copy_to_postgresql(settings: Settings) -> int:
+    """The SQLite file's rows into DATABASE_URL's empty database (the bot on the file must be stopped)."""
+    from bot.store import copy
+
+    if settings.database_url is None:
+        print("error: set DATABASE_URL to the PostgreSQL database to copy into", file=sys.stderr)
+        return 2
+    if not settings.database_path.is_file():
+        print(f"error: there is no database at {settings.database_path} (DATABASE_PATH) to copy",
+              file=sys.stderr)
+        return 2
+    try:
+        with only_bot_on(settings.database_path):  # a bot still writing the file would lose its last jobs
+            url = settings.database_url.get_secret_value()
+            copied = await copy.copy_to_postgresql(settings.database_path, url)
+    except (DatabaseInUse, DatabaseUnreachable, copy.NotEmpty) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = ", ".join(f"{count} {table}" for table, count in copied.items())
+    print(f"copied {settings.database_path} into {settings.database_shown}: {rows}")
+    return 0
+
+
 async def print_log(settings: Settings, guild_id: int | None, since: str | None, fmt: str) -> int:
     """The generation log of one server (None: the DMs) to standard output, newest first."""
     from bot.export import EXPORT_ROWS, SinceError, encode_export, export_rows, parse_since
@@ -183,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                                "and its engine are up, from the bot's health file (touches no GPU)")
     check_command.add_argument("--worker", action="store_true", help="with --live: this machine's engine "
                                "worker (WORKER_NAME) instead of the bot")
+    commands.add_parser("copy-to-postgresql", help="copy the SQLite database (DATABASE_PATH; the bot "
+                        "stopped) into the new, empty PostgreSQL database DATABASE_URL names")
     commands.add_parser("worker", help="run an engine worker: no gateway, jobs from the shared PostgreSQL "
                         "queue (DATABASE_URL), results posted to Discord over REST")
     backup_command = commands.add_parser("backup", help="copy the live database to PATH, safely while "
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return preflight.main(settings)
     if args.command == "backup":
         return asyncio.run(backup(settings, args.path))
+    if args.command == "copy-to-postgresql":
+        return asyncio.run(copy_to_postgresql(settings))
     if args.command == "log":
         return asyncio.run(print_log(settings, None if args.dms else args.guild, args.since, args.format))
     return serve(settings, worker=args.command == "worker")

@@ -15,7 +15,7 @@ import pytest
 from bot import preflight
 from bot.__main__ import main
 from bot.config import Settings
-from bot.store import NewJob, Store, migrate
+from bot.store import NewJob, Store, migrate, only_bot_on
 from engine import weights
 from engine.models import required_files
 from tests.botrunner import TOKEN
@@ -284,3 +284,42 @@ def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tm
     assert main(["worker"]) == 2
     assert "invalid setting DATABASE_URL: Value error, must start with postgresql://" in \
         capsys.readouterr().err
+
+
+async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_path: Path, postgres: Postgres,
+                                                                          monkeypatch, capsys) -> None:
+    """An admin growing past one GPU keeps the queue, limits, blocks, settings and both logs; new jobs
+    continue the numbering; a database with rows already is refused; a running bot is refused."""
+    sqlite_path = tmp_path / "data" / "bot.sqlite3"
+    old = await Store.open(sqlite_path)
+    for user in (1, 2, 3):
+        await old.enqueue(NewJob(request_json=json.dumps({"prompt": f"p{user}"}), channel_id=5, user_id=user,
+                                 guild_id=7, total_steps=3), max_per_user=5, max_queue_length=5)
+    done = await old.claim_next_job("me")
+    await old.finish(done, "done", output_path="job-1.png", latent_path="job-1.state.pt")
+    await old.set_guild_limit(7, "max_steps", 50, actor_id=9, old_shown="1000", new_shown="50")
+    await old.block(7, 3, "spam", actor_id=9)
+    await old.update_member_defaults(7, 2, {"steps": 5})
+    before = [await old.get(n) for n in (1, 2, 3)]
+    await old.close()
+
+    async with new_database(postgres) as url:
+        for key, value in admin_env(tmp_path, DATABASE_URL=url).items():
+            monkeypatch.setenv(key, value)
+        with only_bot_on(sqlite_path):  # the bot still runs on the file
+            assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 2
+        assert "another bot (process" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 0
+        assert "3 jobs" in capsys.readouterr().out
+        new = await Store.open(url)
+        assert [await new.get(n) for n in (1, 2, 3)] == before
+        assert await new.guild_limits(7) == {"max_steps": 50}
+        assert await new.member_defaults(7, 2) == {"steps": 5}
+        assert (await new.block_of(7, 3)).reason == "spam"
+        assert [e.action for e in (await new.audit_entries(7, 10))[0]] == ["block", "limit set"]
+        after = await new.enqueue(NewJob(request_json="{}", channel_id=5, user_id=4, guild_id=7,
+                                         total_steps=3), max_per_user=5, max_queue_length=5)
+        assert after.id == 4  # the numbering goes on
+        await new.close()
+        assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 2
+        assert "already has rows in" in capsys.readouterr().err
