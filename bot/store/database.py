@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -224,15 +225,22 @@ class Database:
         prepared = prepare(statement, self.dialect)
         return prepared.sql, prepared.params(values)
 
-    async def _rows(self, statement: Executable, /, **values: Any) -> list[Row]:
-        """Run one statement, its values by name."""
+    async def _fetch(self, on: aiosqlite.Connection | asyncpg.Pool | asyncpg.Connection,
+                     statement: Executable, /, **values: Any) -> list[Row]:
+        """Run one statement, its values by name, on a connection (or PostgreSQL's pool)."""
         sql, params = self._text(statement, values)
         if self.on_postgresql:
-            return await self.db.fetch(sql, *params)
+            return await on.fetch(sql, *params)
+        # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
+        # commands those trips are most of what each one waits for.
+        return list(await on.execute_fetchall(sql, params))
+
+    async def _rows(self, statement: Executable, /, **values: Any) -> list[Row]:
+        """Run one statement, its values by name."""
+        if self.on_postgresql:
+            return await self._fetch(self.db, statement, **values)
         async with self._lock:
-            # One trip to aiosqlite's thread, not three (execute, fetch, close): under a burst of
-            # commands those trips are most of what each one waits for.
-            return list(await self.db.execute_fetchall(sql, params))
+            return await self._fetch(self.db, statement, **values)
 
     async def _one_at_a_time(self, key: int, statement: Executable, /, **values: Any) -> list[Row]:
         """Run one statement while no other with the same key runs (a limit it checks as it writes
@@ -250,21 +258,12 @@ class Database:
             async with self.db.acquire() as connection, connection.transaction():
                 if one_at_a_time is not None:
                     await connection.execute("SELECT pg_advisory_xact_lock($1)", one_at_a_time)
-
-                async def run(statement: Executable, /, **values: Any) -> list[Row]:
-                    sql, params = self._text(statement, values)
-                    return await connection.fetch(sql, *params)
-
-                yield run
+                yield functools.partial(self._fetch, connection)
             return
         async with self._lock:
-            async def run_here(statement: Executable, /, **values: Any) -> list[Row]:
-                sql, params = self._text(statement, values)
-                return list(await self.db.execute_fetchall(sql, params))
-
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield run_here
+                yield functools.partial(self._fetch, self.db)
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
