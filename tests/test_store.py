@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.expression import Executable
 
 from bot.store import RECENT_SPEEDS, NewJob, QueueFull, Store, migrate, statements
+from bot.store import artifacts as store_artifacts
 from bot.store import database as store_database
 from bot.store import logs as store_logs
 from bot.store import moderation as store_moderation
@@ -133,12 +134,14 @@ async def test_the_migrations_build_the_same_schema_on_postgresql(postgres: Post
 def core_statements() -> dict[str, Callable[[str], Executable]]:
     """Every Core statement the store's modules hold, by name, made for a dialect's name."""
     found: dict[str, Callable[[str], Executable]] = {}
-    for module in (store_database, store_logs, store_moderation, store_queue):
+    for module in (store_artifacts, store_database, store_logs, store_moderation, store_queue):
         for name, value in vars(module).items():
             if isinstance(value, Executable):
                 found[f"{module.__name__}.{name}"] = lambda dialect, value=value: value
             elif isinstance(value, functools.partial) and value.func is upsert:
                 found[f"{module.__name__}.{name}"] = value
+    for fenced in (True, False):
+        found[f"artifacts put, fenced={fenced}"] = functools.partial(store_artifacts._put, fenced=fenced)
     names = sorted(store_logs.LOG_FILTERS)
     every = itertools.chain.from_iterable(itertools.combinations(names, k) for k in range(len(names) + 1))
     for chosen in every:  # the log's filters, in every combination
@@ -430,6 +433,33 @@ async def test_a_worker_that_lost_its_lease_changes_nothing(database: str) -> No
     await asyncio.sleep(0.1)
     assert await store.requeue_expired() == ([], [c.id])
     assert [j.id for j in await store.unposted_finished()] == [c.id]
+    await store.close()
+
+
+async def test_a_jobs_files_kept_as_rows_are_written_only_under_its_claim(database: str) -> None:
+    """Artifacts (the PostgreSQL home of a job's files): a worker that lost its claim writes no file;
+    an init image needs no claim; folders list, sizes add up, removal frees what it says."""
+    store = await Store.open(database)
+    await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=10),
+                        max_per_user=5, max_queue_length=5)
+    a = await store.claim_next_job("worker-a", lease_s=0.05)
+    checkpoint = f"checkpoints/job-{a.id}.state.pt"
+    assert await store.put_artifact(checkpoint, b"a" * 10, a)
+    assert await store.put_artifact("inputs/init-9.png", b"i" * 5)  # saved before its job exists
+    await asyncio.sleep(0.1)
+    await store.requeue_expired()
+    b = await store.claim_next_job("worker-b")
+    assert not await store.put_artifact(checkpoint, b"late", a)  # A was cut off: B's job now
+    assert await store.artifact(checkpoint) == b"a" * 10
+    assert await store.put_artifact(checkpoint, b"b" * 20, b)
+    assert await store.artifact(checkpoint) == b"b" * 20
+    assert await store.artifact_names("checkpoints/") == [checkpoint]
+    assert await store.artifact_bytes() == 25
+    assert await store.has_artifact("inputs/init-9.png") and not await store.has_artifact("job-1.png")
+    await store.finish(b, "done")
+    assert not await store.put_artifact(f"job-{a.id}.png", b"p", b)  # a finished job writes nothing more
+    assert await store.delete_artifacts(["inputs/init-9.png", "job-1.png"]) == 5
+    assert await store.artifact("inputs/init-9.png") is None and await store.artifact_bytes() == 20
     await store.close()
 
 

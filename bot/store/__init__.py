@@ -1,8 +1,10 @@
 """The one place that speaks SQL, split by concern: the queue (queue.py), moderation and members'
-settings (moderation.py), the logs, retention and backups (logs.py), over one connection
-(database.py). The tables are in schema.py, their migrations in migrations/ (migrate.py runs them).
+settings (moderation.py), the logs, retention and backups (logs.py), job files kept as rows on
+PostgreSQL (artifacts.py), over one connection (database.py). The tables are in schema.py, their
+migrations in migrations/ (migrate.py runs them).
 """
 
+from bot.store.artifacts import ArtifactStore
 from bot.store.database import Database, DatabaseInUse, DatabaseUnreachable, only_bot_on
 from bot.store.logs import LogStore
 from bot.store.queue import ACTIVE, FINISHED, RECENT_SPEEDS, QueueStore
@@ -13,5 +15,5 @@ __all__ = ["ACTIVE", "FINISHED", "RECENT_SPEEDS", "AuditEntry", "Block", "Databa
            "only_bot_on"]
 
 
-class Store(QueueStore, LogStore):
+class Store(QueueStore, LogStore, ArtifactStore):
     """Everything the bot keeps: one object over one database."""

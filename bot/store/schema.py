@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -127,4 +128,17 @@ member_defaults = Table(
     Column("guild_id", Snowflake, primary_key=True),
     Column("user_id", Snowflake, primary_key=True),
     Column("values_json", Text, nullable=False),
+)
+
+# A job's files (its PNGs, saved state, checkpoint, init image) when the store is PostgreSQL, so that
+# every worker reaches them (migration 0004; with SQLite they stay in OUTPUT_DIR). `name` is the file's
+# place under OUTPUT_DIR (`job-7.png`, `checkpoints/job-7.state.pt`, `inputs/init-….png`); `job_id`,
+# `attempt`: the claim whose run wrote it (none for an init image, written before its job exists).
+artifacts = Table(
+    "artifacts", metadata,
+    Column("name", Text, primary_key=True),
+    Column("job_id", Integer),
+    Column("attempt", Integer),
+    Column("data", LargeBinary, nullable=False),
+    Column("written_at", Seconds, nullable=False),
 )
