@@ -193,11 +193,15 @@ class Database:
     async def _listen_again(self) -> None:
         delay = 1.0
         while not self._closing:
+            connection = None
             try:
                 connection = await self._listening_connection()
                 for channel in self._listeners:
                     await connection.add_listener(channel, self._heard)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            except Exception as error:  # any: asyncpg also raises its own internal errors on a broken link
+                if connection is not None:
+                    with contextlib.suppress(Exception):  # the pool replaces a broken one
+                        await self.db.release(connection)
                 log.warning("listening for notifications again failed (%s); next try in %.0f s", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
