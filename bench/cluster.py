@@ -13,7 +13,8 @@ job back at start; a job whose worker stays down goes back to the queue after LE
 Figures: jobs lost, jobs finished twice (a "done" by two runs), messages with the final picture per
 job, final PNGs byte-identical to an uninterrupted run (the resumed ones among them), claim latency
 (5 workers claiming at once from a queue of 300, p50/p99), 429s Discord answered (the edit storm), and
-jobs per minute. The workers share one OUTPUT_DIR here (their checkpoints), as workers on one machine do.
+jobs per minute. Each process has an OUTPUT_DIR of its own, as on separate machines: checkpoints, PNGs
+and saved states pass through PostgreSQL.
 `--storm`: every job in one channel, a preview at every step, no throttle, and interaction tokens
 treated as stale after 1 s, so that every edit of every worker goes through the bot token into that
 one channel's bucket (5 edits per 5 s): what Discord answered 429 and whether each picture still
@@ -73,18 +74,18 @@ class Cluster:
     starts: collections.Counter = field(default_factory=collections.Counter)
     kills: list[dict] = field(default_factory=list)
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self, name: str, **extra: str) -> dict[str, str]:
         return {**os.environ, **SETTINGS, "DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": self.fake.api_base,
                 "DISCORD_GATEWAY_URL": self.fake.gateway_url, "DATABASE_URL": self.url,
                 "DATABASE_PATH": str(self.directory / "bot.sqlite3"),
-                "OUTPUT_DIR": str(self.directory / "outputs"), "DEFAULT_STEPS": str(self.steps),
+                "OUTPUT_DIR": str(self.directory / name / "outputs"), "DEFAULT_STEPS": str(self.steps),
                 "LEASE_S": str(self.lease_s), **self.settings, **extra}
 
     def _spawn(self, name: str, *command: str, **extra: str) -> subprocess.Popen:
         self.starts[name] += 1
         log = (self.directory / f"{name}-{self.starts[name]}.log").open("wb")
-        return subprocess.Popen([sys.executable, "-m", "bot", *command], cwd=ROOT, env=self.env(**extra),
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "bot", *command], cwd=ROOT,
+                                env=self.env(name, **extra), stdout=log, stderr=subprocess.STDOUT)
 
     def start_gateway(self) -> None:
         self.gateway = self._spawn("gateway", ENGINE="off")

@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import health
+from bot.artifacts import job_files
 from bot.checks import refused_where
 from bot.config import Settings
 from bot.errors import answer_unexpected
@@ -92,6 +93,7 @@ class ImagineBot(commands.Bot):
                          allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
         self.store = store
+        self.files = job_files(store, settings.output_dir)  # each job's PNGs, states, init images
         self.publisher = Publisher(self, store, settings, clock=clock)
         try:
             self.memory = memory_budget(settings)

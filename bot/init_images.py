@@ -9,7 +9,6 @@ copies its parent's), so that deleting or expiring one job never takes another's
 from __future__ import annotations
 
 import io
-import shutil
 import warnings
 from pathlib import Path
 
@@ -66,11 +65,8 @@ def decode(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def save(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-
-
-def copy(source: Path, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, path)
+def encode(image: Image.Image) -> bytes:
+    """What is kept of a decoded upload: a PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

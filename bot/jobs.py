@@ -9,13 +9,12 @@ numbers say nothing about other servers. Moderator rights are then checked in th
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import discord
 
+from bot.artifacts import files_of
 from bot.checks import guild_limits, is_moderator
-from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -92,10 +91,7 @@ async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> None:
     message deleted, so a progress edit or the final post in flight cannot bring it back."""
     await bot.store.mark_deleted(job.id, actor_id)
     await bot.store.request_cancel(job.id, actor_id)  # a running job's engine is told to stop
-    init_image = GenerationRequest.stored(job.request_json).init_image  # its own copy (bot/init_images.py)
-    for path in (job.output_path, job.latent_path, job.checkpoint_path, init_image):
-        if path:
-            Path(path).unlink(missing_ok=True)
+    await bot.files.remove(files_of(job))  # the init image too: each job has its own copy
     if job.user_id != actor_id:
         await bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
                               f"by <@{job.user_id}>", "deleted")

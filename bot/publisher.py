@@ -23,6 +23,7 @@ import discord
 from PIL import Image
 from pydantic import ValidationError
 
+from bot.artifacts import job_files
 from bot.store import Job, Store
 from bot.views import job_view
 from engine.request import GenerationRequest
@@ -121,6 +122,7 @@ class Publisher:
                  clock: Callable[[], float] = time.time) -> None:
         self.bot = bot
         self.store = store
+        self.files = job_files(store, settings.output_dir)
         self.settings = settings
         self.clock = clock
         self.random_weights_note = ""
@@ -243,16 +245,17 @@ class Publisher:
         status = "stopped" if job.stopped_by_someone_else else job.status
         view = job_view(job.id, status) if request else None
         if job.status == "done" and job.output_path and request:  # it ran, so it is valid
-            files, note = await asyncio.to_thread(_final_files, Path(job.output_path),
-                                                  job.upload_limit or DEFAULT_UPLOAD_LIMIT)
+            picture = await self.files.read(job.output_path)
+            limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT
+            files, note = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture, limit)
             content = self._content(f"✅ **{prompt}** — {request.steps} steps in "
                                     f"{format_duration(job.seconds)}{note}")
             card = result_embed(job, request, files[0].filename if files else None)
             ok = await self.edit(job, content=content, embed=card, attachments=files, view=view)
             if ok and job.private and (await self.store.get(job.id) or job).dm_message_id is None:
                 # The ephemeral reply is gone when the member reloads Discord: they keep it in their DMs.
-                files, _ = await asyncio.to_thread(_final_files, Path(job.output_path),  # sent files close
-                                                   job.upload_limit or DEFAULT_UPLOAD_LIMIT)
+                files, _ = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture,
+                                                   limit)  # sent files close: new ones
                 ok = await self.edit(job, to_dm=True, content=content, embed=card, attachments=files,
                                      view=view)
         elif job.status == "cancelled":
@@ -428,18 +431,18 @@ def quote(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _final_files(path: Path, limit: int) -> tuple[list[discord.File], str]:
+def _final_files(name: str, picture: bytes | None, limit: int) -> tuple[list[discord.File], str]:
     """The PNG if the channel takes it; else a JPEG of it that fits, and a note saying so."""
     room = limit - 64 * 1024  # the request around the file
-    if not path.is_file():
-        return [], " (its PNG is gone from the bot's machine)"
-    if path.stat().st_size <= room:
-        return [discord.File(path, path.name)], ""
-    with Image.open(path) as image:
+    if picture is None:
+        return [], " (its PNG is gone from the bot's storage)"
+    if len(picture) <= room:
+        return [discord.File(io.BytesIO(picture), name)], ""
+    with Image.open(io.BytesIO(picture)) as image:
         jpeg = encode_preview(image, room)
     if jpeg is None:
         return [], " (the picture is larger than this server's upload limit)"
-    return ([discord.File(io.BytesIO(jpeg), path.with_suffix(".jpg").name)],
+    return ([discord.File(io.BytesIO(jpeg), str(Path(name).with_suffix(".jpg")))],
             " (a JPEG: the PNG is over this server's upload limit)")
 
 

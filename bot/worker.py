@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from bot.artifacts import job_files
 from bot.publisher import Progress, Publisher, encode_preview
 from bot.store import Job, Store
 from engine import output
-from engine.generate import StepInfo, failure_reason, generate
+from engine.generate import GenerationResult, StepInfo, failure_reason, generate
 from engine.request import GenerationRequest, describe_validation_error
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class EngineWorker:
     def __init__(self, store: Store, publisher: Publisher, settings: Settings,
                  load_models: Callable[[], ModelSet], memory: MemoryBudget | None = None) -> None:
         self.store = store
+        self.files = job_files(store, settings.output_dir)
         self.publisher = publisher
         self.settings = settings
         self.load_models = load_models
@@ -223,14 +225,14 @@ class EngineWorker:
         request: GenerationRequest | None = None
         try:
             request = GenerationRequest.stored(job.request_json)
+            saved = await self.files.read(checkpoint_path) if job.checkpoint_path else None
             # torch.load of a checkpoint takes a while on a large picture: off the event loop.
-            resume = await asyncio.to_thread(output.load_state, checkpoint_path) \
-                if job.checkpoint_path and checkpoint_path.is_file() else None
+            resume = await asyncio.to_thread(output.load_state, saved) if saved else None
 
             def on_step(info: StepInfo) -> None:  # runs in the engine thread
                 if info.state is None:
                     return
-                output.save_state(info.state, checkpoint_path)
+                self._keep_checkpoint(job, output.state_bytes(info.state), loop)
                 preview = encode_preview(info.preview, self.settings.preview_max_bytes)
                 first = resume.step if resume else 0
                 speed = (time.monotonic() - started) / max(1, info.step - first)
@@ -241,8 +243,12 @@ class EngineWorker:
                 return self._cancel_current.is_set() or self._stopping.is_set() or self._lease_lost.is_set()
 
             models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
-            result = await asyncio.to_thread(generate, request, models, on_step, should_stop, resume,
-                                             self.memory)
+            async with self.files.on_disk(request.init_image, request.continue_from) as (init, earlier):
+                result = await asyncio.to_thread(
+                    generate, request.model_copy(update={"init_image": init, "continue_from": earlier}),
+                    models, on_step, should_stop, resume, self.memory)
+            # The recipe names the job's own inputs, not the copies this machine ran from.
+            result.recipe["request"] = request.model_dump(mode="json")  # (the final state's recipe too)
             await self._settle()
 
             if self._lease_lost.is_set():
@@ -251,25 +257,28 @@ class EngineWorker:
                 return
             if result.cancelled and not self._cancel_current.is_set():
                 # Shutdown: keep the exact state so the next start finishes the same image.
-                await asyncio.to_thread(output.save_state, result.state, checkpoint_path)
-                await self.store.save_progress(job, result.state.step, str(checkpoint_path))
-                await self.store.requeue(job)
+                state = await asyncio.to_thread(output.state_bytes, result.state)
+                if await self.files.write(checkpoint_path, state, job):
+                    await self.store.save_progress(job, result.state.step, str(checkpoint_path))
+                    await self.store.requeue(job)
                 log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
                 return
             if result.cancelled:
                 await self.store.save_progress(job, result.state.step)
                 finished = await self.store.finish(job, "cancelled")
-                checkpoint_path.unlink(missing_ok=True)  # a cancelled job never resumes
+                await self.files.remove([checkpoint_path])  # a cancelled job never resumes
                 log.info("job %s: cancelled at step %s", job.id, result.state.step)
             else:
-                await asyncio.to_thread(self._save_result, result, png_path, state_path)
-                await self.store.save_progress(job, result.state.step,
-                                               seconds_per_step=result.seconds_per_step)
-                finished = await self.store.finish(job, "done", output_path=str(png_path),
-                                                   latent_path=str(state_path))
-                checkpoint_path.unlink(missing_ok=True)
-                log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
-                         result.seconds_per_step)
+                finished = None
+                if await self._keep_result(job, result, png_path, state_path):
+                    await self.store.save_progress(job, result.state.step,
+                                                   seconds_per_step=result.seconds_per_step)
+                    finished = await self.store.finish(job, "done", output_path=str(png_path),
+                                                       latent_path=str(state_path))
+                if finished is not None:
+                    await self.files.remove([checkpoint_path])
+                    log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
+                             result.seconds_per_step)
         except Exception as error:
             await self._settle()
             reason = failure_reason(error, request)
@@ -290,6 +299,28 @@ class EngineWorker:
             log.warning("job %s: its lease ran out before it finished; nothing of this run is kept", job.id)
             return
         self.publisher.deliver(finished)  # in the background: the next job starts now
+
+    def _keep_checkpoint(self, job: Job, state: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        """From the engine thread: keep the checkpoint before the run goes on, as a file written there
+        would be (with PostgreSQL it goes to the database, where any worker can resume it)."""
+        kept = asyncio.run_coroutine_threadsafe(self.files.write(self.paths(job)[2], state, job), loop)
+        try:
+            if not kept.result(timeout=self.settings.lease_s):
+                self._lease_lost.set()  # another worker has the job: this run stops within a step
+        except TimeoutError:  # the database is that slow or out of reach: the lease decides what happens
+            kept.cancel()
+            log.warning("job %s: its checkpoint could not be kept within %s s; going on", job.id,
+                        self.settings.lease_s)
+
+    async def _keep_result(self, job: Job, result: GenerationResult, png_path: Path,
+                           state_path: Path) -> bool:
+        """The PNGs (a batch's further images beside the first: job-7-2.png, ...) and the final state;
+        False when the job's claim no longer holds."""
+        encoded = await asyncio.to_thread(_result_files, result, png_path, state_path)
+        for path, data in encoded:
+            if not await self.files.write(path, data, job):
+                return False
+        return True
 
     async def _keep_lease(self, job: Job) -> None:
         """Renew the running job's lease a few times per LEASE_S. Once it is lost (this worker was cut
@@ -327,13 +358,6 @@ class EngineWorker:
             self.paused = None
             return
 
-    @staticmethod
-    def _save_result(result, png_path: Path, state_path: Path) -> None:
-        for index, image in enumerate(result.images):
-            path = png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}")
-            output.save_png(image, path, result.recipe)
-        output.save_state(result.state, state_path)
-
     async def _on_preview(self, job: Job, step: int, total: int, seconds_per_step: float,
                           preview: bytes | None) -> None:
         if not await self.store.save_progress(job, step, str(self.paths(job)[2]), seconds_per_step):
@@ -349,6 +373,12 @@ class EngineWorker:
         for error in results:
             if isinstance(error, Exception):
                 log.warning("a progress update failed: %s", error)
+
+
+def _result_files(result: GenerationResult, png_path: Path, state_path: Path) -> list[tuple[Path, bytes]]:
+    files = [(png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}"),
+              output.png_bytes(image, result.recipe)) for index, image in enumerate(result.images)]
+    return [*files, (state_path, output.state_bytes(result.state))]
 
 
 def _short(error: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -56,15 +57,21 @@ def recipe(request: GenerationRequest, models: Models) -> dict:
     return data
 
 
-def save_png(image: Image.Image, path: Path, recipe: dict) -> Path:
+def png_bytes(image: Image.Image, recipe: dict) -> bytes:
     """PNG with the recipe as JSON in a text chunk, and the prompt in the standard Description."""
     info = PngImagePlugin.PngInfo()
     info.add_text(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
     info.add_text("Description", recipe["request"]["prompt"])
     info.add_text("Software", recipe["engine"])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, recipe: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    path.write_bytes(png_bytes(image, recipe))
     return path
 
 
@@ -78,19 +85,27 @@ def state_path_for(png_path: Path) -> Path:
     return Path(png_path).with_suffix(".state.pt")
 
 
+def state_bytes(state: GenerationState) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"step": state.step, "latent": state.latent, "optimizer": state.optimizer,
+                "rng": state.rng, "rng_device": state.rng_device, "recipe": json.dumps(state.recipe)}, buffer)
+    return buffer.getvalue()
+
+
 def save_state(state: GenerationState, path: Path) -> Path:
     """Write atomically, so a crash mid-write never leaves a state that cannot be resumed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
-    torch.save({"step": state.step, "latent": state.latent, "optimizer": state.optimizer,
-                "rng": state.rng, "rng_device": state.rng_device, "recipe": json.dumps(state.recipe)}, temp)
+    temp.write_bytes(state_bytes(state))
     temp.replace(path)
     return path
 
 
-def load_state(path: Path) -> GenerationState:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+def load_state(source: Path | bytes) -> GenerationState:
+    """A saved state, from its file or its bytes."""
+    data = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                      weights_only=True)
     # States saved before the device was recorded: a CPU generator's state is far larger than a CUDA one's.
     rng_device = data.get("rng_device") or ("cpu" if data["rng"].numel() > 64 else "cuda")
     return GenerationState(step=data["step"], latent=data["latent"], optimizer=data["optimizer"],

@@ -14,6 +14,7 @@ import pytest
 
 from bot import preflight
 from bot.__main__ import main
+from bot.artifacts import job_files
 from bot.config import Settings
 from bot.store import NewJob, Store, migrate, only_bot_on
 from engine import weights
@@ -288,15 +289,20 @@ def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tm
 
 async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_path: Path, postgres: Postgres,
                                                                           monkeypatch, capsys) -> None:
-    """An admin growing past one GPU keeps the queue, limits, blocks, settings and both logs; new jobs
-    continue the numbering; a database with rows already is refused; a running bot is refused."""
+    """An admin growing past one GPU keeps the queue, limits, blocks, settings and both logs, and the
+    files still on disk (into the database, where workers reach them); new jobs continue the numbering;
+    a database with rows already is refused; a running bot is refused."""
     sqlite_path = tmp_path / "data" / "bot.sqlite3"
     old = await Store.open(sqlite_path)
     for user in (1, 2, 3):
         await old.enqueue(NewJob(request_json=json.dumps({"prompt": f"p{user}"}), channel_id=5, user_id=user,
                                  guild_id=7, total_steps=3), max_per_user=5, max_queue_length=5)
     done = await old.claim_next_job("me")
-    await old.finish(done, "done", output_path="job-1.png", latent_path="job-1.state.pt")
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "job-1.png").write_bytes(b"the picture")  # its state is gone already (removed by hand)
+    await old.finish(done, "done", output_path=str(out / "job-1.png"),
+                     latent_path=str(out / "job-1.state.pt"))
     await old.set_guild_limit(7, "max_steps", 50, actor_id=9, old_shown="1000", new_shown="50")
     await old.block(7, 3, "spam", actor_id=9)
     await old.update_member_defaults(7, 2, {"steps": 5})
@@ -310,8 +316,10 @@ async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_p
             assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 2
         assert "another bot (process" in capsys.readouterr().err
         assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 0
-        assert "3 jobs" in capsys.readouterr().out
+        assert "3 jobs" in (shown := capsys.readouterr().out) and "1 job files" in shown
         new = await Store.open(url)
+        assert await new.artifact_names("") == ["job-1.png"]
+        assert await job_files(new, tmp_path / "elsewhere").read(before[0].output_path) == b"the picture"
         assert [await new.get(n) for n in (1, 2, 3)] == before
         assert await new.guild_limits(7) == {"max_steps": 50}
         assert await new.member_defaults(7, 2) == {"steps": 5}

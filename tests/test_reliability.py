@@ -119,10 +119,11 @@ async def test_a_second_bot_on_the_same_database_refuses_to_start_naming_the_fir
 
 async def test_a_full_disk_fails_one_job_pauses_the_queue_and_it_resumes_when_space_returns(
         fake: FakeDiscord, tmp_path: Path) -> None:
-    """ENOSPC for real: the picture's file and the engine's probe write go to /dev/full."""
+    """ENOSPC for real: the picture's file (written under a temporary name, then renamed) and the
+    engine's probe write go to /dev/full."""
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    full = [outputs / "job-1.png", outputs / ".free-space-probe"]
+    full = [outputs / "job-1.png.tmp", outputs / ".free-space-probe"]
     for path in full:
         path.symlink_to("/dev/full")
     async with BotRunner(bot_settings(fake, tmp_path, default_steps=2)) as bot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.artifacts import job_files
 from bot.retention import sweep
 from bot.store import Job, NewJob, Store
 from engine.request import GenerationRequest
@@ -109,7 +111,7 @@ async def test_a_disk_cap_removes_the_oldest_first_until_under_it(store: Store, 
         squeezed = await sweep(store, out, max_bytes=100)
     assert squeezed.expired == [jobs[2].id, jobs[3].id] and squeezed.used_bytes == 500
     assert (out / "checkpoints" / f"job-{running.id}.state.pt").is_file()  # a running job keeps its own
-    assert "still holds" in caplog.text
+    assert "still take" in caplog.text
 
 
 async def test_the_bot_sweeps_at_start_up(fake: FakeDiscord, tmp_path: Path) -> None:
@@ -140,3 +142,61 @@ async def test_an_expired_jobs_init_image_goes_with_it(store: Store, tmp_path: P
     assert result.expired == [failed.id]
     assert not (inputs / "init-1.png").exists() and (inputs / "init-2.png").exists()
     assert recent.id not in result.expired
+
+
+async def backdate(store: Store, job_id: int, days_ago: float) -> None:
+    """As if the job had finished `days_ago` days ago (its row, in whichever database)."""
+    when = time.time() - days_ago * DAY
+    if store.on_postgresql:
+        await store.db.execute("UPDATE jobs SET finished_at = $1 WHERE id = $2", when, job_id)
+    else:
+        async with store._lock:
+            await store.db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (when, job_id))
+
+
+async def test_retention_reaches_the_files_wherever_the_store_keeps_them(database: str,
+                                                                        tmp_path: Path) -> None:
+    """On PostgreSQL a job's files are rows (bot/artifacts.py): the same sweep, by age and by size,
+    keeping what a waiting job continues from."""
+    store = await Store.open(database)
+    out = tmp_path / "outputs"
+    files = job_files(store, out)
+
+    async def finished(days_ago: float, status: str = "done") -> Job:
+        request = GenerationRequest(prompt="a", seed=1).model_dump_json()
+        await store.enqueue(NewJob(request_json=request, channel_id=1, user_id=1, total_steps=3),
+                            max_per_user=99, max_queue_length=99)
+        job = await store.claim_next_job()
+        png, state, checkpoint = out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt", \
+            out / "checkpoints" / f"job-{job.id}.state.pt"
+        if status == "done":
+            assert await files.write(png, b"p" * 1000, job) and await files.write(state, b"s" * 1000, job)
+            await store.finish(job, "done", output_path=str(png), latent_path=str(state))
+        else:
+            assert await files.write(checkpoint, b"c" * 2000, job)
+            await store.save_progress(job, 1, str(checkpoint))
+            await store.finish(job, status)
+        await store.mark_posted(job.id)
+        await backdate(store, job.id, days_ago)
+        return await store.get(job.id)
+
+    parent = await finished(45)
+    old = await finished(40)
+    cancelled = await finished(35, status="cancelled")
+    recent = await finished(2)
+    continuing = json.dumps({"prompt": "more", "seed": 2, "continue_from": parent.latent_path})
+    await store.enqueue(NewJob(request_json=continuing, channel_id=1, user_id=1, total_steps=3),
+                        max_per_user=99, max_queue_length=99)
+    assert await files.used_bytes() == 8000
+
+    result = await sweep(store, out, retention_days=30)
+    assert result.expired == [old.id, cancelled.id]
+    assert (result.freed_bytes, result.used_bytes) == (4000, 4000)
+    assert await files.read(old.output_path) is None and await files.checkpoints() == []
+    assert await files.read(parent.latent_path) == b"s" * 1000  # the waiting job goes on from it
+
+    capped = await sweep(store, out, max_bytes=2000)
+    assert capped.expired == [recent.id] and await files.read(recent.output_path) is None
+    assert [job.expired_at is not None for job in [await store.get(j.id) for j in (old, recent, parent)]] == \
+        [True, True, False]
+    await store.close()

@@ -4,10 +4,14 @@ PostgreSQL queue, against the loopback Discord."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from bot.app import ImagineBot
+from bot.config import Settings
 from tests.botrunner import (
     BotRunner,
     WorkerRunner,
@@ -18,7 +22,7 @@ from tests.botrunner import (
     wait_for_reply,
 )
 from tests.conftest import new_database
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeFile
 from tests.postgres import Postgres
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,3 +58,63 @@ async def test_workers_run_the_queue_of_a_bot_without_an_engine(fake: FakeDiscor
         finals = [r for r in fake.requests_matching("PATCH", r"/webhooks/\d+/[^/]+/messages/\d+")
                   if r.files and r.files[0].filename.endswith(".png")]
         assert len(finals) == 1  # the one finished picture, posted once
+
+
+def pixels(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.tobytes()
+
+
+async def progressed(bot: ImagineBot, job_id: int, step: int) -> bool:
+    job = await bot.store.get(job_id)
+    return job is not None and job.step >= step
+
+
+async def test_on_postgresql_a_jobs_files_reach_every_machine_through_the_database(
+        fake: FakeDiscord, tmp_path: Path, postgres: Postgres) -> None:
+    """Each process with an OUTPUT_DIR of its own, as on separate machines: the init image the gateway
+    kept, the checkpoint one worker wrote and another resumed, the PNG and state a worker made (posted,
+    continued, deleted from the gateway) all go through PostgreSQL, and not one lands on a disk."""
+    async with new_database(postgres) as url:
+        # Progress no faster than Discord takes it: these "machines" share one process, and so discord.py's
+        # webhook locks; one cancelled (gpu-1 stopping) while waiting out a 429 is never released.
+        base = bot_settings(fake, tmp_path, database_url=url, progress_interval_s=1.0)
+
+        def machine(name: str) -> Settings:
+            return base.model_copy(update={"output_dir": tmp_path / name, "worker_name": name})
+
+        start = io.BytesIO()
+        Image.new("RGB", (80, 80), (0, 0, 255)).save(start, format="PNG")
+        request = {"prompt": "a lighthouse", "steps": 40, "seed": 3}
+        async with BotRunner(machine("gateway").model_copy(update={"engine": False})) as bot:
+            async with WorkerRunner(machine("gpu-1")):
+                resumed = await fake.send_slash_command(
+                    "imagine", {**request, "init_image": FakeFile("start.png", start.getvalue())})
+                await eventually(lambda: progressed(bot, 1, 10))
+            # gpu-1 stopped mid-job: it kept its state for whichever worker comes next
+            assert (await bot.store.get(1)).status == "queued"
+            async with WorkerRunner(machine("gpu-2")):
+                first = await wait_for_reply(fake, resumed, "✅", timeout=60)
+                # The same request run by one worker from the start: the same pixels (the recipes name
+                # each job's own copy of the init image).
+                again = await fake.send_slash_command(
+                    "imagine", {**request, "init_image": FakeFile("start.png", start.getvalue())})
+                whole = await wait_for_reply(fake, again, "✅", timeout=60)
+                assert pixels(first.attachment_bytes(0)) == pixels(whole.attachment_bytes(0))
+                assert recipe_of(first.attachment_bytes(0))["request"]["init_image"].endswith(
+                    f"init-{resumed.id}.png")
+
+                asking = await fake.wait_for_response(await fake.click_button("job:continue:1", first))
+                more = await fake.submit_modal(asking, {"steps": "4"})
+                continued = recipe_of((await wait_for_reply(fake, more, "✅")).attachment_bytes(0))
+                assert continued["continued_from"]["request"]["seed"] == 3
+
+            names = set(await bot.store.artifact_names(""))
+            assert {"job-1.png", "job-1.state.pt", f"inputs/init-{resumed.id}.png"} <= names
+            assert not any(name.startswith("checkpoints/") for name in names)  # the finished jobs' went
+            deleting = await fake.click_button("job:delete:1", first)
+            await fake.wait_until(lambda: deleting.followup_ids, 10)
+            left = set(await bot.store.artifact_names(""))
+            assert not {"job-1.png", "job-1.state.pt", f"inputs/init-{resumed.id}.png"} & left
+            assert "job-2.png" in left
+    assert not [path for path in tmp_path.rglob("*") if path.name.startswith(("job-", "init-"))]

@@ -24,6 +24,7 @@ from engine.request import MAX_SEED, GenerationRequest, describe_validation_erro
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
+    from bot.artifacts import JobFiles
     from bot.store import Job
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class Imagine(commands.Cog):
             raise UserError(f"Model: {fields['model']!r} is not installed on this bot; pick one of "
                             f"{', '.join(installed)}.")
         try:
-            return GenerationRequest(**fields)
+            # The files a request names are the bot's own, checked where they are kept (bot/artifacts.py;
+            # with PostgreSQL not on this disk), not by the engine's check for paths people type.
+            return GenerationRequest.model_validate(fields, context={"stored": True})
         except ValidationError as error:
             raise UserError(f"That request isn't valid — {describe_validation_error(error)}.") from None
 
@@ -151,7 +154,7 @@ class Imagine(commands.Cog):
                     cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
             except BaseException as error:
                 if path is not None:  # a refused request leaves nothing behind
-                    path.unlink(missing_ok=True)
+                    await self.bot.files.remove([path])
                 if not isinstance(error, UserError | QueueFull):
                     raise
                 message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
@@ -167,18 +170,16 @@ class Imagine(commands.Cog):
     async def keep_init_image(self, source: discord.Attachment | Path, path: Path, max_pixels: int) -> None:
         """Download, check and decode an upload (off the event loop), or copy a parent job's, to `path`."""
         if isinstance(source, Path):
-            try:
-                await asyncio.to_thread(init_images.copy, source, path)
-            except FileNotFoundError:
+            if not await self.bot.files.copy(source, path):
                 raise UserError("The init image of that picture is gone (deleted or expired), so it "
-                                "can't be re-rolled with it.") from None
+                                "can't be re-rolled with it.")
             return
         data = await source.read()
         try:
             image = await asyncio.to_thread(init_images.decode, data, source.filename, max_pixels)
         except init_images.InitImageError as error:
             raise UserError(str(error)) from None
-        await asyncio.to_thread(init_images.save, image, path)
+        await self.bot.files.write(path, await asyncio.to_thread(init_images.encode, image))
 
     # --- buttons and the forms they open ------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class Imagine(commands.Cog):
             elif action == "recipe":
                 await self.show_recipe(interaction, job)
             elif action == "continue":
-                saved_latent(job)
+                await saved_latent(self.bot.files, job)
                 limits = await guild_limits(self.bot, interaction.guild_id)
                 await interaction.response.send_modal(views.continue_form(
                     job.id, min(self.bot.settings.default_steps, limits.max_steps), limits.max_steps))
@@ -250,13 +251,13 @@ class Imagine(commands.Cog):
         """A new job made from this one: re-roll (new seed), variation (its latent, a little noise, new
         seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
         same seed). Queued for the member who asks, under their limits. UserError says why not."""
-        fields, init_from = follow_up_fields(interaction, job, action, values or {})
+        fields, init_from = await follow_up_fields(self.bot.files, interaction, job, action, values or {})
         await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from,
                           private=bool(job.private))
 
 
-def follow_up_fields(interaction: discord.Interaction, job: Job, action: str,
-                     values: dict[str, str]) -> tuple[dict[str, Any], Path | None]:
+async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, job: Job, action: str,
+                           values: dict[str, str]) -> tuple[dict[str, Any], Path | None]:
     """The new job's request fields, and the init image to copy for it."""
     if job.deleted_at is not None:
         raise UserError(f"Job #{job.id} was deleted, so nothing more can be made from it.")
@@ -271,35 +272,35 @@ def follow_up_fields(interaction: discord.Interaction, job: Job, action: str,
     # Only a retry keeps what the job started from (a retry is the same request again).
     fields = GenerationRequest.stored(job.request_json).model_dump(
         exclude=set() if action == "retry" else {"continue_from", "variation"})
-    if fields.get("continue_from") and not Path(fields["continue_from"]).is_file():
+    if fields.get("continue_from") and not await files.exists(fields["continue_from"]):
         raise UserError(f"Job #{job.id} went on from another picture whose saved state is gone (deleted "
                         "or expired), so it can't be retried.")
     if action in ("reroll", "vary"):
         fields["seed"] = None  # a new seed is drawn
     if action == "vary":
-        fields.update(continue_from=saved_latent(job), init_image=None, variation=VARIATION_NOISE,
-                      steps=max(1, fields["steps"] // VARIATION_SHARE))
+        fields.update(continue_from=await saved_latent(files, job), init_image=None,
+                      variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
     if action == "continue":
         steps = values.get("steps", "").strip()
         if not steps.isdecimal():
             raise UserError(f"Steps: {steps!r} is not a whole number; press Continue again and type how "
                             "many more steps, e.g. 100.")
-        fields.update(continue_from=saved_latent(job), init_image=None, steps=int(steps))
+        fields.update(continue_from=await saved_latent(files, job), init_image=None, steps=int(steps))
     if action == "edit":
         fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
                       style=values.get("style", ""))
     init_from = None
     if fields.get("init_image"):
         init_from = Path(fields.pop("init_image"))  # copied for the new job
-        if not init_from.is_file():
+        if not await files.exists(init_from):
             raise UserError(f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be "
                             "made again with it.")
     return fields, init_from
 
 
-def saved_latent(job: Job) -> Path:
+async def saved_latent(files: JobFiles, job: Job) -> Path:
     """The finished picture's saved latent, to continue or vary; UserError if there is none."""
-    if job.status == "done" and job.latent_path and Path(job.latent_path).is_file():
+    if job.status == "done" and job.latent_path and await files.exists(job.latent_path):
         return Path(job.latent_path)
     why = ("it has not finished" if job.status in ("queued", "running") else
            f"it {job.status}" if job.status != "done" else "its saved state is gone (deleted or expired)")

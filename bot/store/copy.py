@@ -1,16 +1,22 @@
 """`python -m bot copy-to-postgresql`: a SQLite database's queue, limits, blocks, members' settings and
 both logs, copied into the empty PostgreSQL database DATABASE_URL names, for an admin who grows past one
-GPU and keeps the history. Run with the bot stopped; the SQLite file is only read.
+GPU and keeps the history; with them the jobs' files (PNGs, saved states, checkpoints, init images),
+which on PostgreSQL live in the database. Run with the bot stopped; the SQLite file and the files are
+only read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
+import asyncpg
 from sqlalchemy import Double, Integer, Table
 
-from bot.store import Store
-from bot.store.schema import metadata
+from bot.artifacts import artifact_name, files_of
+from bot.store import Job, Store
+from bot.store.schema import jobs, metadata
 
 
 class NotEmpty(RuntimeError):
@@ -18,8 +24,9 @@ class NotEmpty(RuntimeError):
 
 
 async def copy_to_postgresql(path: Path | str, url: str) -> dict[str, int]:
-    """Copy every table's rows; returns how many per table. Both schemas are brought to the latest
-    revision first; the copy runs in one transaction, so it lands whole or not at all."""
+    """Copy every table's rows, and the files the jobs name that are still on this disk; returns how
+    many rows per table, and "job files". Both schemas are brought to the latest revision first;
+    the copy runs in one transaction, so it lands whole or not at all."""
     source, target = await Store.open(path), await Store.open(url)
     try:
         async with target.db.acquire() as connection, connection.transaction():
@@ -32,6 +39,8 @@ async def copy_to_postgresql(path: Path | str, url: str) -> dict[str, int]:
                 order = " ORDER BY id" if "id" in table.c else ""
                 async with source.db.execute(f"SELECT * FROM {table.name}{order}") as cursor:
                     rows = [_typed(table, dict(row)) for row in await cursor.fetchall()]
+                if table is jobs:
+                    every_job = [Job(**row) for row in rows]
                 if rows:
                     columns = list(rows[0])
                     await connection.copy_records_to_table(
@@ -41,10 +50,28 @@ async def copy_to_postgresql(path: Path | str, url: str) -> dict[str, int]:
                         f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
                         f"coalesce((SELECT max(id) FROM {table.name}), 0) + 1, false)")
                 copied[table.name] = len(rows)
+            copied["job files"] = await _copy_files(every_job, connection)
         return copied
     finally:
         await target.close()
         await source.close()
+
+
+async def _copy_files(jobs: list[Job], connection: asyncpg.Connection) -> int:
+    """Each job's files, one at a time (together they may be far larger than memory)."""
+    written = time.time()
+    count = 0
+    for job in jobs:
+        for path in files_of(job):
+            try:
+                data = await asyncio.to_thread(path.read_bytes)
+            except FileNotFoundError:
+                continue  # removed by retention, a delete, or by hand: the row says so or not, as before
+            await connection.execute(
+                "INSERT INTO artifacts (name, job_id, attempt, data, written_at) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (name) DO NOTHING", artifact_name(path), job.id, job.attempt, data, written)
+            count += 1
+    return count
 
 
 def _typed(table: Table, row: dict) -> dict:
