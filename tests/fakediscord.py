@@ -5,7 +5,9 @@ discord.py 2.7.1 to log in, receive events and answer interactions, all on 127.0
 
 * Gateway (websocket, JSON text frames, compression ignored): HELLO → heartbeat/ACK → IDENTIFY →
   READY → GUILD_CREATE per guild; RESUME with replay of missed events; REQUEST_GUILD_MEMBERS;
-  server-side drops, RECONNECT and INVALID_SESSION for reconnect tests.
+  server-side drops, RECONNECT and INVALID_SESSION for reconnect tests. Sharding as Discord does it:
+  a session identified with ``shard: [id, count]`` gets only its guilds' events ((guild_id >> 22) %
+  count == id) and shard 0 the DMs'; an impossible shard closes with 4010.
 * A small world: an application whose bot user shares its id, guilds with roles, text channels and
   members (a plain member "alice" by default; helpers add moderators and more).
 * Interactions: slash commands (sub-commands, groups, typed options, resolved users/channels/roles/
@@ -210,6 +212,17 @@ def _walk_components(components: Iterable[dict[str, Any]]) -> Iterator[dict[str,
         yield from _walk_components(comp.get("components", []))
         if isinstance(comp.get("accessory"), dict):
             yield from _walk_components([comp["accessory"]])
+
+
+GUILD_EVENTS = ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE")  # their "id" is the guild's
+
+
+def _guild_of(event: str, data: Any) -> int | None:
+    """The guild an event belongs to (which decides its shard); None for a DM's."""
+    if not isinstance(data, dict):
+        return None
+    raw = data.get("id") if event in GUILD_EVENTS else data.get("guild_id")
+    return int(raw) if raw is not None else None
 
 
 def _form_error(field_path: str, code: str, message: str) -> _ApiError:
@@ -664,6 +677,18 @@ class GatewaySession:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.ws.closed
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """[shard id, shard count] as IDENTIFY gave them; [0, 1] without sharding."""
+        shard_id, count = self.identify.get("shard") or (0, 1)
+        return shard_id, count
+
+    def receives(self, guild_id: int | None) -> bool:
+        """Discord sends a guild's events only to the shard (guild_id >> 22) % count, and DMs to
+        shard 0."""
+        shard_id, count = self.shard
+        return shard_id == (0 if guild_id is None else (guild_id >> 22) % count)
+
 
 # ---------------------------------------------------------------------------------------------
 # The server
@@ -715,6 +740,7 @@ class FakeDiscord:
 
         self.requests: list[RecordedRequest] = []
         self.gateway_frames: list[tuple[str, dict[str, Any]]] = []  # ("recv"|"send", frame)
+        self.recommended_shards = 1  # what GET /gateway/bot advises
         self.sessions: dict[str, GatewaySession] = {}
         self.messages: dict[int, FakeMessage] = {}
         self.interactions: dict[int, FakeInteraction] = {}
@@ -798,12 +824,17 @@ class FakeDiscord:
         return (ms << 22) | (self._counter & 0x3FFFFF)
 
     def add_guild(
-        self, name: str, *, owner: FakeUser | None = None, channel_name: str = "general"
+        self, name: str, *, owner: FakeUser | None = None, channel_name: str = "general",
+        shard: tuple[int, int] | None = None,
     ) -> FakeGuild:
         """A guild with an @everyone role, one text channel, the bot (with its managed role) and
-        the owner as members. A connected client gets a GUILD_CREATE (the bot "joined")."""
+        the owner as members. A connected client gets a GUILD_CREATE (the bot "joined").
+        ``shard=(id, count)``: a guild whose id (its creation time) puts it on that shard."""
         owner = owner or self.owner
-        guild = FakeGuild(self._snowflake(), name, owner.id)
+        guild_id = self._snowflake()
+        while shard is not None and (guild_id >> 22) % shard[1] != shard[0]:
+            guild_id += 1 << 22  # made a millisecond later
+        guild = FakeGuild(guild_id, name, owner.id)
         guild.roles[guild.id] = FakeRole(guild.id, "@everyone", DEFAULT_EVERYONE_PERMISSIONS)
         bot_role = FakeRole(self._snowflake(), self.bot_user.username, DEFAULT_EVERYONE_PERMISSIONS,
                             position=1, managed=True)
@@ -872,7 +903,7 @@ class FakeDiscord:
         intents ask for them). They are sent, in order, just before the next event the fake
         dispatches (so an interaction never arrives before the role it mentions), or by
         ``flush_events()``. A client that identifies later sees them in GUILD_CREATE instead."""
-        for sess in self._live_sessions():
+        for sess in self._sessions_for(_guild_of(event, data)):
             if sess.intents & intent:
                 sess._pending.append((event, data))
 
@@ -1312,7 +1343,7 @@ class FakeDiscord:
     async def _get_gateway_bot(self, request: web.Request) -> web.Response:
         return _json_response({
             "url": self.gateway_url,
-            "shards": 1,
+            "shards": self.recommended_shards,
             "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0,
                                     "max_concurrency": 1},
         })
@@ -1719,7 +1750,7 @@ class FakeDiscord:
         if msg.ephemeral:
             return
         intent = INTENT_GUILD_MESSAGES if msg.guild_id is not None else INTENT_DIRECT_MESSAGES
-        for sess in self._live_sessions():
+        for sess in self._sessions_for(msg.guild_id):
             if sess.intents & intent:
                 await self._dispatch_to(sess, event, msg.data)
 
@@ -1732,7 +1763,7 @@ class FakeDiscord:
         data: dict[str, Any] = {"id": str(msg.id), "channel_id": str(msg.channel_id)}
         if msg.guild_id is not None:
             data["guild_id"] = str(msg.guild_id)
-        for sess in self._live_sessions():
+        for sess in self._sessions_for(msg.guild_id):
             if sess.intents & intent:
                 await self._dispatch_to(sess, "MESSAGE_DELETE", data)
 
@@ -1998,6 +2029,10 @@ class FakeDiscord:
     def _live_sessions(self) -> list[GatewaySession]:
         return [s for s in self.sessions.values() if not s.ended]
 
+    def _sessions_for(self, guild_id: int | None) -> list[GatewaySession]:
+        """The live sessions a guild's events go to (its shard's), or a DM's (shard 0's)."""
+        return [s for s in self._live_sessions() if s.receives(guild_id)]
+
     @property
     def session(self) -> GatewaySession | None:
         """The most recently identified session that has not ended."""
@@ -2036,8 +2071,9 @@ class FakeDiscord:
         await self._notify()
 
     async def dispatch(self, event: str, data: Any) -> None:
-        """Send a DISPATCH event to every live session (buffered for RESUME if disconnected)."""
-        for sess in self._live_sessions():
+        """Send a DISPATCH event to the live sessions of its guild's shard (buffered for RESUME if
+        disconnected)."""
+        for sess in self._sessions_for(_guild_of(event, data)):
             await self._dispatch_to(sess, event, data)
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
@@ -2088,6 +2124,12 @@ class FakeDiscord:
             conn.closed_by_server = True
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
+        shard = d.get("shard", [0, 1])
+        if not (isinstance(shard, list) and len(shard) == 2 and all(type(n) is int for n in shard)
+                and shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            conn.closed_by_server = True
+            await conn.ws.close(code=4010, message=b"Invalid shard.")
+            return
         sess = GatewaySession(
             session_id=secrets.token_hex(16),
             identify={k: v for k, v in d.items() if k != "token"},
@@ -2095,13 +2137,14 @@ class FakeDiscord:
         )
         sess._conn, conn.session = conn, sess
         self.sessions[sess.session_id] = sess
+        guilds = [guild for guild in self.guilds.values() if sess.receives(guild.id)]
         await self._dispatch_to(sess, "READY", {
             "v": API_VERSION,
             "user": {**self.bot_user.to_json(), "verified": True, "mfa_enabled": False, "flags": 0},
-            "guilds": [{"id": str(g), "unavailable": True} for g in self.guilds],
+            "guilds": [{"id": str(guild.id), "unavailable": True} for guild in guilds],
             "session_id": sess.session_id,
             "resume_gateway_url": self.gateway_url,
-            "shard": d.get("shard", [0, 1]),
+            "shard": shard,
             "application": {"id": str(self.application_id), "flags": 0},
             "private_channels": [],
             "relationships": [],
@@ -2111,7 +2154,7 @@ class FakeDiscord:
             "user_settings": {},
             "_trace": ["fake-discord"],
         })
-        for guild in self.guilds.values():
+        for guild in guilds:
             await self._dispatch_to(sess, "GUILD_CREATE", guild.to_json())
         sess.ready = True
 

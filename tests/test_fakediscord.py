@@ -8,6 +8,7 @@ injects (429 with Via, 5xx, expired interaction tokens, deleted messages, late a
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 from collections.abc import AsyncIterator
@@ -103,9 +104,9 @@ class ProbeBot(discord.Client):
     """Records what its handlers saw in ``results``; ``held`` keeps deferred interactions so a
     test can act on them later (as a queue worker would)."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         # guild_ready_timeout: on_ready fires this long after the last GUILD_CREATE (default 2 s).
-        super().__init__(intents=discord.Intents.default(), guild_ready_timeout=0.05)
+        super().__init__(intents=discord.Intents.default(), guild_ready_timeout=0.05, **options)
         self.tree = app_commands.CommandTree(self)
         self.results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.held: dict[int, discord.Interaction] = {}
@@ -709,3 +710,43 @@ def test_modals_break_discords_rules_at_the_fake_too(change: dict, field: str) -
     with pytest.raises(Exception, match="Invalid Form Body") as refused:
         FakeDiscord._validate_modal({**good, **change})
     assert field in str(refused.value.errors)
+
+
+async def test_each_shard_gets_its_own_guilds_events_and_shard_0_the_dms(
+        fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discord sends a guild's events to the shard (guild_id >> 22) % shard_count only, and DMs to
+    shard 0; IDENTIFY with an impossible shard is closed with 4010."""
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    guilds = {shard: fake.add_guild(f"guild of shard {shard}", shard=(shard, 2)) for shard in (0, 1)}
+    heard: dict[int, list[tuple[int | None, str]]] = {0: [], 1: []}
+    clients = []
+    for shard in (0, 1):
+        client = ProbeBot(shard_id=shard, shard_count=2)
+        client.on_interaction = functools.partial(_record, heard[shard])
+        clients.append(client)
+    runners = [asyncio.create_task(client.start(DUMMY_TOKEN)) for client in clients]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client.wait_until_ready() for client in clients)), 10)
+        for shard, client in enumerate(clients):  # READY and GUILD_CREATE: its own guilds only
+            assert {g.id for g in client.guilds} == {g for g in fake.guilds if (g >> 22) % 2 == shard}
+            assert guilds[shard].id in {g.id for g in client.guilds}
+        for guild in guilds.values():
+            await fake.send_slash_command("ping", guild=guild)
+        await fake.send_slash_command("ping", dm=True)
+        await fake.wait_until(lambda: len(heard[0]) + len(heard[1]) == 3, 5)
+        assert heard == {0: [guilds[0].id, None], 1: [guilds[1].id]}
+    finally:
+        for client in clients:
+            await client.close()
+        await asyncio.gather(*runners, return_exceptions=True)
+
+    wrong = ProbeBot(shard_id=2, shard_count=2)
+    with pytest.raises(discord.ConnectionClosed) as closed:
+        await asyncio.wait_for(wrong.start(DUMMY_TOKEN), 10)
+    await wrong.close()
+    assert closed.value.code == 4010
+
+
+async def _record(into: list, interaction: discord.Interaction) -> None:
+    into.append(interaction.guild_id)
