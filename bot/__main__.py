@@ -226,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as error:
         first = error.errors()[0]
-        print(f"error: invalid setting {str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        where = f"setting {str(first['loc'][0]).upper()}" if first["loc"] else "settings"  # several at once
+        print(f"error: invalid {where}: {first['msg']}", file=sys.stderr)
         return 2
     if args.command == "check" and args.live:
         return health.report([health.check_live(settings.database_path,
-                                                settings.worker_name if args.worker else None)])
+                                                settings.worker_name if args.worker else None,
+                                                settings.own_shards)])
     if args.command == "check":
         from bot import preflight
 
@@ -257,6 +259,11 @@ def serve(settings: Settings, worker: bool = False) -> int:
         return 2
     if worker:  # a worker is an engine, whatever ENGINE says (the bot's .env may say off)
         settings = settings.model_copy(update={"engine": True})
+    if settings.own_shards is not None and settings.database_url is None:
+        print(f"error: SHARD_IDS={settings.shard_ids} runs some of the {settings.shard_count} shards here "
+              "and the rest in other processes, which share the queue through PostgreSQL: set DATABASE_URL "
+              "too, or leave SHARD_IDS unset to run every shard here", file=sys.stderr)
+        return 2
     if not settings.engine and settings.database_url is None:
         print("error: ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL: "
               "set DATABASE_URL too, or leave ENGINE on with the SQLite file", file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import discord
@@ -77,7 +78,7 @@ class ImagineTree(app_commands.CommandTree):
         await answer_unexpected(interaction, error)
 
 
-class ImagineBot(commands.Bot):
+class ImagineBot(commands.AutoShardedBot):
     def __init__(self, settings: Settings, store: Store, load_models: Callable[[], ModelSet] | None = None,
                  clock: Callable[[], float] = time.time, guild_ready_timeout: float = 2.0) -> None:
         # Interactions arrive whatever the intents; `guilds` keeps servers, channels and roles known.
@@ -85,6 +86,8 @@ class ImagineBot(commands.Bot):
         super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
                          connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS),
                          guild_ready_timeout=guild_ready_timeout, help_command=None, tree_cls=ImagineTree,
+                         # Every shard here unless SHARD_IDS names some (the rest run in other processes).
+                         shard_count=settings.shard_count, shard_ids=settings.shard_ids,
                          # Declared to Discord: servers (and DMs if allowed), installed to servers only.
                          allowed_contexts=app_commands.AppCommandContext(
                              guild=True, dm_channel=settings.allow_dms, private_channel=False),
@@ -113,7 +116,8 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(JobButton)  # buttons of earlier runs keep working
-        await self.sync_commands()
+        if self.settings.own_shards is None or 0 in self.settings.own_shards:  # one process syncs, not each
+            await self.sync_commands()
         if self.worker is not None:
             self.engine_task = asyncio.create_task(self.worker.supervise(), name="engine")
         else:
@@ -121,8 +125,12 @@ class ImagineBot(commands.Bot):
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")
         self.unposted_task = asyncio.create_task(self._sweep_unposted(), name="unposted results")
         self.health_task = asyncio.create_task(
-            health.keep_reporting(health.health_path(self.settings.database_path), self.engine_state),
+            health.keep_reporting(self.health_file, self.engine_state),
             name="health")
+
+    @property
+    def health_file(self) -> Path:
+        return health.health_path(self.settings.database_path, shards=self.settings.own_shards)
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:  # a guild sync shows up at once; a global one can take a while
@@ -179,6 +187,6 @@ class ImagineBot(commands.Bot):
         for task in (self.unposted_task, self.health_task):
             if task is not None:
                 task.cancel()
-        health.health_path(self.settings.database_path).unlink(missing_ok=True)  # stopped, not unhealthy
+        self.health_file.unlink(missing_ok=True)  # stopped, not unhealthy
         await self.publisher.close(grace_s=DELIVERY_GRACE_S)
         await super().close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -27,6 +28,10 @@ class Settings(BaseSettings):
     # Where the bot answers: only these servers (empty: any server that invites it), and DMs or not.
     allowed_guilds: list[int] = Field(default_factory=list)
     allow_dms: bool = False
+    # Sharding: SHARD_COUNT shards in all (unset: as many as Discord advises), and which of them this
+    # process runs (SHARD_IDS=[0,1]; unset: all). Splitting them over processes needs DATABASE_URL.
+    shard_count: int | None = Field(None, ge=1)
+    shard_ids: list[int] | None = None
 
     # Storage
     database_path: Path = Path("data/bot.sqlite3")
@@ -101,6 +106,27 @@ class Settings(BaseSettings):
             # The first @ would end the password for the driver: its rest taken for the host, and shown.
             raise ValueError("has an @ in the password: percent-encode it (%40), and : / ? # [ ] too")
         return value
+
+    @model_validator(mode="after")
+    def _shards_of_the_count(self) -> Self:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("SHARD_IDS needs SHARD_COUNT: how many shards there are in all")
+        if not self.shard_ids or len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError(f"SHARD_IDS {self.shard_ids} must list each of this process's shards once")
+        if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
+            raise ValueError(f"SHARD_IDS {self.shard_ids}: shards are numbered 0 to {self.shard_count - 1} "
+                             f"with SHARD_COUNT={self.shard_count}")
+        return self
+
+    @property
+    def own_shards(self) -> list[int] | None:
+        """The shards this process runs when it runs only some (the rest run elsewhere, on the same
+        database); None when it runs every shard."""
+        if self.shard_ids is None or len(self.shard_ids) == self.shard_count:
+            return None
+        return sorted(self.shard_ids)
 
     @field_validator("log_level")
     @classmethod

@@ -23,10 +23,14 @@ HEALTH_INTERVAL_S = 15.0
 STALE_AFTER_S = 4 * HEALTH_INTERVAL_S
 
 
-def health_path(database_path: Path, worker: str | None = None) -> Path:
-    """The bot's health file; an engine worker process (`python -m bot worker`) has its own."""
+def health_path(database_path: Path, worker: str | None = None, shards: list[int] | None = None) -> Path:
+    """The bot's health file; an engine worker process (`python -m bot worker`) has its own, and so has
+    a bot process that runs only some of the shards (`SHARD_IDS`)."""
     if worker is not None:
         return database_path.with_name(f"worker-{worker}.health.json")
+    if shards is not None:
+        numbers = "-".join(map(str, shards))
+        return database_path.with_name(f"{database_path.stem}-shards-{numbers}.health.json")
     return database_path.with_name(database_path.stem + ".health.json")
 
 
@@ -85,10 +89,10 @@ class Check:
         return f"{self.status.upper():<4}  {self.name}: {self.detail}"
 
 
-def check_live(database_path: Path, worker: str | None = None) -> Check:
+def check_live(database_path: Path, worker: str | None = None, shards: list[int] | None = None) -> Check:
     """The running bot's own report (or, with `worker`, an engine worker's): no GPU is touched, and
     nothing heavy is imported (the container runs this every 30 s)."""
-    path = health_path(database_path, worker)
+    path = health_path(database_path, worker, shards)
     trouble = problem(path)
     if trouble:
         return Check("live", "fail", trouble)

@@ -4,6 +4,9 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from bot.__main__ import RedactSecrets
 from bot.config import Settings
 
@@ -29,3 +32,15 @@ def test_tokens_are_redacted_from_log_lines(caplog) -> None:
     text = caplog.text
     assert token not in text and "aW50ZXJhY3Rpb24tdG9rZW4" not in text
     assert "webhooks/123/[token]/messages/9" in text and "interactions/456/[token]/callback" in text
+
+
+def test_shard_settings_say_what_is_wrong() -> None:
+    with pytest.raises(ValidationError, match="SHARD_IDS needs SHARD_COUNT"):
+        Settings(_env_file=None, shard_ids=[0])
+    with pytest.raises(ValidationError, match=r"SHARD_IDS \[2\]: shards are numbered 0 to 1"):
+        Settings(_env_file=None, shard_count=2, shard_ids=[2])
+    with pytest.raises(ValidationError, match="each of this process's shards once"):
+        Settings(_env_file=None, shard_count=4, shard_ids=[1, 1])
+    assert Settings(_env_file=None, shard_count=4, shard_ids=[3, 1]).own_shards == [1, 3]
+    assert Settings(_env_file=None, shard_count=2, shard_ids=[1, 0]).own_shards is None  # all: one process
+    assert Settings(_env_file=None, shard_count=2).own_shards is None

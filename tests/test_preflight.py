@@ -285,6 +285,17 @@ def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tm
     assert main(["worker"]) == 2
     assert "invalid setting DATABASE_URL: Value error, must start with postgresql://" in \
         capsys.readouterr().err
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.setenv("ENGINE", "on")
+    monkeypatch.setenv("SHARD_COUNT", "2")
+    monkeypatch.setenv("SHARD_IDS", "[1]")  # the other shard in another process: it needs the shared database
+    assert main([]) == 2
+    assert "SHARD_IDS=[1] runs some of the 2 shards here and the rest in other processes" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("SHARD_IDS", "[2]")
+    assert main([]) == 2
+    assert "invalid settings: Value error, SHARD_IDS [2]: shards are numbered 0 to 1" in \
+        capsys.readouterr().err
 
 
 async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_path: Path, postgres: Postgres,

@@ -118,3 +118,30 @@ async def test_on_postgresql_a_jobs_files_reach_every_machine_through_the_databa
             assert not {"job-1.png", "job-1.state.pt", f"inputs/init-{resumed.id}.png"} & left
             assert "job-2.png" in left
     assert not [path for path in tmp_path.rglob("*") if path.name.startswith(("job-", "init-"))]
+
+
+async def test_gateway_processes_split_the_shards_and_each_answers_its_own_servers(
+        fake: FakeDiscord, tmp_path: Path, postgres: Postgres) -> None:
+    """SHARD_COUNT=2 over two bot processes on one PostgreSQL (SHARD_IDS=[0] with the engine, [1]
+    without): Discord sends each server's commands to its shard only, so each is answered once, by
+    the process that has it; DMs go to shard 0; commands are synced by one process, not each; each
+    process has its own health file."""
+    guilds = [fake.add_guild(f"on shard {shard}", shard=(shard, 2)) for shard in (0, 1)]
+    async with new_database(postgres) as url:
+        base = bot_settings(fake, tmp_path, database_url=url, shard_count=2, allow_dms=True)
+        async with BotRunner(base.model_copy(update={"shard_ids": [0]})) as first, \
+                BotRunner(base.model_copy(update={"shard_ids": [1], "engine": False})) as second:
+            has = {g.id for g in second.guilds}
+            assert guilds[1].id in has and guilds[0].id not in has
+            asked = [await fake.send_slash_command("imagine", {"prompt": f"a lighthouse {n}"}, guild=guild)
+                     for n, guild in enumerate(guilds)]
+            in_dm = await fake.send_slash_command("imagine", {"prompt": "a quiet one"}, dm=True)
+            for interaction in (*asked, in_dm):
+                await wait_for_reply(fake, interaction, "✅")
+            jobs = [await first.store.get(n) for n in (1, 2, 3)]
+            assert [job.guild_id for job in jobs] == [guilds[0].id, guilds[1].id, None]
+            assert all(job.worker == first.settings.worker_name for job in jobs)  # the one engine
+            assert first.health_file != second.health_file
+            assert first.health_file.is_file() and second.health_file.is_file()
+    assert not fake.requests_matching("POST", r"/interactions/", lambda r: r.status >= 400)  # answered once
+    assert len(fake.requests_matching("PUT", r"/applications/\d+/commands$")) == 1
