@@ -3,12 +3,19 @@ reads the files as they would.)"""
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+import asyncpg
+import pytest
 import yaml
 
 from bot.config import Settings
+from bot.store import NewJob, Store
+from tests.postgres import Postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -110,7 +117,13 @@ def test_the_cluster_profile_adds_postgresql_and_workers_and_leaves_one_box_as_i
     services = compose["services"]
     assert "profiles" not in services["bot"]  # `up` without a profile: the one-box bot, SQLite
     assert services["postgres"]["profiles"] == services["worker"]["profiles"] == ["cluster"]
-    assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data"]
+    assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data",
+                                               "./postgres-init.sh:/docker-entrypoint-initdb.d/10-bot-role.sh:ro"]
+    # The bot's role is not the superuser (the image's own `postgres` is); its password is DATABASE_URL's.
+    environment = services["postgres"]["environment"]
+    assert environment["POSTGRES_USER"] == "postgres"
+    assert environment["BOT_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
+    assert os.access(DEPLOY / "postgres-init.sh", os.X_OK)  # run, not sourced, by the image
     # From .env, never a default (an empty one: the image refuses to start); `:?` would break one-box
     # commands, which interpolate the whole file whatever the profile.
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
@@ -143,3 +156,48 @@ def test_the_worker_unit_runs_one_worker_per_gpu_as_hardened_as_the_bot() -> Non
     different = {"ExecStart", "ExecStartPre"}
     assert [p for p in worker["Service"] if p[0] not in different] == \
         [p for p in bot["Service"] if p[0] not in different]
+
+
+async def test_the_init_script_makes_a_bot_role_that_runs_the_bot_and_is_no_superuser(
+        tmp_path: Path, postgres: Postgres) -> None:
+    """deploy/postgres-init.sh as the postgres image runs it (psql as the superuser, PGDATA holding
+    pg_hba.conf): the `bot` role migrates and runs the queue, and can't do what only a superuser can."""
+    if shutil.which("psql") is None:
+        pytest.skip("psql (Debian: postgresql-client) is not installed")
+    admin = await asyncpg.connect(postgres.dsn())
+    await admin.execute('CREATE DATABASE "bot_role_test"')
+    hba = tmp_path / "pg_hba.conf"
+    hba.write_text("local all all trust\nhost all all all scram-sha-256\n")
+    env = {**os.environ, "POSTGRES_USER": postgres.user, "POSTGRES_DB": "bot_role_test",
+           "PGDATA": str(tmp_path), "BOT_PASSWORD": "it's a 'quoted' pass", "PGHOST": "127.0.0.1",
+           "PGPORT": str(postgres.port)}
+    try:
+        made = subprocess.run(["sh", str(DEPLOY / "postgres-init.sh")], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        assert hba.read_text().splitlines() == [f"host all {postgres.user} all reject", "local all all trust",
+                                                "host all all all scram-sha-256"]
+        assert await admin.fetchval("SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = 'bot'")
+
+        # (The test server trusts every login; the image's checks the password: scram-sha-256.)
+        as_bot = postgres.url("bot_role_test").replace(f"//{postgres.user}@", "//bot@")
+        store = await Store.open(as_bot)  # it makes and migrates its tables: the database is its own
+        job = await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=3),
+                                  max_per_user=5, max_queue_length=5)
+        claimed = await store.claim_next_job("gpu-1")
+        assert await store.put_artifact(f"job-{job.id}.png", b"png", claimed)
+        assert (await store.finish(claimed, "done", output_path=f"job-{job.id}.png")).status == "done"
+        await store.close()
+        connection = await asyncpg.connect(as_bot.replace("+asyncpg", ""))
+        try:
+            assert not await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = 'bot'")
+            for only_a_superuser_may in ("COPY (SELECT 1) TO PROGRAM 'true'", "CREATE DATABASE another",
+                                         "SELECT pg_read_file('PG_VERSION')"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await connection.execute(only_a_superuser_may)
+        finally:
+            await connection.close()
+    finally:
+        await admin.execute('DROP DATABASE IF EXISTS "bot_role_test" WITH (FORCE)')
+        await admin.execute("DROP ROLE IF EXISTS bot")  # the server outlives this test
+        await admin.close()
