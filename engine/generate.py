@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -197,8 +198,40 @@ def _embed_images(models: Models, clip: Clip, images: torch.Tensor) -> torch.Ten
 def _attention_kernel(device: torch.device) -> Iterator[None]:
     """Plain matmul attention on the CPU: for CLIP's 50 tokens the CPU flash-attention backward is
     ~10x slower than the matmuls it replaces. Other devices keep PyTorch's choice."""
-    with sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext():
+    if device.type != "cpu":
         yield
+        return
+    with _MATH_ATTENTION:
+        yield
+
+
+class _MathAttention:
+    """`sdpa_kernel` sets process-wide flags and restores, on leaving, what it found on entering: two
+    runs in one process (engine workers side by side in the tests) interleaving it left the flags
+    switched for good, and every later picture made other numbers. Counted instead: the first thread
+    in switches, the last one out restores."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._switch: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._switch = sdpa_kernel([SDPBackend.MATH])
+                self._switch.__enter__()
+            self._inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0 and self._switch is not None:
+                self._switch.__exit__(None, None, None)
+                self._switch = None
+
+
+_MATH_ATTENTION = _MathAttention()
 
 
 def use_sequence_first_attention(clip: nn.Module) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,17 @@ def test_failure_reasons_are_short_and_actionable() -> None:
     assert failure_reason(GenerationError("the loss became nan at step 4"), request) == \
         "the loss became nan at step 4"
     assert "KeyError" in failure_reason(KeyError("x"))
+
+
+def test_runs_side_by_side_in_one_process_leave_the_next_run_as_it_was(tiny_models: Models) -> None:
+    """Two runs in two threads at once (engine workers side by side in one process) must not leave the
+    process switched: a run after them makes the very picture it made before them."""
+    request = small(steps=8, preview_every=8)
+    before = generate(request, tiny_models).image.tobytes()
+    others = [threading.Thread(target=generate, args=(small(steps=30, seed=seed), tiny_models))
+              for seed in (1, 2)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    assert generate(request, tiny_models).image.tobytes() == before
