@@ -22,7 +22,9 @@ from pathlib import Path, PurePath
 
 from bot.store import Job, Store
 
-SUBFOLDERS = ("checkpoints", "inputs")  # OUTPUT_DIR/checkpoints/job-7.state.pt, OUTPUT_DIR/inputs/init-….png
+CHECKPOINT = ".checkpoint.pt"  # OUTPUT_DIR/checkpoints/job-7.checkpoint.pt: a running job's
+# Before this name, checkpoints were job-7.state.pt in OUTPUT_DIR/checkpoints, beside nothing else.
+DISK_CHECKPOINTS = ("job-*.checkpoint.pt", "job-*.state.pt")
 
 
 class JobFiles(ABC):
@@ -97,7 +99,9 @@ class DiskFiles(JobFiles):
         return await asyncio.to_thread(_bytes_under, self.output_dir)
 
     async def checkpoints(self) -> list[Path]:
-        return await asyncio.to_thread(sorted, (self.output_dir / "checkpoints").glob("job-*.state.pt"))
+        folder = self.output_dir / "checkpoints"
+        found = (path for pattern in DISK_CHECKPOINTS for path in folder.glob(pattern))
+        return await asyncio.to_thread(sorted, found)
 
     def key(self, path: Path | str) -> str:
         return str(Path(path).resolve())
@@ -107,7 +111,8 @@ class DiskFiles(JobFiles):
 
 
 class DatabaseFiles(JobFiles):
-    """Rows named by the file's place under OUTPUT_DIR, so that each machine's OUTPUT_DIR may differ."""
+    """Rows named by the file's name alone (every job's files have names of their own), so that each
+    machine's OUTPUT_DIR may differ."""
 
     def __init__(self, store: Store, output_dir: Path) -> None:
         super().__init__(output_dir)
@@ -129,7 +134,8 @@ class DatabaseFiles(JobFiles):
         return await self.store.artifact_bytes()
 
     async def checkpoints(self) -> list[Path]:
-        return [self.output_dir / name for name in await self.store.artifact_names("checkpoints/")]
+        names = await self.store.artifact_names(CHECKPOINT)
+        return [self.output_dir / "checkpoints" / name for name in names]
 
     def key(self, path: Path | str) -> str:
         return artifact_name(path)
@@ -158,9 +164,9 @@ def job_files(store: Store, output_dir: Path) -> JobFiles:
 
 
 def artifact_name(path: Path | str) -> str:
-    """A file's name in the database: its place under OUTPUT_DIR (`job-7.png`, `checkpoints/job-7…`)."""
-    path = PurePath(path)
-    return f"{path.parent.name}/{path.name}" if path.parent.name in SUBFOLDERS else path.name
+    """A file's name in the database: `job-7.png`, `job-7.checkpoint.pt`, `init-….png`, wherever the
+    machine that wrote it keeps OUTPUT_DIR."""
+    return PurePath(path).name
 
 
 def files_of(job: Job) -> list[Path]:
@@ -179,8 +185,13 @@ def _write_whole(path: Path, data: bytes) -> None:
     """Write to a temporary name, then rename: a crash mid-write never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
-    temp.write_bytes(data)
-    temp.replace(path)
+    try:
+        temp.write_bytes(data)
+        temp.replace(path)
+    except BaseException:
+        if not temp.is_symlink():  # ours to remove (a link someone made stays)
+            temp.unlink(missing_ok=True)
+        raise
 
 
 def _remove(paths: list[Path]) -> int:

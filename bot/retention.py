@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 3600
 DAY_S = 86400
-_CHECKPOINT = re.compile(r"job-(\d+)\.state\.pt")
+_CHECKPOINT = re.compile(r"job-(\d+)\.(checkpoint|state)\.pt")  # (the name before the checkpoint's own)
 
 
 @dataclass(frozen=True)

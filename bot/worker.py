@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from bot.artifacts import job_files
+from bot.artifacts import CHECKPOINT, job_files
 from bot.publisher import Progress, Publisher, encode_preview
 from bot.store import Job, Store
 from engine import output
@@ -42,6 +42,7 @@ RESTART_DELAYS_S = (1.0, 5.0, 15.0, 60.0)
 POISON_CRASHES = 2  # a job running at this many crashes fails instead of running again
 SPACE_CHECK_S = 5.0  # while paused for a full disk: how often to try writing again
 PROBE_BYTES = 1024 * 1024  # what a try writes: a picture and its state need about this much at least
+DISK_FULL_SQLSTATE = "53100"  # PostgreSQL: could not extend a file, no space left
 
 
 class EngineWorker:
@@ -208,7 +209,18 @@ class EngineWorker:
     def paths(self, job: Job) -> tuple[Path, Path, Path]:
         out = self.settings.output_dir
         return (out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt",
-                out / "checkpoints" / f"job-{job.id}.state.pt")
+                out / "checkpoints" / f"job-{job.id}{CHECKPOINT}")
+
+    def checkpoints_of(self, job: Job) -> list[Path]:
+        """This run's checkpoint, and the one it resumed from if that had another name (an earlier
+        release's: job-7.state.pt in checkpoints/); never a name the final state has (with PostgreSQL a
+        file's name is its key)."""
+        _, state, checkpoint = self.paths(job)
+        found = [checkpoint]
+        if job.checkpoint_path and self.files.key(job.checkpoint_path) not in {self.files.key(checkpoint),
+                                                                               self.files.key(state)}:
+            found.append(Path(job.checkpoint_path))
+        return found
 
     async def run_job(self, job: Job) -> None:
         assert self.model_set is not None
@@ -225,7 +237,7 @@ class EngineWorker:
         request: GenerationRequest | None = None
         try:
             request = GenerationRequest.stored(job.request_json)
-            saved = await self.files.read(checkpoint_path) if job.checkpoint_path else None
+            saved = await self.files.read(job.checkpoint_path) if job.checkpoint_path else None
             # torch.load of a checkpoint takes a while on a large picture: off the event loop.
             resume = await asyncio.to_thread(output.load_state, saved) if saved else None
 
@@ -261,12 +273,15 @@ class EngineWorker:
                 if await self.files.write(checkpoint_path, state, job):
                     await self.store.save_progress(job, result.state.step, str(checkpoint_path))
                     await self.store.requeue(job)
-                log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
+                    log.info("job %s: saved at step %s for the next start", job.id, result.state.step)
+                else:
+                    log.warning("job %s: stopped at step %s; its lease had run out, so another worker "
+                                "goes on from its own last checkpoint", job.id, result.state.step)
                 return
             if result.cancelled:
                 await self.store.save_progress(job, result.state.step)
                 finished = await self.store.finish(job, "cancelled")
-                await self.files.remove([checkpoint_path])  # a cancelled job never resumes
+                await self.files.remove(self.checkpoints_of(job))  # a cancelled job never resumes
                 log.info("job %s: cancelled at step %s", job.id, result.state.step)
             else:
                 finished = None
@@ -276,7 +291,7 @@ class EngineWorker:
                     finished = await self.store.finish(job, "done", output_path=str(png_path),
                                                        latent_path=str(state_path))
                 if finished is not None:
-                    await self.files.remove([checkpoint_path])
+                    await self.files.remove(self.checkpoints_of(job))
                     log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
                              result.seconds_per_step)
         except Exception as error:
@@ -311,6 +326,12 @@ class EngineWorker:
             kept.cancel()
             log.warning("job %s: its checkpoint could not be kept within %s s; going on", job.id,
                         self.settings.lease_s)
+        except Exception as error:
+            # A full disk pauses the queue (run_job); the disk's other errors fail the job, as ever. The
+            # database out of reach a while: the next checkpoint may land; the lease decides the rest.
+            if _disk_full(error) or not self.store.on_postgresql:
+                raise
+            log.warning("job %s: its checkpoint could not be kept (%s); going on", job.id, _short(error))
 
     async def _keep_result(self, job: Job, result: GenerationResult, png_path: Path,
                            state_path: Path) -> bool:
@@ -347,9 +368,14 @@ class EngineWorker:
                   for folder in (self.settings.output_dir, self.settings.database_path.parent)}
         while not self._stopping.is_set():
             try:
-                for probe in probes:
-                    await asyncio.to_thread(_probe_write, probe)
-            except OSError as error:
+                if self.store.on_postgresql:  # the pictures go where the queue is: one try there
+                    probe = self.settings.output_dir / ".free-space-probe"
+                    await self.files.write(probe, os.urandom(PROBE_BYTES))  # (zeros would be compressed)
+                    await self.files.remove([probe])
+                else:
+                    for probe in probes:
+                        await asyncio.to_thread(_probe_write, probe)
+            except Exception as error:
                 log.debug("still no space: %s", error)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), SPACE_CHECK_S)
@@ -389,11 +415,13 @@ def _short(error: BaseException) -> str:
 def _disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if getattr(error, "sqlstate", None) == DISK_FULL_SQLSTATE:  # PostgreSQL's disk (asyncpg.DiskFullError)
+        return True
     return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 def _where(error: BaseException, output_dir: Path) -> str:
-    if isinstance(error, sqlite3.Error):
+    if isinstance(error, sqlite3.Error) or getattr(error, "sqlstate", None) == DISK_FULL_SQLSTATE:
         return "the database"
     if isinstance(error, OSError) and error.filename:
         return f"writing {error.filename}"

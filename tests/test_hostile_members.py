@@ -83,7 +83,7 @@ async def test_deleting_a_running_job_stops_it_and_its_message_stays_gone(fake: 
     assert message.deleted
     # No progress edit or final post brought it back as a new message.
     assert not [m for m in fake.messages_in(fake.channel) if "a storm" in m.content and not m.deleted]
-    assert not (tmp_path / "outputs" / "checkpoints" / "job-1.state.pt").exists()
+    assert not list((tmp_path / "outputs" / "checkpoints").glob("job-1.*"))  # its checkpoint went too
 
 
 def message_bodies(fake: FakeDiscord) -> list[dict]:

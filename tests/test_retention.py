@@ -168,7 +168,7 @@ async def test_retention_reaches_the_files_wherever_the_store_keeps_them(databas
                             max_per_user=99, max_queue_length=99)
         job = await store.claim_next_job()
         png, state, checkpoint = out / f"job-{job.id}.png", out / f"job-{job.id}.state.pt", \
-            out / "checkpoints" / f"job-{job.id}.state.pt"
+            out / "checkpoints" / f"job-{job.id}.checkpoint.pt"
         if status == "done":
             assert await files.write(png, b"p" * 1000, job) and await files.write(state, b"s" * 1000, job)
             await store.finish(job, "done", output_path=str(png), latent_path=str(state))
@@ -199,4 +199,20 @@ async def test_retention_reaches_the_files_wherever_the_store_keeps_them(databas
     assert capped.expired == [recent.id] and await files.read(recent.output_path) is None
     assert [job.expired_at is not None for job in [await store.get(j.id) for j in (old, recent, parent)]] == \
         [True, True, False]
+    await store.close()
+
+
+async def test_a_jobs_files_stay_apart_whatever_output_dir_is_called(database: str, tmp_path: Path) -> None:
+    """With PostgreSQL a file's name is its key: a job's final state and its running checkpoint must not
+    meet, even in an OUTPUT_DIR itself named `checkpoints` (removing the one kept the other)."""
+    store = await Store.open(database)
+    out = tmp_path / "checkpoints"
+    files = job_files(store, out)
+    await store.enqueue(NewJob(request_json="{}", channel_id=1, user_id=1, total_steps=3),
+                        max_per_user=9, max_queue_length=9)
+    job = await store.claim_next_job()
+    state, checkpoint = out / f"job-{job.id}.state.pt", out / "checkpoints" / f"job-{job.id}.checkpoint.pt"
+    assert await files.write(checkpoint, b"checkpoint", job) and await files.write(state, b"state", job)
+    await files.remove([checkpoint])  # as the engine does once the job is done
+    assert await files.read(state) == b"state" and await files.read(checkpoint) is None
     await store.close()

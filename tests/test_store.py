@@ -443,9 +443,9 @@ async def test_a_jobs_files_kept_as_rows_are_written_only_under_its_claim(databa
     await store.enqueue(NewJob(request_json="{}", channel_id=5, user_id=1, total_steps=10),
                         max_per_user=5, max_queue_length=5)
     a = await store.claim_next_job("worker-a", lease_s=0.05)
-    checkpoint = f"checkpoints/job-{a.id}.state.pt"
+    checkpoint = f"job-{a.id}.checkpoint.pt"
     assert await store.put_artifact(checkpoint, b"a" * 10, a)
-    assert await store.put_artifact("inputs/init-9.png", b"i" * 5)  # saved before its job exists
+    assert await store.put_artifact("init-9.png", b"i" * 5)  # saved before its job exists
     await asyncio.sleep(0.1)
     await store.requeue_expired()
     b = await store.claim_next_job("worker-b")
@@ -453,13 +453,13 @@ async def test_a_jobs_files_kept_as_rows_are_written_only_under_its_claim(databa
     assert await store.artifact(checkpoint) == b"a" * 10
     assert await store.put_artifact(checkpoint, b"b" * 20, b)
     assert await store.artifact(checkpoint) == b"b" * 20
-    assert await store.artifact_names("checkpoints/") == [checkpoint]
+    assert await store.artifact_names(".checkpoint.pt") == [checkpoint]
     assert await store.artifact_bytes() == 25
-    assert await store.has_artifact("inputs/init-9.png") and not await store.has_artifact("job-1.png")
+    assert await store.has_artifact("init-9.png") and not await store.has_artifact("job-1.png")
     await store.finish(b, "done")
     assert not await store.put_artifact(f"job-{a.id}.png", b"p", b)  # a finished job writes nothing more
-    assert await store.delete_artifacts(["inputs/init-9.png", "job-1.png"]) == 5
-    assert await store.artifact("inputs/init-9.png") is None and await store.artifact_bytes() == 20
+    assert await store.delete_artifacts(["init-9.png", "job-1.png"]) == 5
+    assert await store.artifact("init-9.png") is None and await store.artifact_bytes() == 20
     await store.close()
 
 

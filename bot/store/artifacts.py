@@ -3,6 +3,8 @@
 `bot/artifacts.py` decides where files go (this table with PostgreSQL, OUTPUT_DIR with SQLite); this
 is only the SQL. A file a running job writes carries its claim's attempt, and lands only while that
 claim holds (the same fence as its progress): a worker that lost its lease overwrites nothing.
+(PostgreSQL keeps the space of removed rows for new ones; it gives it back to the disk only with
+VACUUM FULL.)
 """
 
 from __future__ import annotations
@@ -48,15 +50,16 @@ class ArtifactStore(Database):
     async def artifact_bytes(self) -> int:
         return (await self._rows(TOTAL))[0][0]
 
-    async def artifact_names(self, under: str) -> list[str]:
-        """The names of the files in a folder (`checkpoints/`)."""
-        return [row[0] for row in await self._rows(UNDER, prefix=under)]
+    async def artifact_names(self, ending: str = "") -> list[str]:
+        """The names of the files whose names end so (`.checkpoint.pt`), or of all."""
+        return [row[0] for row in await self._rows(ENDING, ending=ending)]
 
 
 @functools.cache
 def _put(dialect: str, fenced: bool) -> Executable:
     """Insert or replace a file. Fenced: only while the job is running under this attempt, its row locked
-    (FOR SHARE) so that a claim by another worker waits until the write has landed or been refused."""
+    (FOR SHARE) so that putting the job back in the queue (its lease ran out) waits until the write has
+    landed or been refused."""
     make = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
     columns = (bindparam("name", type_=Text), bindparam("job_id", type_=Integer),
                bindparam("attempt", type_=Integer), bindparam("data", type_=LargeBinary),
@@ -82,7 +85,8 @@ GET = select(artifacts.c.data).where(_named)
 HAS = select(literal(1)).where(_named)
 DELETE = delete(artifacts).where(_named).returning(func.length(artifacts.c.data))
 TOTAL = select(func.coalesce(func.sum(func.length(artifacts.c.data)), 0))
-UNDER = (select(artifacts.c.name)
-         .where(func.substr(artifacts.c.name, 1, func.length(bindparam("prefix", type_=Text)))
-                == bindparam("prefix", type_=Text))
-         .order_by(artifacts.c.name))
+_ending = bindparam("ending", type_=Text)
+ENDING = (select(artifacts.c.name)
+          .where(func.substr(artifacts.c.name, func.length(artifacts.c.name) - func.length(_ending) + 1)
+                 == _ending)
+          .order_by(artifacts.c.name))

@@ -132,7 +132,7 @@ member_defaults = Table(
 
 # A job's files (its PNGs, saved state, checkpoint, init image) when the store is PostgreSQL, so that
 # every worker reaches them (migration 0004; with SQLite they stay in OUTPUT_DIR). `name` is the file's
-# place under OUTPUT_DIR (`job-7.png`, `checkpoints/job-7.state.pt`, `inputs/init-….png`); `job_id`,
+# own name (`job-7.png`, `job-7.checkpoint.pt`, `init-….png`: unique without their folders); `job_id`,
 # `attempt`: the claim whose run wrote it (none for an init image, written before its job exists).
 artifacts = Table(
     "artifacts", metadata,
