@@ -165,7 +165,7 @@ async def copy_to_postgresql(settings: Settings) -> int:
     try:
         with only_bot_on(settings.database_path):  # a bot still writing the file would lose its last jobs
             url = settings.database_url.get_secret_value()
-            copied = await copy.copy_to_postgresql(settings.database_path, url)
+            copied = await copy.copy_to_postgresql(settings.database_path, url, settings.output_dir)
     except (DatabaseInUse, DatabaseUnreachable, copy.NotEmpty) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -259,14 +259,8 @@ def serve(settings: Settings, worker: bool = False) -> int:
         return 2
     if worker:  # a worker is an engine, whatever ENGINE says (the bot's .env may say off)
         settings = settings.model_copy(update={"engine": True})
-    if settings.own_shards is not None and settings.database_url is None:
-        print(f"error: SHARD_IDS={settings.shard_ids} runs some of the {settings.shard_count} shards here "
-              "and the rest in other processes, which share the queue through PostgreSQL: set DATABASE_URL "
-              "too, or leave SHARD_IDS unset to run every shard here", file=sys.stderr)
-        return 2
-    if not settings.engine and settings.database_url is None:
-        print("error: ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL: "
-              "set DATABASE_URL too, or leave ENGINE on with the SQLite file", file=sys.stderr)
+    if (why := settings.needs_postgresql) is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     configure_logging(settings)
     try:

@@ -87,10 +87,32 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(10 * 2**20, ge=1024)  # rotate the log file at this size
     log_backups: int = Field(5, ge=0)  # rotated log files kept
 
-    @field_validator("log_file", "database_url", mode="before")
+    @field_validator("log_file", "database_url", "shard_count", "shard_ids", mode="before")
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         return None if value == "" else value  # `LOG_FILE=` would otherwise be the current folder
+
+    @property
+    def needs_postgresql(self) -> str | None:
+        """Why this bot process can't run on the SQLite file, if it can't: other processes must share
+        its queue."""
+        if self.database_url is not None:
+            return None
+        if self.own_shards is not None:
+            return (f"SHARD_IDS={self.shard_ids} runs some of the {self.shard_count} shards here and "
+                    "the rest in other processes, which share the queue through PostgreSQL: set DATABASE_URL "
+                    "too, or leave SHARD_IDS unset to run every shard here")
+        if not self.engine:
+            return ("ENGINE=off leaves the queue to engine workers, which share it through PostgreSQL: set "
+                    "DATABASE_URL too, or leave ENGINE on with the SQLite file")
+        return None
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _comma_list_too(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip() and not value.strip().startswith("["):  # SHARD_IDS=0,1
+            return [part.strip() for part in value.split(",")]
+        return value
 
     @field_validator("worker_name", mode="before")
     @classmethod
@@ -118,6 +140,10 @@ class Settings(BaseSettings):
         if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
             raise ValueError(f"SHARD_IDS {self.shard_ids}: shards are numbered 0 to {self.shard_count - 1} "
                              f"with SHARD_COUNT={self.shard_count}")
+        if self.own_shards is not None and "worker_name" not in self.model_fields_set:
+            # Processes tell each other apart by name (who posts a result, whose jobs a restart takes
+            # back): two shard processes on one machine must not share the machine's.
+            self.worker_name = f"{self.worker_name}-shards-{'-'.join(map(str, self.own_shards))}"
         return self
 
     @property

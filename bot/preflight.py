@@ -137,6 +137,8 @@ def check_database(settings: Settings) -> Check:
     if settings.database_url is not None:
         return check_postgresql(settings)
     path = settings.database_path
+    if (why := settings.needs_postgresql) is not None:
+        return Check("database", "fail", why)
     if not path.exists():
         folder = _existing_parent(path)
         error = _write_error(folder)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,18 @@ def test_shard_settings_say_what_is_wrong() -> None:
     assert Settings(_env_file=None, shard_count=4, shard_ids=[3, 1]).own_shards == [1, 3]
     assert Settings(_env_file=None, shard_count=2, shard_ids=[1, 0]).own_shards is None  # all: one process
     assert Settings(_env_file=None, shard_count=2).own_shards is None
+
+
+def test_shard_settings_as_admins_write_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty means unset (as .env.example leaves them); "0,1" works as well as [0,1]; a process that runs
+    some shards gets a WORKER_NAME of its own unless given one (two on one machine must differ)."""
+    monkeypatch.setenv("SHARD_COUNT", "")
+    monkeypatch.setenv("SHARD_IDS", "")
+    plain = Settings(_env_file=None)
+    assert (plain.shard_count, plain.shard_ids) == (None, None)
+    monkeypatch.setenv("SHARD_COUNT", "4")
+    monkeypatch.setenv("SHARD_IDS", "2, 3")
+    split = Settings(_env_file=None)
+    assert split.shard_ids == [2, 3] and split.worker_name == f"{socket.gethostname()}-shards-2-3"
+    monkeypatch.setenv("WORKER_NAME", "gateway-b")
+    assert Settings(_env_file=None).worker_name == "gateway-b"

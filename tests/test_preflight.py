@@ -292,6 +292,8 @@ def test_workers_and_a_bot_without_an_engine_need_the_shared_postgresql_queue(tm
     assert main([]) == 2
     assert "SHARD_IDS=[1] runs some of the 2 shards here and the rest in other processes" in \
         capsys.readouterr().err
+    check = preflight.check_database(Settings(_env_file=None))  # `check` says so too
+    assert check.status == "fail" and check.detail.startswith("SHARD_IDS=[1] runs some of the 2 shards")
     monkeypatch.setenv("SHARD_IDS", "[2]")
     assert main([]) == 2
     assert "invalid settings: Value error, SHARD_IDS [2]: shards are numbered 0 to 1" in \
@@ -312,8 +314,8 @@ async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_p
     out = tmp_path / "outputs"
     out.mkdir()
     (out / "job-1.png").write_bytes(b"the picture")  # its state is gone already (removed by hand)
-    await old.finish(done, "done", output_path=str(out / "job-1.png"),
-                     latent_path=str(out / "job-1.state.pt"))
+    # Paths as a default install keeps them: relative to the folder the bot ran in (not this one).
+    await old.finish(done, "done", output_path="outputs/job-1.png", latent_path="outputs/job-1.state.pt")
     await old.set_guild_limit(7, "max_steps", 50, actor_id=9, old_shown="1000", new_shown="50")
     await old.block(7, 3, "spam", actor_id=9)
     await old.update_member_defaults(7, 2, {"steps": 5})
@@ -327,7 +329,8 @@ async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_p
             assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 2
         assert "another bot (process" in capsys.readouterr().err
         assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 0
-        assert "3 jobs" in (shown := capsys.readouterr().out) and "1 job files" in shown
+        shown = capsys.readouterr().out
+        assert "3 jobs" in shown and "1 job files," in shown and "1 job files not found" in shown
         new = await Store.open(url)
         assert await new.artifact_names("") == ["job-1.png"]
         assert await job_files(new, tmp_path / "elsewhere").read(before[0].output_path) == b"the picture"

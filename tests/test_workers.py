@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import asyncpg
 import pytest
 from PIL import Image
 
@@ -110,12 +111,12 @@ async def test_on_postgresql_a_jobs_files_reach_every_machine_through_the_databa
                 assert continued["continued_from"]["request"]["seed"] == 3
 
             names = set(await bot.store.artifact_names(""))
-            assert {"job-1.png", "job-1.state.pt", f"inputs/init-{resumed.id}.png"} <= names
-            assert not any(name.startswith("checkpoints/") for name in names)  # the finished jobs' went
+            assert {"job-1.png", "job-1.state.pt", f"init-{resumed.id}.png"} <= names
+            assert not any(name.endswith(".checkpoint.pt") for name in names)  # the finished jobs' went
             deleting = await fake.click_button("job:delete:1", first)
             await fake.wait_until(lambda: deleting.followup_ids, 10)
             left = set(await bot.store.artifact_names(""))
-            assert not {"job-1.png", "job-1.state.pt", f"inputs/init-{resumed.id}.png"} & left
+            assert not {"job-1.png", "job-1.state.pt", f"init-{resumed.id}.png"} & left
             assert "job-2.png" in left
     assert not [path for path in tmp_path.rglob("*") if path.name.startswith(("job-", "init-"))]
 
@@ -138,10 +139,60 @@ async def test_gateway_processes_split_the_shards_and_each_answers_its_own_serve
             in_dm = await fake.send_slash_command("imagine", {"prompt": "a quiet one"}, dm=True)
             for interaction in (*asked, in_dm):
                 await wait_for_reply(fake, interaction, "✅")
-            jobs = [await first.store.get(n) for n in (1, 2, 3)]
-            assert [job.guild_id for job in jobs] == [guilds[0].id, guilds[1].id, None]
+            jobs = [await first.store.get(n) for n in (1, 2, 3)]  # (the two processes queue in any order)
+            assert {job.guild_id for job in jobs} == {guilds[0].id, guilds[1].id, None}
             assert all(job.worker == first.settings.worker_name for job in jobs)  # the one engine
             assert first.health_file != second.health_file
             assert first.health_file.is_file() and second.health_file.is_file()
     assert not fake.requests_matching("POST", r"/interactions/", lambda r: r.status >= 400)  # answered once
     assert len(fake.requests_matching("PUT", r"/applications/\d+/commands$")) == 1
+
+
+async def test_a_job_goes_on_while_the_database_refuses_its_checkpoints(
+        fake: FakeDiscord, tmp_path: Path, postgres: Postgres) -> None:
+    """For a while every write of a file fails in the database (a trigger raises; in life a failover or
+    a dropped connection): the checkpoints of that while are missed, the job goes on and ends done."""
+    async with new_database(postgres) as url, \
+            BotRunner(bot_settings(fake, tmp_path, database_url=url, lease_s=3)) as bot:
+        asked = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "steps": 200})
+        admin = await asyncpg.connect(postgres.dsn(url.rsplit("/", 1)[1]))
+        try:
+            await eventually(lambda: admin.fetchval("SELECT step >= 10 FROM jobs WHERE id = 1"))
+            await admin.execute("""
+                CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN RAISE EXCEPTION 'the database is in trouble'; END $$;
+                CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON artifacts
+                    FOR EACH ROW EXECUTE FUNCTION refuse()""")
+            start = await admin.fetchval("SELECT step FROM jobs WHERE id = 1")
+            await eventually(lambda: admin.fetchval("SELECT step >= $1 FROM jobs WHERE id = 1", start + 20))
+            await admin.execute("DROP TRIGGER refuse ON artifacts")
+        finally:
+            await admin.close()
+        done = await wait_for_reply(fake, asked, "✅", timeout=120)
+        assert done.attachments and (await bot.store.get(1)).status == "done"
+
+
+async def test_a_full_database_disk_pauses_the_queue_until_there_is_space(
+        fake: FakeDiscord, tmp_path: Path, postgres: Postgres) -> None:
+    """PostgreSQL answers disk_full (SQLSTATE 53100; here from a trigger) when the files go there: the job
+    fails saying so, the queue waits instead of failing the next, and goes on once writes work again."""
+    async with new_database(postgres) as url, \
+            BotRunner(bot_settings(fake, tmp_path, database_url=url)) as bot:
+        admin = await asyncpg.connect(postgres.dsn(url.rsplit("/", 1)[1]))
+        try:
+            await admin.execute("""
+                CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$;
+                CREATE TRIGGER full_disk BEFORE INSERT OR UPDATE ON artifacts
+                    FOR EACH ROW EXECUTE FUNCTION full_disk()""")
+            first = await fake.send_slash_command("imagine", {"prompt": "first"})
+            second = await fake.send_slash_command("imagine", {"prompt": "second"})
+            failed = await wait_for_reply(fake, first, "❌", timeout=60)
+            await eventually(lambda: bot.worker.state.startswith("paused"))
+            assert (await bot.store.get(2)).status == "queued"  # waiting, not failed too
+            await admin.execute("DROP TRIGGER full_disk ON artifacts")
+        finally:
+            await admin.close()
+        await wait_for_reply(fake, second, "✅", timeout=60)
+        assert bot.worker.paused is None
+    assert "the disk is full (the database)" in failed.content

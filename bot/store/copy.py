@@ -23,7 +23,7 @@ class NotEmpty(RuntimeError):
     """The PostgreSQL database holds rows already: nothing is copied over them."""
 
 
-async def copy_to_postgresql(path: Path | str, url: str) -> dict[str, int]:
+async def copy_to_postgresql(path: Path | str, url: str, output_dir: Path) -> dict[str, int]:
     """Copy every table's rows, and the files the jobs name that are still on this disk; returns how
     many rows per table, and "job files". Both schemas are brought to the latest revision first;
     the copy runs in one transaction, so it lands whole or not at all."""
@@ -50,28 +50,42 @@ async def copy_to_postgresql(path: Path | str, url: str) -> dict[str, int]:
                         f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
                         f"coalesce((SELECT max(id) FROM {table.name}), 0) + 1, false)")
                 copied[table.name] = len(rows)
-            copied["job files"] = await _copy_files(every_job, connection)
+            copied["job files"], copied["job files not found"] = await _copy_files(every_job, connection,
+                                                                                     output_dir)
         return copied
     finally:
         await target.close()
         await source.close()
 
 
-async def _copy_files(jobs: list[Job], connection: asyncpg.Connection) -> int:
-    """Each job's files, one at a time (together they may be far larger than memory)."""
+async def _copy_files(jobs: list[Job], connection: asyncpg.Connection, output_dir: Path) -> tuple[int, int]:
+    """Each job's files, one at a time (together they may be far larger than memory): at the path its
+    row names or, should OUTPUT_DIR have moved (or the path be relative to another folder), in
+    OUTPUT_DIR. Returns how many were copied and how many of the live jobs' were not found."""
     written = time.time()
-    count = 0
+    copied = missing = 0
     for job in jobs:
         for path in files_of(job):
-            try:
-                data = await asyncio.to_thread(path.read_bytes)
-            except FileNotFoundError:
-                continue  # removed by retention, a delete, or by hand: the row says so or not, as before
+            data = await asyncio.to_thread(_read_first, [path, output_dir / path.name,
+                                                         output_dir / path.parent.name / path.name])
+            if data is None:
+                # Retention and deletes remove files and say so in the row; other files went by hand.
+                missing += job.expired_at is None and job.deleted_at is None
+                continue
             await connection.execute(
                 "INSERT INTO artifacts (name, job_id, attempt, data, written_at) VALUES ($1, $2, $3, $4, $5) "
                 "ON CONFLICT (name) DO NOTHING", artifact_name(path), job.id, job.attempt, data, written)
-            count += 1
-    return count
+            copied += 1
+    return copied, missing
+
+
+def _read_first(paths: list[Path]) -> bytes | None:
+    for path in paths:
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+    return None
 
 
 def _typed(table: Table, row: dict) -> dict:
