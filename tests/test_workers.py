@@ -86,12 +86,12 @@ async def test_on_postgresql_a_jobs_files_reach_every_machine_through_the_databa
 
         start = io.BytesIO()
         Image.new("RGB", (80, 80), (0, 0, 255)).save(start, format="PNG")
-        request = {"prompt": "a lighthouse", "steps": 40, "seed": 3}
+        request = {"prompt": "a lighthouse", "steps": 24, "seed": 3}
         async with BotRunner(machine("gateway").model_copy(update={"engine": False})) as bot:
             async with WorkerRunner(machine("gpu-1")):
                 resumed = await fake.send_slash_command(
                     "imagine", {**request, "init_image": FakeFile("start.png", start.getvalue())})
-                await eventually(lambda: progressed(bot, 1, 10))
+                await eventually(lambda: progressed(bot, 1, 8))
             # gpu-1 stopped mid-job: it kept its state for whichever worker comes next
             assert (await bot.store.get(1)).status == "queued"
             async with WorkerRunner(machine("gpu-2")):
@@ -153,18 +153,18 @@ async def test_a_job_goes_on_while_the_database_refuses_its_checkpoints(
     """For a while every write of a file fails in the database (a trigger raises; in life a failover or
     a dropped connection): the checkpoints of that while are missed, the job goes on and ends done."""
     async with new_database(postgres) as url, \
-            BotRunner(bot_settings(fake, tmp_path, database_url=url, lease_s=3)) as bot:
-        asked = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "steps": 200})
+            BotRunner(bot_settings(fake, tmp_path, database_url=url)) as bot:
+        asked = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "steps": 60})
         admin = await asyncpg.connect(postgres.dsn(url.rsplit("/", 1)[1]))
         try:
-            await eventually(lambda: admin.fetchval("SELECT step >= 10 FROM jobs WHERE id = 1"))
+            await eventually(lambda: admin.fetchval("SELECT step >= 6 FROM jobs WHERE id = 1"))
             await admin.execute("""
                 CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
                     BEGIN RAISE EXCEPTION 'the database is in trouble'; END $$;
                 CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON artifacts
                     FOR EACH ROW EXECUTE FUNCTION refuse()""")
             start = await admin.fetchval("SELECT step FROM jobs WHERE id = 1")
-            await eventually(lambda: admin.fetchval("SELECT step >= $1 FROM jobs WHERE id = 1", start + 20))
+            await eventually(lambda: admin.fetchval("SELECT step >= $1 FROM jobs WHERE id = 1", start + 8))
             await admin.execute("DROP TRIGGER refuse ON artifacts")
         finally:
             await admin.close()
