@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 
 from bot.store import Job, Store
 
-CHECKPOINT = ".checkpoint.pt"  # OUTPUT_DIR/checkpoints/job-7.checkpoint.pt: a running job's
+CHECKPOINT = ".checkpoint.pt"  # a running job's: OUTPUT_DIR/checkpoints/job-7.checkpoint.pt
 # Before this name, checkpoints were job-7.state.pt in OUTPUT_DIR/checkpoints, beside nothing else.
 DISK_CHECKPOINTS = ("job-*.checkpoint.pt", "job-*.state.pt")
 
