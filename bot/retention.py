@@ -79,8 +79,8 @@ async def run_retention(store: Store, settings: Settings, interval_s: float = SW
 
 async def _removable(store: Store, files: JobFiles,
                      finished_before: float | None) -> list[tuple[Job, list[Path]]]:
-    """Finished jobs and their files inside `root`, oldest first, leaving out jobs whose files are
-    still needed: a final reply not yet shown, or a job that continues from them."""
+    """Finished jobs and their files, oldest first, leaving out jobs whose files are still needed (a
+    final reply not yet shown, or a job that continues from them) or lie outside OUTPUT_DIR."""
     # Raw JSON, not GenerationRequest: its validation fails once a referenced file is gone.
     needed: set[str] = set()
     for job in await store.active_jobs() + await store.unposted_finished():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.artifacts import job_files
+from bot.artifacts import CHECKPOINT, job_files
 from bot.retention import sweep
 from bot.store import Job, NewJob, Store
 from engine.request import GenerationRequest
@@ -211,7 +211,8 @@ async def test_a_jobs_files_stay_apart_whatever_output_dir_is_called(database: s
     await store.enqueue(NewJob(request_json="{}", channel_id=1, user_id=1, total_steps=3),
                         max_per_user=9, max_queue_length=9)
     job = await store.claim_next_job()
-    state, checkpoint = out / f"job-{job.id}.state.pt", out / "checkpoints" / f"job-{job.id}.checkpoint.pt"
+    # The names the engine gives them (bot/worker.py: EngineWorker.paths).
+    state, checkpoint = out / f"job-{job.id}.state.pt", out / "checkpoints" / f"job-{job.id}{CHECKPOINT}"
     assert await files.write(checkpoint, b"checkpoint", job) and await files.write(state, b"state", job)
     await files.remove([checkpoint])  # as the engine does once the job is done
     assert await files.read(state) == b"state" and await files.read(checkpoint) is None
