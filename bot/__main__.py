@@ -38,10 +38,13 @@ _WEBHOOK_TOKEN = re.compile(r"(/webhooks/\d+/)[^/\s?]+")
 _INTERACTION_TOKEN = re.compile(r"(/interactions/\d+/)[^/\s?]+")
 # ...and as a field of the payloads discord.py logs at DEBUG (INTERACTION_CREATE), dict or JSON alike.
 _TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+""")
+# The web gallery's sign-in links, in the ephemeral answer discord.py logs at DEBUG (a link signs in).
+_SIGN_IN_LINK = re.compile(r"(/signin/)[\w.-]+")
 
 
 class RedactSecrets(logging.Filter):
-    """Keep the bot token and interaction tokens out of every log line, whoever logs them."""
+    """Keep the bot token, interaction tokens and sign-in links out of every log line, whoever logs
+    them."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
@@ -52,6 +55,7 @@ class RedactSecrets(logging.Filter):
             text = text.replace(secret, "[token]")
         text = _WEBHOOK_TOKEN.sub(r"\1[token]", text)
         text = _INTERACTION_TOKEN.sub(r"\1[token]", text)
+        text = _SIGN_IN_LINK.sub(r"\1[token]", text)
         return _TOKEN_FIELD.sub(r"\1[token]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import discord
 import yarl
+from aiohttp import web
 from discord import app_commands
 from discord.ext import commands
 
@@ -25,6 +26,7 @@ from bot.publisher import UNPOSTED_SWEEP_S, Publisher
 from bot.retention import run_retention
 from bot.store import Store
 from bot.views import JobButton
+from bot.web import start_web
 from bot.worker import EngineWorker
 from engine.models import VQGAN, ModelSet, installed_presets, load_preset, load_preset_vqgan
 
@@ -111,6 +113,12 @@ class ImagineBot(commands.AutoShardedBot):
         self.health_task: asyncio.Task | None = None
         self.submissions: set[asyncio.Task] = set()  # /imagine commands between answer and queue
         self.retention_task: asyncio.Task | None = None
+        # The web gallery: where members open it (PUBLIC_URL, or where this process serves it; empty:
+        # nowhere), and what it read from Discord lately.
+        self.web_url = settings.public_url
+        self.web_runner: web.AppRunner | None = None
+        self.rights_cache: dict[tuple[int, int], tuple[str | None, float]] = {}
+        self.name_cache: dict[int, tuple[str, float]] = {}
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
@@ -122,6 +130,8 @@ class ImagineBot(commands.AutoShardedBot):
             self.engine_task = asyncio.create_task(self.worker.supervise(), name="engine")
         else:
             await self.publisher.deliver_unposted()  # an engine does this at its start
+        if self.settings.web_enabled:
+            self.web_runner = await start_web(self)
         self.retention_task = asyncio.create_task(run_retention(self.store, self.settings), name="retention")
         self.unposted_task = asyncio.create_task(self._sweep_unposted(), name="unposted results")
         self.health_task = asyncio.create_task(
@@ -179,6 +189,8 @@ class ImagineBot(commands.AutoShardedBot):
             await asyncio.wait(list(self.submissions), timeout=SUBMISSION_GRACE_S)
         if self.worker is not None:
             await self.worker.stop()
+        if self.web_runner is not None:
+            await self.web_runner.cleanup()
         if self.retention_task is not None:
             self.retention_task.cancel()
             await asyncio.gather(self.retention_task, return_exceptions=True)

@@ -169,10 +169,16 @@ def artifact_name(path: Path | str) -> str:
     return PurePath(path).name
 
 
+def thumbnail_of(job: Job) -> Path | None:
+    """The web gallery's small WebP of the job's picture (made the first time a page shows it):
+    `outputs/job-7.thumb.webp` beside `outputs/job-7.png`."""
+    return Path(job.output_path).with_suffix(".thumb.webp") if job.output_path else None
+
+
 def files_of(job: Job) -> list[Path]:
-    """Every file a job may have: its PNGs, final state, checkpoint and init image."""
+    """Every file a job may have: its PNGs, their thumbnail, final state, checkpoint and init image."""
     request = json.loads(job.request_json)  # raw: a stored request may no longer pass today's checks
-    paths = [Path(p) for p in (job.output_path, job.latent_path, job.checkpoint_path,
+    paths = [Path(p) for p in (job.output_path, thumbnail_of(job), job.latent_path, job.checkpoint_path,
                                request.get("init_image")) if p]
     if job.output_path:  # a batch's further images sit beside the first: job-7.png, job-7-2.png, ...
         first = Path(job.output_path)

@@ -3,6 +3,7 @@ change that), so moderator rights are always checked here, server-side."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import discord
@@ -20,13 +21,43 @@ MODERATORS = discord.Permissions(manage_guild=True)  # who sees the moderator co
 SERVERS_ONLY = app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False)
 
 
-def is_moderator(interaction: discord.Interaction, moderator_role: int | None = None) -> bool:
+def has_moderator_rights(permissions: discord.Permissions, roles: list[discord.Role] | list[discord.Object],
+                         moderator_role: int | None) -> bool:
     """Manage Server (or Administrator), or the moderator role this server set."""
-    permissions = interaction.permissions
     if permissions.manage_guild or permissions.administrator:
         return True
-    roles = getattr(interaction.user, "roles", [])
     return moderator_role is not None and any(role.id == moderator_role for role in roles)
+
+
+def is_moderator(interaction: discord.Interaction, moderator_role: int | None = None) -> bool:
+    roles = getattr(interaction.user, "roles", [])
+    return has_moderator_rights(interaction.permissions, roles, moderator_role)
+
+
+RIGHTS_CACHE_S = 60.0  # how long a member's rights read from Discord are trusted
+
+
+async def current_rights(bot: ImagineBot, guild_id: int, user_id: int) -> str | None:
+    """What a member may do on a server as Discord says now, outside any interaction (the web gallery):
+    "moderator", "member", or None when they are no longer a member. Read through the REST API (their
+    roles may have changed since they signed in) and kept RIGHTS_CACHE_S."""
+    key = (guild_id, user_id)
+    cached = bot.rights_cache.get(key)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    # The server as this process knows it (roles and owner kept current by the gateway), or from REST
+    # when another process runs its shard.
+    guild = bot.get_guild(guild_id) or await bot.fetch_guild(guild_id)
+    try:
+        member = await guild.fetch_member(user_id)
+    except discord.NotFound:
+        rights = None
+    else:
+        limits = await guild_limits(bot, guild_id)
+        moderator = has_moderator_rights(member.guild_permissions, member.roles, limits.moderator_role)
+        rights = "moderator" if moderator else "member"
+    bot.rights_cache[key] = (rights, time.monotonic() + RIGHTS_CACHE_S)
+    return rights
 
 
 NOT_A_MODERATOR = ("Only moderators can do that here: members with Manage Server, or with this "

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     retention_days: int = Field(0, ge=0)  # remove files of jobs finished longer ago; 0 = keep forever
     output_max_gb: float = Field(0, ge=0)  # remove the oldest until OUTPUT_DIR is under this; 0 = no cap
 
+    # The web gallery (bot/web): members and moderators sign in with a link from /history web or /log web
+    web_enabled: bool = False
+    web_host: str = "127.0.0.1"  # a reverse proxy with TLS in front (deploy/README.md) serves it to the world
+    web_port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
+    public_url: str = ""  # the address members open (https://gallery.example.org); empty: http://WEB_HOST:WEB_PORT
+
     # Logging
     log_level: str = "INFO"
     log_file: Path | None = None  # also log to this file, rotated; empty = standard error only
@@ -180,6 +186,13 @@ class Settings(BaseSettings):
         if self.database_url is None:
             return ""
         return make_url(postgresql_urls(self.database_url.get_secret_value())[1]).password or ""
+
+    @field_validator("public_url")
+    @classmethod
+    def _web_address(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"must start with https:// (http:// only on one machine), got {value!r}")
+        return value.rstrip("/")
 
     @property
     def weight_overrides(self) -> dict[str, Path]:

@@ -95,6 +95,21 @@ def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) ->
     return embed
 
 
+def imagine_line(request: GenerationRequest) -> str:
+    """The /imagine command that asks for this recipe again (the options a member can type)."""
+    parts = [f"prompt:{request.prompt}"]
+    if request.negative:
+        parts.append(f"negative:{request.negative}")
+    if request.style:
+        parts.append(f"style:{request.style}")
+    parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
+    if request.model:
+        parts.append(f"model:{request.model}")
+    # One line (a slash command has no line breaks), with no backtick that could close the code block.
+    line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
+    return line + ("  (and the same init image)" if request.init_image else "")
+
+
 def result_embed(job: Job, request: GenerationRequest, picture: str | None) -> discord.Embed:
     """One short card: the picture and a line under it; the rest is behind the Recipe button."""
     embed = discord.Embed(colour=discord.Colour.blurple())

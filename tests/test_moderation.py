@@ -167,7 +167,7 @@ async def test_generation_log_history_export_delete_and_audit(fake: FakeDiscord,
         assert filtered["embeds"][0]["footer"]["text"].endswith("· 2 in all")  # jobs 1 and 7 (i=0, 6)
         refused = await command(fake, "log view", user=bob)
         assert "Only moderators" in refused["content"] and "/history" in refused["content"]
-        mine = await command(fake, "history", user=bob)
+        mine = await command(fake, "history view", user=bob)
         assert mine["embeds"][0]["footer"]["text"].endswith("· 4 in all")
         assert f"<@{fake.default_member.id}>" not in mine["embeds"][0]["description"]
 

@@ -26,6 +26,7 @@ from bot.store import database as store_database
 from bot.store import logs as store_logs
 from bot.store import moderation as store_moderation
 from bot.store import queue as store_queue
+from bot.store import web as store_web
 from bot.store.schema import metadata
 from bot.store.statements import SQLITE, prepare, upsert
 from tests.conftest import new_database
@@ -134,7 +135,7 @@ async def test_the_migrations_build_the_same_schema_on_postgresql(postgres: Post
 def core_statements() -> dict[str, Callable[[str], Executable]]:
     """Every Core statement the store's modules hold, by name, made for a dialect's name."""
     found: dict[str, Callable[[str], Executable]] = {}
-    for module in (store_artifacts, store_database, store_logs, store_moderation, store_queue):
+    for module in (store_artifacts, store_database, store_logs, store_moderation, store_queue, store_web):
         for name, value in vars(module).items():
             if isinstance(value, Executable):
                 found[f"{module.__name__}.{name}"] = lambda dialect, value=value: value

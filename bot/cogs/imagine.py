@@ -18,7 +18,7 @@ from bot import init_images, jobs, options, views
 from bot.checks import guild_limits, missing_channel_permissions, refused_where
 from bot.errors import answer_unexpected
 from bot.limits import check_memory, check_request, parse_size
-from bot.publisher import quote, recipe_embed
+from bot.publisher import imagine_line, quote, recipe_embed
 from bot.store import NewJob, QueueFull
 from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
 
@@ -311,21 +311,6 @@ async def saved_latent(files: JobFiles, job: Job) -> Path:
 # and runs this share of its steps: near enough to keep the composition, far enough to differ.
 VARIATION_NOISE = 0.25
 VARIATION_SHARE = 3
-
-
-def imagine_line(request: GenerationRequest) -> str:
-    """The /imagine command that asks for this recipe again (the options a member can type)."""
-    parts = [f"prompt:{request.prompt}"]
-    if request.negative:
-        parts.append(f"negative:{request.negative}")
-    if request.style:
-        parts.append(f"style:{request.style}")
-    parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
-    if request.model:
-        parts.append(f"model:{request.model}")
-    # One line (a slash command has no line breaks), with no backtick that could close the code block.
-    line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
-    return line + ("  (and the same init image)" if request.init_image else "")
 
 
 def _from_settings(used: dict[str, Any] | None) -> str:

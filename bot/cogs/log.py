@@ -1,4 +1,5 @@
-"""The generation log (/log view, /log export, /history) and the audit log (/log audit)."""
+"""The generation log (/log view, /log export, /history view) and the audit log (/log audit), and the
+sign-in links to the web gallery (/log web, /history web)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from bot.export import (
 )
 from bot.publisher import format_duration, quote
 from bot.store import Job
+from bot.web.signin import LINK_LIFETIME_S, new_link
 from engine.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -87,11 +89,14 @@ class Log(commands.Cog):
     log = app_commands.Group(name="log", description="This server's generations and moderator actions",
                              allowed_contexts=SERVERS_ONLY, default_permissions=MODERATORS)
 
+    history = app_commands.Group(name="history", description="Your own pictures on this server",
+                                 allowed_contexts=SERVERS_ONLY)
+
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
 
     async def _is_moderator(self, interaction: discord.Interaction) -> bool:
-        return await moderator_or_refuse(self.bot, interaction, "Your own pictures: /history.")
+        return await moderator_or_refuse(self.bot, interaction, "Your own pictures: /history view.")
 
     async def _show_pages(self, interaction: discord.Interaction, title: str,
                           page: Callable[[int], Awaitable[tuple[list[str], int]]]) -> None:
@@ -132,15 +137,42 @@ class Log(commands.Cog):
             await self._generations(interaction, "Generations", member.id if member else None, status,
                                     contains, since)
 
-    @app_commands.command(name="history")
-    @app_commands.allowed_contexts(guilds=True, dms=False, private_channels=False)
+    @history.command(name="view")
     @app_commands.describe(status="Only with this status", contains="Only prompts containing this text",
                            since="e.g. 7d, 12h or 2026-11-01")
     @app_commands.choices(status=STATUSES)
-    async def history(self, interaction: discord.Interaction, status: str | None = None,
-                      contains: str | None = None, since: str | None = None) -> None:
+    async def history_view(self, interaction: discord.Interaction, status: str | None = None,
+                           contains: str | None = None, since: str | None = None) -> None:
         """Your own pictures on this server, newest first."""
         await self._generations(interaction, "Your pictures", interaction.user.id, status, contains, since)
+
+    @history.command(name="web")
+    async def history_web(self, interaction: discord.Interaction) -> None:
+        """A link that signs you in to your pictures in the web gallery (10 minutes, once)."""
+        await self._web_link(interaction, moderator=False)
+
+    @log.command(name="web")
+    async def web(self, interaction: discord.Interaction) -> None:
+        """A link that signs you in to this server's web gallery (moderators; 10 minutes, once)."""
+        if await self._is_moderator(interaction):
+            await self._web_link(interaction, moderator=True)
+
+    async def _web_link(self, interaction: discord.Interaction, moderator: bool) -> None:
+        if not self.bot.web_url:
+            await interaction.response.send_message(
+                "The web gallery is off on this bot. Its admin turns it on with WEB_ENABLED=true (and "
+                "PUBLIC_URL, the address members open; see .env.example). /history view and /log view "
+                "show the same pictures here in Discord.", ephemeral=True)
+            return
+        assert interaction.guild_id is not None  # both commands are for servers only
+        link = await new_link(self.bot.store, self.bot.settings, self.bot.web_url, interaction.guild_id,
+                              interaction.user.id, moderator)
+        what = "this server's pictures, queue and audit log" if moderator else "your pictures on this server"
+        # Only for this member (ephemeral); no preview: a link preview would fetch the page.
+        await interaction.response.send_message(
+            f"Your sign-in link to {what}: <{link}>\nIt works once, for the next {LINK_LIFETIME_S // 60} "
+            "minutes, on the browser that opens it. Don't share it: it signs in as you.",
+            ephemeral=True, suppress_embeds=True)
 
     @log.command(name="export")
     @app_commands.describe(format="csv or jsonl", since="e.g. 7d, 12h or 2026-11-01")

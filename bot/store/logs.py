@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import aiosqlite
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import Text, and_, bindparam, func, or_, select, update
 from sqlalchemy.sql.expression import Executable
 
 from bot.store.database import Database
@@ -42,13 +42,17 @@ class LogStore(Database):
     async def generation_log(self, guild_id: int | None, user_id: int | None = None,
                              status: str | None = None, contains: str | None = None,
                              since: float | None = None, limit: int = 10, offset: int = 0,
-                             before_id: int | None = None) -> tuple[list[Job], int]:
+                             before_id: int | None = None, until: float | None = None,
+                             model: str | None = None, default_model: str = "") -> tuple[list[Job], int]:
         """A server's generations (None: the DM jobs), newest first, filtered; one page and the total.
-        `before_id` pages by key (jobs older than that one), steady while new jobs arrive."""
+        `before_id` pages by key (jobs older than that one), steady while new jobs arrive. `model`: made
+        with that VQGAN preset (`default_model` is the one a request without a model got)."""
         given = {"before_id": before_id, "user_id": user_id, "status": status, "contains": contains or None,
-                 "since": since}
+                 "since": since, "until": until, "model": model}
         values = {name: value for name, value in given.items() if value is not None}
         page, count = log_queries(frozenset(values))
+        if model is not None:
+            values["default_model"] = default_model
         jobs = await self._all(page, guild_id=guild_id, limit=limit, offset=offset, **values)
         total = await self._rows(count, guild_id=guild_id, **values)
         return jobs, total[0][0]
@@ -69,6 +73,9 @@ LOG_FILTERS = {
     "contains": HasText(func.lower(json_text(jobs.c.request_json, "prompt")),
                         func.lower(bindparam("contains"))),
     "since": jobs.c.created_at >= bindparam("since"),
+    "until": jobs.c.created_at < bindparam("until"),
+    "model": func.coalesce(json_text(jobs.c.request_json, "model"), bindparam("default_model", type_=Text))
+    == bindparam("model", type_=Text),
 }
 
 

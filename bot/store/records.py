@@ -157,3 +157,28 @@ class Block:
     reason: str | None
     blocked_by: int
     blocked_at: float
+
+
+@dataclass(frozen=True)
+class WebSession:
+    """A member signed in to the web gallery: on one server, as a moderator (from /log web) or for
+    their own pictures (from /history web). Secrets are kept as hashes."""
+
+    token_hash: str
+    guild_id: int
+    user_id: int
+    moderator: int
+    csrf: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class WebLink:
+    """A sign-in link for the web gallery, as /log web or /history web made it."""
+
+    token_hash: str
+    guild_id: int
+    user_id: int
+    moderator: int
+    expires_at: float
+    used_at: float | None

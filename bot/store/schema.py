@@ -142,3 +142,25 @@ artifacts = Table(
     Column("data", LargeBinary, nullable=False),
     Column("written_at", Seconds, nullable=False),
 )
+
+# The web gallery's keys (migration 0005): a sign-in link (single use, minutes) and the session it
+# opens. Only a hash of each secret is kept, so the database never holds a working link or cookie.
+# `moderator`: signed in from /log web (the whole server's log) or from /history web (the member's own).
+web_links = Table(
+    "web_links", metadata,
+    Column("token_hash", Text, primary_key=True),
+    Column("guild_id", Snowflake, nullable=False),
+    Column("user_id", Snowflake, nullable=False),
+    Column("moderator", Integer, nullable=False),
+    Column("expires_at", Seconds, nullable=False),
+    Column("used_at", Seconds),
+)
+web_sessions = Table(
+    "web_sessions", metadata,
+    Column("token_hash", Text, primary_key=True),
+    Column("guild_id", Snowflake, nullable=False),
+    Column("user_id", Snowflake, nullable=False),
+    Column("moderator", Integer, nullable=False),
+    Column("csrf", Text, nullable=False),  # the forms' token: no other site can post as this session
+    Column("expires_at", Seconds, nullable=False),
+)

@@ -1,0 +1,529 @@
+"""The gallery's pages: the grid, a picture, the queue, the audit log, exports, and sign-in.
+
+Every page belongs to one session: one member on one server. A member's session shows their own
+pictures; a moderator's (from /log web) the whole server's. Anything else is answered like a picture
+that does not exist, so job numbers say nothing about other servers or members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
+
+import discord
+import jinja2
+from aiohttp import web
+from PIL import Image
+
+from bot.artifacts import thumbnail_of
+from bot.checks import current_rights
+from bot.export import encode_export, export_rows
+from bot.jobs import remove_generation
+from bot.publisher import format_duration, imagine_line
+from bot.store import Job, WebSession
+from bot.web.signin import SESSION_LIFETIME_S, find_link, hash_secret, open_session, why_not
+from engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 24
+AUDIT_PAGE_SIZE = 50
+EXPORT_PAGE = 1000
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+THUMBNAIL_SIDE = 320
+SIGNIN_TRIES = 10  # per client per SIGNIN_WINDOW_S: links are random, guessing is hopeless anyway
+SIGNIN_WINDOW_S = 60.0
+NAME_CACHE_S = 3600.0
+
+# No script at all, styles and images only from here, no framing, forms post only here.
+CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # a sign-in link's page must not pass its address on
+    "X-Frame-Options": "DENY",
+}
+
+BOT: web.AppKey[ImagineBot] = web.AppKey("bot")
+SESSION: web.RequestKey[WebSession | None] = web.RequestKey("session")
+SERVER: web.RequestKey[str] = web.RequestKey("server name")
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                               autoescape=True, undefined=jinja2.StrictUndefined)
+TEMPLATES.filters["duration"] = format_duration
+TEMPLATES.filters["when"] = lambda ts: (datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+                                        if ts else "—")
+
+
+class Refused(Exception):
+    """A request answered with a page that says what went wrong and what to do."""
+
+    def __init__(self, status: int, title: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message, self.headers = status, title, message, headers or {}
+
+
+def render(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+    page = TEMPLATES.get_template(template).render(session=request.get(SESSION), request=request,
+                                                   server=request.get(SERVER, ""), **values)
+    return web.Response(text=page, content_type="text/html", status=status)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Security headers on every answer; refusals and unexpected errors as pages that say why."""
+    try:
+        response = await handler(request)
+    except Refused as refused:
+        response = render(request, "message.html", status=refused.status, title=refused.title,
+                          message=refused.message)
+        response.headers.update(refused.headers)
+    except web.HTTPException as error:  # aiohttp's own: no such page or method, a body too big
+        response = render(request, "message.html", status=error.status, title=error.reason,
+                          message="There is no such page here." if error.status in (404, 405) else
+                          "The bot can't take this request.")
+    except Exception:
+        error_id = secrets.token_hex(4)
+        log.exception("web request %s %s failed (error id %s)", request.method, request.path, error_id)
+        response = render(request, "message.html", status=500, title="Something went wrong",
+                          message=f"The bot's admin can find what happened in its log under error id "
+                                  f"{error_id}. Nothing was changed.")
+    response.headers.update(HEADERS)
+    if "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = "no-store"  # pages are one member's: no shared cache keeps them
+    return response
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+def cookie_name(bot: ImagineBot) -> str:
+    # __Host-: the browser sends it only over https, only to this host, for every path.
+    return "__Host-session" if bot.web_url.startswith("https://") else "session"
+
+
+async def signed_in(request: web.Request) -> WebSession:
+    bot = request.app[BOT]
+    secret = request.cookies.get(cookie_name(bot))
+    session = await bot.store.session(hash_secret(secret)) if secret else None
+    if session is None:
+        raise Refused(401, "Signed out",
+                      "Sign in with a link from the bot: /history web on your server (your pictures) or "
+                      "/log web (moderators: the whole server's).")
+    request[SESSION] = session
+    guild = bot.get_guild(session.guild_id)
+    request[SERVER] = guild.name if guild else f"server {session.guild_id}"
+    return session
+
+
+def check_form(request: web.Request, session: WebSession, form: Any) -> None:
+    """A change must come from one of our own forms: the session's CSRF token, and no foreign Origin."""
+    origin = request.headers.get("Origin")
+    ours = {request.host, urlsplit(request.app[BOT].web_url).netloc}
+    if origin and origin != "null" and urlsplit(origin).netloc not in ours:
+        raise Refused(403, "Refused", "This form came from another site; nothing was changed.")
+    if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+        raise Refused(403, "Refused", "This form is out of date (its security token doesn't match): "
+                                      "reload the page and try again. Nothing was changed.")
+
+
+class SignInLimit:
+    """At most SIGNIN_TRIES sign-ins per client per SIGNIN_WINDOW_S."""
+
+    def __init__(self) -> None:
+        self.tries: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        tries = self.tries[client]
+        while tries and tries[0] <= now - SIGNIN_WINDOW_S:
+            tries.popleft()
+        if len(tries) >= SIGNIN_TRIES:
+            wait = int(tries[0] + SIGNIN_WINDOW_S - now) + 1
+            raise Refused(429, "Too many sign-ins",
+                          f"{SIGNIN_TRIES} sign-ins a minute is the most from one address: try again in "
+                          f"{wait} s.", {"Retry-After": str(wait)})
+        tries.append(now)
+        if len(self.tries) > 10_000:  # forget quiet clients
+            for key in [k for k, v in self.tries.items() if not v or v[-1] <= now - SIGNIN_WINDOW_S]:
+                del self.tries[key]
+
+
+def client_of(request: web.Request) -> str:
+    """Who is asking: the peer, or behind a reverse proxy on this machine, the address it forwards."""
+    remote = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For")
+    try:
+        local = ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        local = False
+    return forwarded.split(",")[-1].strip() if forwarded and local else remote
+
+
+# --- filters ---------------------------------------------------------------------------------------
+
+@dataclass
+class Filters:
+    member: int | None = None
+    status: str | None = None
+    text: str = ""
+    since: float | None = None
+    until: float | None = None
+    model: str | None = None
+    page: int = 1
+
+    @classmethod
+    def read(cls, request: web.Request, session: WebSession, models: list[str]) -> tuple[Filters, list[str]]:
+        """The query's filters, and what was wrong with any (that filter is then left out)."""
+        query, problems, found = request.query, [], cls()
+        member = query.get("member", "").strip()
+        if member:
+            if member.isdigit() and len(member) < 20:
+                found.member = int(member)
+            else:
+                problems.append(f"Member: {member[:40]!r} is not a member ID (digits, as Discord's "
+                                "'Copy User ID' gives).")
+        if not session.moderator:
+            found.member = session.user_id  # a member's session shows their own pictures only
+        status = query.get("status", "")
+        if status in STATUSES:
+            found.status = status
+        elif status:
+            problems.append(f"Status: {status[:40]!r} is not one of {', '.join(STATUSES)}.")
+        found.text = query.get("q", "").strip()[:200]
+        for name, label in (("from", "From"), ("to", "To")):
+            value = query.get(name, "").strip()
+            if not value:
+                continue
+            try:
+                day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+            except ValueError:
+                problems.append(f"{label}: {value[:40]!r} is not a date like 2026-11-01.")
+                continue
+            if name == "from":
+                found.since = day.timestamp()
+            else:
+                found.until = (day + timedelta(days=1)).timestamp()  # the whole day of "to"
+        model = query.get("model", "")
+        if model in models:
+            found.model = model
+        elif model:
+            problems.append(f"Model: {model[:40]!r} is not one of {', '.join(models)}.")
+        page = query.get("page", "1")
+        found.page = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+        return found, problems
+
+    def query(self, **changes: Any) -> str:
+        """This search as a query string (with changes: another page)."""
+        values = {"member": self.member, "status": self.status, "q": self.text, "model": self.model,
+                  "from": _day(self.since), "to": _day(self.until, end=True), "page": self.page}
+        values.update(changes)
+        return urlencode({key: value for key, value in values.items() if value not in (None, "", 1)})
+
+    async def jobs(self, bot: ImagineBot, guild_id: int, limit: int, offset: int) -> tuple[list[Job], int]:
+        return await bot.store.generation_log(
+            guild_id, self.member, self.status, self.text or None, self.since, limit, offset,
+            until=self.until, model=self.model, default_model=bot.settings.engine_preset)
+
+
+def _day(timestamp: float | None, end: bool = False) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp - (86400 if end else 0), UTC).strftime("%Y-%m-%d")
+
+
+# --- what pages show of a job ---------------------------------------------------------------------
+
+def visible(job: Job | None, session: WebSession) -> bool:
+    """The job is on the session's server and, for a member, their own."""
+    return (job is not None and job.guild_id == session.guild_id
+            and (bool(session.moderator) or job.user_id == session.user_id))
+
+
+async def job_for(request: web.Request, session: WebSession) -> Job:
+    job_id = int(request.match_info["job"])
+    job = await request.app[BOT].store.get(job_id) if job_id < 2**62 else None
+    if job is None or not visible(job, session):
+        raise Refused(404, "Not found", f"There is no picture #{job_id} here.")
+    return job
+
+
+def has_picture(job: Job) -> bool:
+    return job.output_path is not None and job.deleted_at is None and job.expired_at is None
+
+
+def card(job: Job, names: dict[int, str]) -> dict[str, Any]:
+    request = GenerationRequest.stored(job.request_json)
+    return {"job": job, "request": request, "by": names.get(job.user_id, str(job.user_id)),
+            "shown": "deleted" if job.deleted_at else "expired" if job.expired_at else job.status,
+            "picture": has_picture(job)}
+
+
+async def names_of(bot: ImagineBot, user_ids: set[int]) -> dict[int, str]:
+    """Members' names for the page (Discord's, cached NAME_CACHE_S); an ID where Discord won't say."""
+    now = time.monotonic()
+
+    async def name(user_id: int) -> tuple[int, str]:
+        cached = bot.name_cache.get(user_id)
+        if cached is not None and cached[1] > now:
+            return user_id, cached[0]
+        user = bot.get_user(user_id)
+        if user is None:
+            try:
+                user = await bot.fetch_user(user_id)
+            except discord.HTTPException:
+                return user_id, str(user_id)
+        bot.name_cache[user_id] = (user.display_name, now + NAME_CACHE_S)
+        return user_id, user.display_name
+
+    return dict(await asyncio.gather(*(name(user_id) for user_id in user_ids)))
+
+
+def make_thumbnail(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as image:
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "WEBP", quality=80, method=4)
+        return out.getvalue()
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+def see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+async def home(request: web.Request) -> web.StreamResponse:
+    await signed_in(request)
+    return see_other("/gallery")
+
+
+async def signin_page(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    token = request.match_info["token"]
+    link = await find_link(bot.store, bot.settings, token)
+    problem = why_not(link)
+    if problem is not None:
+        raise Refused(403, "Can't sign in", f"{problem} Ask for a new one: /history web on your server, "
+                                            "or /log web if you moderate it.")
+    assert link is not None
+    guild = bot.get_guild(link.guild_id)
+    return render(request, "signin.html", token=token, moderator=bool(link.moderator),
+                  server_name=guild.name if guild else f"server {link.guild_id}")
+
+
+async def signin(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    request.app[SIGNIN_LIMIT].check(client_of(request))
+    token = str((await request.post()).get("token", ""))
+    link = await find_link(bot.store, bot.settings, token)
+    problem = why_not(link)
+    if problem is None and link is not None and not await bot.store.use_link(link.token_hash):
+        problem = why_not(await bot.store.link(link.token_hash))  # spent or expired a moment ago
+    if problem is not None or link is None:
+        raise Refused(403, "Can't sign in", f"{problem} Ask for a new one: /history web on your server, "
+                                            "or /log web if you moderate it.")
+    secret, _ = await open_session(bot.store, link)
+    response = see_other("/gallery")
+    response.set_cookie(cookie_name(bot), secret, max_age=SESSION_LIFETIME_S, path="/", httponly=True,
+                        samesite="Lax", secure=bot.web_url.startswith("https://"))
+    return response
+
+
+async def signout(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    check_form(request, session, await request.post())
+    await bot.store.end_session(session.token_hash)
+    response = render(request, "message.html", title="Signed out",
+                      message="You are signed out. A new link from the bot signs you in again.")
+    response.del_cookie(cookie_name(bot), path="/")
+    request[SESSION] = None
+    return response
+
+
+async def gallery(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    models = bot.installed_models()
+    filters, problems = Filters.read(request, session, models)
+    jobs, total = await filters.jobs(bot, session.guild_id, PAGE_SIZE, (filters.page - 1) * PAGE_SIZE)
+    names = await names_of(bot, {job.user_id for job in jobs})
+    pages = max(1, -(-total // PAGE_SIZE))
+    return render(request, "gallery.html", cards=[card(job, names) for job in jobs], total=total,
+                  filters=filters, problems=problems, pages=pages, statuses=STATUSES, models=models,
+                  deleted=request.query.get("deleted", ""))
+
+
+async def picture(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    job = await job_for(request, session)
+    names = await names_of(bot, {job.user_id})
+    shown = card(job, names)
+    request_model: GenerationRequest = shown["request"]
+    recipe = json.dumps(json.loads(job.request_json), indent=2, ensure_ascii=False)
+    return render(request, "picture.html", card=shown, recipe=recipe, line=imagine_line(request_model),
+                  images=range(1, request_model.batch_size + 1) if shown["picture"] else range(0),
+                  may_delete=job.deleted_at is None and (session.moderator or job.user_id == session.user_id))
+
+
+async def image(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    job = await job_for(request, session)
+    number = int(request.match_info["number"])
+    request_model = GenerationRequest.stored(job.request_json)
+    if not has_picture(job) or not 1 <= number <= request_model.batch_size:
+        raise Refused(404, "Not found", f"Picture #{job.id} has no image {number}.")
+    assert job.output_path is not None
+    path = Path(job.output_path)
+    data = await bot.files.read(path if number == 1 else path.with_stem(f"{path.stem}-{number}"))
+    if data is None:
+        raise Refused(404, "Not found", f"The image of picture #{job.id} is gone (removed by retention).")
+    return web.Response(body=data, content_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def thumbnail(request: web.Request) -> web.Response:
+    """A small WebP of the picture, made the first time it is asked for and kept beside it."""
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    job = await job_for(request, session)
+    path = thumbnail_of(job)
+    if not has_picture(job) or path is None:
+        raise Refused(404, "Not found", f"Picture #{job.id} has no image.")
+    data = await bot.files.read(path)
+    if data is None:
+        png = await bot.files.read(job.output_path or "")
+        if png is None:
+            raise Refused(404, "Not found", f"The image of picture #{job.id} is gone.")
+        data = await asyncio.to_thread(make_thumbnail, png)
+        await bot.files.write(path, data)
+        latest = await bot.store.get(job.id)
+        if latest is None or not has_picture(latest):  # deleted or expired meanwhile: take it back
+            await bot.files.remove([path])
+    return web.Response(body=data, content_type="image/webp",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def delete(request: web.Request) -> web.Response:
+    """The same path as /moderate delete and the 🗑️ button: message, files, and an audit entry when a
+    moderator removes someone else's picture. Rights are checked with Discord again, now."""
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    check_form(request, session, await request.post())
+    job = await job_for(request, session)
+    try:
+        rights = await current_rights(bot, session.guild_id, session.user_id)
+    except discord.HTTPException:
+        raise Refused(503, "Discord didn't answer",
+                      "Your rights on the server couldn't be checked just now: try again in a minute. "
+                      "Nothing was deleted.") from None
+    own = job.user_id == session.user_id
+    if rights is None or (not own and rights != "moderator"):
+        raise Refused(403, "Not allowed",
+                      "You are no longer a moderator of this server, so you can delete only your own "
+                      "pictures. Nothing was deleted." if rights else
+                      "You are no longer a member of this server. Nothing was deleted.")
+    if job.deleted_at is None:
+        await remove_generation(bot, job, session.user_id)
+    return see_other(f"/gallery?deleted={job.id}")
+
+
+async def queue(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    places = await bot.store.queue_places()
+    here = [job for job in await bot.store.active_jobs() if job.guild_id == session.guild_id]
+    shown = [job for job in here if session.moderator or job.user_id == session.user_id]
+    names = await names_of(bot, {job.user_id for job in shown})
+    rows = [{**card(job, names), "place": places.get(job.id, (0, None))[0],
+             "eta": places.get(job.id, (0, None))[1]} for job in shown]
+    return render(request, "queue.html", rows=rows, others=len(here) - len(shown), everywhere=len(places))
+
+
+async def audit(request: web.Request) -> web.Response:
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    if not session.moderator:
+        raise Refused(403, "Moderators only", "The audit log is for moderators: sign in with /log web.")
+    page = request.query.get("page", "1")
+    number = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    entries, total = await bot.store.audit_entries(session.guild_id, AUDIT_PAGE_SIZE,
+                                                   (number - 1) * AUDIT_PAGE_SIZE)
+    names = await names_of(bot, {entry.actor_id for entry in entries})
+    return render(request, "audit.html", entries=entries, names=names, page=number,
+                  pages=max(1, -(-total // AUDIT_PAGE_SIZE)), total=total)
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """The gallery's search as a file, written as it is read (a big server's log is never whole in
+    memory)."""
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    fmt = request.match_info["format"]
+    filters, problems = Filters.read(request, session, bot.installed_models())
+    if problems:
+        raise Refused(400, "Can't export", " ".join(problems))
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+        "Content-Disposition": f'attachment; filename="generations.{fmt}"'})
+    response.headers.update(HEADERS)
+    await response.prepare(request)
+    offset, first = 0, True
+    while True:
+        jobs, _ = await filters.jobs(bot, session.guild_id, EXPORT_PAGE, offset)
+        if not jobs:
+            break
+        await response.write(encode_export(export_rows(jobs), fmt, header=first))
+        first, offset = False, offset + len(jobs)
+    if first and fmt == "csv":
+        await response.write(b"job\r\n")  # an empty export is still a CSV file
+    await response.write_eof()
+    return response
+
+
+async def stylesheet(request: web.Request) -> web.Response:
+    return web.Response(body=STYLE, content_type="text/css", headers={"Cache-Control": "max-age=3600"})
+
+
+STYLE = Path(__file__).with_name("static").joinpath("style.css").read_bytes()
+SIGNIN_LIMIT: web.AppKey[SignInLimit] = web.AppKey("signin limit")
+
+
+def make_app(bot: ImagineBot) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=64 * 1024)  # forms only: small bodies
+    app[BOT] = bot
+    app[SIGNIN_LIMIT] = SignInLimit()
+    job = r"{job:\d{1,19}}"
+    app.add_routes([
+        web.get("/", home),
+        web.get("/signin/{token}", signin_page),
+        web.post("/signin", signin),
+        web.post("/signout", signout),
+        web.get("/gallery", gallery),
+        web.get(f"/picture/{job}", picture),
+        web.get(f"/picture/{job}/image-{{number:\\d{{1,2}}}}.png", image),
+        web.get(f"/picture/{job}/thumb.webp", thumbnail),
+        web.post(f"/picture/{job}/delete", delete),
+        web.get("/queue", queue),
+        web.get("/audit", audit),
+        web.get("/export.{format:csv|jsonl}", export),
+        web.get("/style.css", stylesheet),
+    ])
+    return app
