@@ -30,9 +30,11 @@ def test_tokens_are_redacted_from_log_lines(caplog) -> None:
         logger.info("login with %s", token)
         logger.info("PATCH https://discord.com/api/v10/webhooks/123/aW50ZXJhY3Rpb24tdG9rZW4/messages/9")
         logger.info("POST /interactions/456/aW50ZXJhY3Rpb24tdG9rZW4/callback")
+        logger.info("answered {'content': 'Your link: <https://g.example/signin/Zm9v-YmFy_.c2ln-bmF0>'}")
     text = caplog.text
-    assert token not in text and "aW50ZXJhY3Rpb24tdG9rZW4" not in text
+    assert token not in text and "aW50ZXJhY3Rpb24tdG9rZW4" not in text and "Zm9v" not in text
     assert "webhooks/123/[token]/messages/9" in text and "interactions/456/[token]/callback" in text
+    assert "https://g.example/signin/[token]>" in text
 
 
 def test_shard_settings_say_what_is_wrong() -> None:

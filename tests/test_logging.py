@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,20 @@ async def test_interaction_tokens_stay_out_of_discord_pys_debug_log(fake: FakeDi
     assert "INTERACTION_CREATE" in text and "a secret garden" in text  # the event itself was logged
     assert interaction.token not in text and TOKEN not in text
     assert "'token': '[token]'" in text
+
+
+async def test_sign_in_links_stay_out_of_the_debug_log(fake: FakeDiscord, tmp_path: Path,
+                                                      root_logging: None) -> None:
+    """discord.py logs each request's payload at DEBUG: the ephemeral answer to /history web holds a
+    link that signs its member in."""
+    log_file = tmp_path / "bot.log"
+    settings = bot_settings(fake, tmp_path, log_file=str(log_file), log_level="debug", web_enabled=True,
+                            web_port=0)
+    configure_logging(settings)
+    async with BotRunner(settings):
+        interaction = await fake.send_slash_command("history web", {})
+        await fake.wait_for_response(interaction)
+    link = re.search(r"/signin/([\w.-]+)", interaction.response_data["content"])
+    text = log_file.read_text()
+    assert link and link[1] not in text and link[1].split(".")[0] not in text
+    assert "/callback has returned status code 200" in text  # the answer itself was logged

@@ -41,9 +41,9 @@ def _signature(settings: Settings, nonce: str, guild_id: int, user_id: int, mode
 
 
 async def new_link(store: Store, settings: Settings, base_url: str, guild_id: int, user_id: int,
-                   moderator: bool) -> str:
+                   moderator: bool, lifetime_s: int = LINK_LIFETIME_S) -> str:
     nonce = secrets.token_urlsafe(24)
-    expires_at = float(int(time.time()) + LINK_LIFETIME_S)
+    expires_at = float(int(time.time()) + lifetime_s)
     await store.add_link(hash_secret(nonce), guild_id, user_id, moderator, expires_at)
     signature = _signature(settings, nonce, guild_id, user_id, int(moderator), expires_at)
     return f"{base_url}/signin/{nonce}.{signature}"
