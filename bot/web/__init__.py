@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 async def start_web(bot: ImagineBot) -> web.AppRunner | None:
-    """Serve the gallery on WEB_HOST:WEB_PORT; None (and the reason in the log) when it can't listen."""
+    """Serve the gallery on WEB_HOST:WEB_PORT; None (and the reason in the log) when it can't listen,
+    and then /log web says the gallery is off."""
     settings = bot.settings
     runner = web.AppRunner(make_app(bot), access_log=None)  # an access log would record sign-in links
     await runner.setup()
@@ -27,6 +28,7 @@ async def start_web(bot: ImagineBot) -> web.AppRunner | None:
         await site.start()
     except OSError as error:
         await runner.cleanup()
+        bot.web_url = ""  # no links to a gallery nobody serves
         log.error("the web gallery can't listen on %s:%s (%s): set WEB_HOST/WEB_PORT to a free address, "
                   "or WEB_ENABLED=false; the bot runs on without it", settings.web_host, settings.web_port,
                   error.strerror or error)

@@ -164,14 +164,16 @@ class SignInLimit:
 
 
 def client_of(request: web.Request) -> str:
-    """Who is asking: the peer, or behind a reverse proxy on this machine, the address it forwards."""
+    """Who is asking: the peer, or behind a reverse proxy on this machine or its private network (Caddy
+    on the host, Docker's bridge), the address the proxy forwards."""
     remote = request.remote or ""
     forwarded = request.headers.get("X-Forwarded-For")
     try:
-        local = ipaddress.ip_address(remote).is_loopback
+        address = ipaddress.ip_address(remote)
+        proxied = address.is_loopback or address.is_private
     except ValueError:
-        local = False
-    return forwarded.split(",")[-1].strip() if forwarded and local else remote
+        proxied = False
+    return forwarded.split(",")[-1].strip() if forwarded and proxied else remote
 
 
 # --- filters ---------------------------------------------------------------------------------------
