@@ -5,14 +5,17 @@ moderator rights read from Discord again before a delete, and the commands' refu
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from pathlib import Path
 
 import aiohttp
 import pytest
+from PIL import Image
 
+from bot.artifacts import thumbnail_of
 from bot.web.pages import CSP, SIGNIN_TRIES
-from tests.botrunner import BotRunner, bot_settings, wait_for_reply
+from tests.botrunner import BotRunner, bot_settings, on, wait_for_reply
 from tests.fakediscord import FakeDiscord, FakeMember
 from tests.test_moderation import command
 
@@ -36,9 +39,10 @@ def client() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
-async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord, tmp_path: Path,
+                                                                database: str) -> None:
     alice = fake.add_member("alice")
-    async with BotRunner(web_settings(fake, tmp_path)) as bot, client() as http:
+    async with BotRunner(web_settings(fake, tmp_path, **on(database))) as bot, client() as http:
         link, token = await link_for(fake, "history web", alice)
         for _ in range(2):  # opening the page (a link preview, a scanner) spends nothing
             async with http.get(link) as page:
@@ -54,6 +58,21 @@ async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord
         assert (ok, refused) == (303, 403) and "HttpOnly" in cookie and none == ""
         assert "has been used already: each works once" in text and "/history web" in text
         assert re.search(r"SameSite=Lax", cookie) and "Secure" not in cookie  # plain http on one machine
+
+        # Signed in: the thumbnail is made once and kept with the job's files (on disk with SQLite, in
+        # the database with PostgreSQL); deleting the picture from the web removes it with the rest.
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a thumbnail"}, user=alice)
+        await wait_for_reply(fake, interaction, "✅")
+        async with http.get(bot.web_url + "/picture/1/thumb.webp") as response:
+            assert response.headers["Content-Type"] == "image/webp"
+            assert Image.open(io.BytesIO(await response.read())).size == (64, 64)
+        job = await bot.store.get(1)
+        assert await bot.files.exists(thumbnail_of(job))
+        async with http.get(bot.web_url + "/gallery") as response:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', await response.text())[1]
+        async with http.post(bot.web_url + "/picture/1/delete", data={"csrf": csrf}) as response:
+            assert "Deleted picture #1." in await response.text()
+        assert not await bot.files.exists(thumbnail_of(job)) and not await bot.files.exists(job.output_path)
 
 
 async def test_sign_in_is_rate_limited_per_client(fake: FakeDiscord, tmp_path: Path) -> None:
