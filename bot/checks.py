@@ -37,20 +37,30 @@ def is_moderator(interaction: discord.Interaction, moderator_role: int | None = 
 RIGHTS_CACHE_S = 60.0  # how long a member's rights read from Discord are trusted
 
 
-async def current_rights(bot: ImagineBot, guild_id: int, user_id: int) -> str | None:
+async def current_rights(bot: ImagineBot, guild_id: int, user_id: int, fresh: bool = False) -> str | None:
     """What a member may do on a server as Discord says now, outside any interaction (the web gallery):
     "moderator", "member", or None when they are no longer a member. Read through the REST API (their
-    roles may have changed since they signed in) and kept RIGHTS_CACHE_S."""
+    roles may have changed since they signed in) and kept RIGHTS_CACHE_S; `fresh`: read now, for a
+    change."""
     key = (guild_id, user_id)
     cached = bot.rights_cache.get(key)
-    if cached is not None and cached[1] > time.monotonic():
+    if not fresh and cached is not None and cached[1] > time.monotonic():
         return cached[0]
+    async with bot.rights_lock:  # a page's 24 thumbnails after the cache ran out: one read, not 24
+        cached = bot.rights_cache.get(key)
+        if not fresh and cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        return await _read_rights(bot, guild_id, user_id)
+
+
+async def _read_rights(bot: ImagineBot, guild_id: int, user_id: int) -> str | None:
+    key = (guild_id, user_id)
     # The server as this process knows it (roles and owner kept current by the gateway), or from REST
     # when another process runs its shard.
-    guild = bot.get_guild(guild_id) or await bot.fetch_guild(guild_id)
     try:
+        guild = bot.get_guild(guild_id) or await bot.fetch_guild(guild_id)
         member = await guild.fetch_member(user_id)
-    except discord.NotFound:
+    except (discord.NotFound, discord.Forbidden):  # no longer a member, or the bot left the server
         rights = None
     else:
         limits = await guild_limits(bot, guild_id)

@@ -19,6 +19,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 T = TypeVar("T")
 
@@ -47,9 +49,27 @@ class Browser:
     async def find_all(self, css: str) -> list[WebElement]:
         return await self.call(self.driver.find_elements, By.CSS_SELECTOR, css)
 
-    async def click(self, css: str) -> None:
+    async def click(self, css: str, navigates: bool = True) -> None:
+        """Click; when the click loads another page (a link, a form), return once it has loaded."""
         element = await self.find(css)
-        await self.call(element.click)
+        await self._acting(element.click, navigates)
+
+    async def keys(self, keys: str, navigates: bool = False) -> None:
+        """Type on the focused element, as a keyboard does (Tab moves the focus, Enter follows a link)."""
+        focused = await self.call(lambda: self.driver.switch_to.active_element)
+        await self._acting(lambda: focused.send_keys(keys), navigates)
+
+    async def focused(self, attribute: str) -> str | None:
+        return await self.script(f"return document.activeElement.getAttribute('{attribute}')")
+
+    async def _acting(self, action: Callable[[], object], navigates: bool) -> None:
+        page = await self.find("html")
+        await self.call(action)
+        if navigates:
+            wait = WebDriverWait(self.driver, 20)
+            await self.call(wait.until, expected_conditions.staleness_of(page))
+            await self.call(wait.until, lambda driver: driver.execute_script("return document.readyState")
+                            == "complete")
 
     async def text(self, css: str = "main") -> str:
         element = await self.find(css)

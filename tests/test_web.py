@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from selenium.webdriver.common.keys import Keys
 
 from bot.web.signin import new_link
 from tests.botrunner import TOKEN, BotRunner, bot_settings, eventually, wait_for_reply
@@ -94,16 +95,14 @@ async def test_moderator_filters_opens_deletes_and_exports_in_a_browser(fake: Fa
 
         # Keyboard only: Tab reaches the first picture, Enter opens it.
         await browser.open(bot.web_url + "/gallery")
-        body = await browser.find("body")
         for _ in range(40):
-            await browser.call(body.send_keys, "\ue004")  # Tab
-            focused = await browser.script("return document.activeElement.getAttribute('href')")
+            await browser.keys(Keys.TAB)
+            focused = await browser.focused("href")
             if focused and focused.startswith("/picture/"):
                 break
         else:
             pytest.fail("Tab never reached a picture")
-        active = await browser.call(lambda: browser.driver.switch_to.active_element)
-        await browser.call(active.send_keys, "\ue007")  # Enter
+        await browser.keys(Keys.ENTER, navigates=True)
         assert re.search(r"/picture/\d+$", await browser.url())
 
         # A picture's page: the full image, its recipe and the line that makes it again.
@@ -114,14 +113,14 @@ async def test_moderator_filters_opens_deletes_and_exports_in_a_browser(fake: Fa
         assert (await browser.natural_widths())[0] == 64
 
         # Delete with a forged CSRF token: refused, nothing gone.
-        await browser.click("details.danger summary")
+        await browser.click("details.danger summary", navigates=False)
         await browser.script("document.querySelector('form[action$=delete] input[name=csrf]').value = 'x'")
         await browser.click("#delete")
         assert "security token doesn't match" in await browser.text()
         assert (await bot.store.get(1)).deleted_at is None
         # Then for real: the Discord message goes, the log keeps the row, the audit log says who.
         await browser.open(f"{bot.web_url}/picture/{1}")
-        await browser.click("details.danger summary")
+        await browser.click("details.danger summary", navigates=False)
         await browser.click("#delete")
         assert "Deleted picture #1." in await browser.text()
         job = await bot.store.get(1)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bot.artifacts import thumbnail_of
-from bot.web.pages import CSP, SIGNIN_TRIES
+from bot.web.pages import CSP, SIGNIN_TRIES, SignInLimit
 from tests.botrunner import BotRunner, bot_settings, on, wait_for_reply
 from tests.fakediscord import FakeDiscord, FakeMember
 from tests.test_moderation import command
@@ -63,9 +63,14 @@ async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord
         # the database with PostgreSQL); deleting the picture from the web removes it with the rest.
         interaction = await fake.send_slash_command("imagine", {"prompt": "a thumbnail"}, user=alice)
         await wait_for_reply(fake, interaction, "✅")
-        async with http.get(bot.web_url + "/picture/1/thumb.webp") as response:
-            assert response.headers["Content-Type"] == "image/webp"
-            assert Image.open(io.BytesIO(await response.read())).size == (64, 64)
+
+        async def thumbnail() -> bytes:
+            async with http.get(bot.web_url + "/picture/1/thumb.webp") as response:
+                assert response.status == 200 and response.headers["Content-Type"] == "image/webp"
+                return await response.read()
+
+        made = await asyncio.gather(*(thumbnail() for _ in range(12)))  # a grid opened by many at once
+        assert len(set(made)) == 1 and Image.open(io.BytesIO(made[0])).size == (64, 64)
         job = await bot.store.get(1)
         assert await bot.files.exists(thumbnail_of(job))
         async with http.get(bot.web_url + "/gallery") as response:
@@ -119,6 +124,7 @@ async def test_a_moderator_who_lost_the_role_can_no_longer_delete_others_picture
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)[1]
 
         async def delete(job_id: int, **headers: str) -> tuple[int, str]:
+            nonlocal csrf
             async with http.post(f"{bot.web_url}/picture/{job_id}/delete", data={"csrf": csrf},
                                  headers=headers, allow_redirects=False) as response:
                 return response.status, await response.text()
@@ -126,11 +132,25 @@ async def test_a_moderator_who_lost_the_role_can_no_longer_delete_others_picture
         status, text = await delete(1, Origin="https://evil.example")
         assert status == 403 and "came from another site" in text
         fake.guild.members[mod.id].role_ids.clear()  # an admin takes the Moderator role away
+        # A change asks Discord at once (the minute's cache of rights is for reading pages).
         status, text = await delete(1)
         assert status == 403 and "no longer a moderator of this server" in text
         assert (await bot.store.get(1)).deleted_at is None
-        assert (await delete(2))[0] == 303  # their own picture: still theirs to delete
-        assert (await bot.store.get(2)).deleted_by == mod.id
+        # Reading: the moderator's session is over, not just its deletes.
+        async with http.get(bot.web_url + "/export.csv") as response:
+            text = await response.text()
+        assert response.status == 401 and "no longer a moderator of that server" in text
+        assert "bob's" not in text
+        # As a member now: their own picture is still theirs to delete.
+        _, token = await link_for(fake, "history web", mod)
+        async with http.post(bot.web_url + "/signin", data={"token": token}) as response:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', await response.text())[1]
+        assert (await delete(2))[0] == 303 and (await bot.store.get(2)).deleted_by == mod.id
+        # Gone from the server: signed out on the next page.
+        del fake.guild.members[mod.id]
+        bot.rights_cache.clear()  # as a minute later
+        async with http.get(bot.web_url + "/gallery") as response:
+            assert response.status == 401 and "no longer a member of that server" in await response.text()
 
 
 async def test_the_web_commands_say_who_may_use_them_and_when_the_gallery_is_off(fake: FakeDiscord,
@@ -142,3 +162,48 @@ async def test_the_web_commands_say_who_may_use_them_and_when_the_gallery_is_off
     async with BotRunner(bot_settings(fake, tmp_path)):
         off = await command(fake, "history web", user=bob)
         assert "The web gallery is off on this bot" in off["content"] and "WEB_ENABLED=true" in off["content"]
+
+
+async def test_hostile_queries_and_forms_get_clear_answers_not_errors(fake: FakeDiscord, tmp_path: Path,
+                                                                     database: str) -> None:
+    mod = fake.add_moderator()
+    async with BotRunner(web_settings(fake, tmp_path, **on(database))) as bot, client() as http:
+        link, token = await link_for(fake, "log web", mod)
+        async with http.post(bot.web_url + "/signin", data={"token": token},
+                             headers={"Origin": "https://evil.example"}) as response:
+            assert response.status == 403 and "came from another site" in await response.text()
+        async with http.post(bot.web_url + "/signin", data={"token": "é.é"}) as response:
+            assert response.status == 403 and "is not one of this bot" in await response.text()
+        async with http.post(bot.web_url + "/signin", data={"token": token}) as response:
+            assert response.status == 200  # the refused tries spent nothing
+        answers = {
+            "/gallery?page=%C2%B2": "page 1 of 1",  # a superscript two: a digit to str.isdigit
+            "/gallery?member=%C2%B2": "is not a member ID",
+            "/gallery?member=9999999999999999999": "is not a member ID",
+            "/gallery?to=9999-12-31": "is not a date like 2026-11-01",
+            "/gallery?q=a%00b": "0 pictures",
+            "/gallery?deleted=5.+Your+session+ended,+sign+in+at+https://evil.example": "0 pictures",
+            "/audit?page=%C2%B2": "page 1 of 1",
+            "/export.csv?member=9999999999999999999": "is not a member ID",
+        }
+        for path, expected in answers.items():
+            async with http.get(bot.web_url + path) as response:
+                text = await response.text()
+            assert response.status in (200, 400) and expected in text, path
+            assert "evil.example" not in text
+        async with http.post(bot.web_url + "/signout", data=b"csrf=%ff%fe",
+                             headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}) \
+                as response:
+            assert response.status in (400, 403) and "Nothing was changed" in await response.text()
+
+
+def test_the_sign_in_limit_forgets_the_least_recent_clients_first() -> None:
+    limit = SignInLimit()
+    limit.CLIENTS = 3
+    for client in ("a", "b", "c", "a", "d"):  # "a" seen again: "b" is the one forgotten
+        limit.check(client)
+    assert list(limit.tries) == ["c", "a", "d"]
+    for _ in range(SIGNIN_TRIES - 2):
+        limit.check("a")
+    with pytest.raises(Exception, match="sign-ins a minute"):
+        limit.check("a")

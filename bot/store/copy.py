@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy import Double, Integer, Table
 
-from bot.artifacts import artifact_name, files_of
+from bot.artifacts import artifact_name, files_of, thumbnail_of
 from bot.store import Job, Store
 from bot.store.schema import jobs, metadata
 
@@ -70,7 +70,8 @@ async def _copy_files(jobs: list[Job], connection: asyncpg.Connection, output_di
                                                          output_dir / path.parent.name / path.name])
             if data is None:
                 # Retention and deletes remove files and say so in the row; other files went by hand.
-                missing += job.expired_at is None and job.deleted_at is None
+                # A thumbnail is made when the web gallery first shows the picture: none is no loss.
+                missing += job.expired_at is None and job.deleted_at is None and path != thumbnail_of(job)
                 continue
             await connection.execute(
                 "INSERT INTO artifacts (name, job_id, attempt, data, written_at) VALUES ($1, $2, $3, $4, $5) "

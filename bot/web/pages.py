@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from PIL import Image
 
 from bot.artifacts import thumbnail_of
 from bot.checks import current_rights
-from bot.export import encode_export, export_rows
+from bot.export import EXPORT_ROWS, encode_export, export_rows
 from bot.jobs import remove_generation
 from bot.publisher import format_duration, imagine_line
 from bot.store import Job, WebSession
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 24
 AUDIT_PAGE_SIZE = 50
-EXPORT_PAGE = 1000
+EXPORT_PAGE = 1000  # rows read at a time
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 THUMBNAIL_SIDE = 320
 SIGNIN_TRIES = 10  # per client per SIGNIN_WINDOW_S: links are random, guessing is hopeless anyway
@@ -116,40 +117,74 @@ def cookie_name(bot: ImagineBot) -> str:
     return "__Host-session" if bot.web_url.startswith("https://") else "session"
 
 
+SIGN_IN_AGAIN = ("Sign in with a link from the bot: /history web on your server (your pictures) or /log web "
+                 "(moderators: the whole server's).")
+
+
 async def signed_in(request: web.Request) -> WebSession:
+    """The request's session, while its member still has the rights it was opened with: Discord is
+    asked again (cached RIGHTS_CACHE_S), so one who left the server or lost the moderator role loses
+    what the session showed them within a minute, not when it expires."""
     bot = request.app[BOT]
     secret = request.cookies.get(cookie_name(bot))
     session = await bot.store.session(hash_secret(secret)) if secret else None
     if session is None:
-        raise Refused(401, "Signed out",
-                      "Sign in with a link from the bot: /history web on your server (your pictures) or "
-                      "/log web (moderators: the whole server's).")
+        raise Refused(401, "Signed out", SIGN_IN_AGAIN)
+    try:
+        rights = await current_rights(bot, session.guild_id, session.user_id)
+    except discord.HTTPException:
+        raise Refused(503, "Discord didn't answer", "Your rights on the server couldn't be checked just "
+                                                    "now: try again in a minute.") from None
+    if rights is None or (session.moderator and rights != "moderator"):
+        await bot.store.end_session(session.token_hash)
+        why = "You are no longer a member of that server" if rights is None else \
+            "You are no longer a moderator of that server"
+        raise Refused(401, "Signed out", f"{why}, so this session has ended. {SIGN_IN_AGAIN}")
     request[SESSION] = session
     guild = bot.get_guild(session.guild_id)
     request[SERVER] = guild.name if guild else f"server {session.guild_id}"
     return session
 
 
-def check_form(request: web.Request, session: WebSession, form: Any) -> None:
-    """A change must come from one of our own forms: the session's CSRF token, and no foreign Origin."""
+async def form_of(request: web.Request) -> Any:
+    """The posted form; a body no browser of ours sends is refused, not a crash."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "Refused", "The bot can't read this form. Nothing was changed.") from None
+
+
+def check_origin(request: web.Request) -> None:
+    """A form posted from another site (its page made the browser send it) is refused."""
     origin = request.headers.get("Origin")
     ours = {request.host, urlsplit(request.app[BOT].web_url).netloc}
     if origin and origin != "null" and urlsplit(origin).netloc not in ours:
         raise Refused(403, "Refused", "This form came from another site; nothing was changed.")
-    if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+
+
+def check_form(request: web.Request, session: WebSession, form: Any) -> None:
+    """A change must come from one of our own forms: the session's CSRF token, and no foreign Origin."""
+    check_origin(request)
+    if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
         raise Refused(403, "Refused", "This form is out of date (its security token doesn't match): "
                                       "reload the page and try again. Nothing was changed.")
 
 
 class SignInLimit:
-    """At most SIGNIN_TRIES sign-ins per client per SIGNIN_WINDOW_S."""
+    """At most SIGNIN_TRIES sign-ins per client per SIGNIN_WINDOW_S. Remembers at most CLIENTS clients
+    (the least recently seen are forgotten first), so a flood of addresses costs O(1) per try."""
+
+    CLIENTS = 10_000
 
     def __init__(self) -> None:
-        self.tries: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.tries: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
 
     def check(self, client: str) -> None:
         now = time.monotonic()
-        tries = self.tries[client]
+        tries = self.tries.pop(client, None) or collections.deque()
+        self.tries[client] = tries  # now the most recently seen
+        while len(self.tries) > self.CLIENTS:
+            self.tries.popitem(last=False)
         while tries and tries[0] <= now - SIGNIN_WINDOW_S:
             tries.popleft()
         if len(tries) >= SIGNIN_TRIES:
@@ -158,9 +193,6 @@ class SignInLimit:
                           f"{SIGNIN_TRIES} sign-ins a minute is the most from one address: try again in "
                           f"{wait} s.", {"Retry-After": str(wait)})
         tries.append(now)
-        if len(self.tries) > 10_000:  # forget quiet clients
-            for key in [k for k, v in self.tries.items() if not v or v[-1] <= now - SIGNIN_WINDOW_S]:
-                del self.tries[key]
 
 
 def client_of(request: web.Request) -> str:
@@ -173,7 +205,13 @@ def client_of(request: web.Request) -> str:
         proxied = address.is_loopback or address.is_private
     except ValueError:
         proxied = False
-    return forwarded.split(",")[-1].strip() if forwarded and proxied else remote
+    client = forwarded.split(",")[-1].strip() if forwarded and proxied else remote
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client[:64]
+    # One IPv6 visitor has a /64 of addresses to rotate through: count them as one.
+    return str(ipaddress.ip_network(f"{address}/64", strict=False)) if address.version == 6 else client
 
 
 # --- filters ---------------------------------------------------------------------------------------
@@ -194,8 +232,8 @@ class Filters:
         query, problems, found = request.query, [], cls()
         member = query.get("member", "").strip()
         if member:
-            if member.isdigit() and len(member) < 20:
-                found.member = int(member)
+            if snowflake(member) is not None:
+                found.member = snowflake(member)
             else:
                 problems.append(f"Member: {member[:40]!r} is not a member ID (digits, as Discord's "
                                 "'Copy User ID' gives).")
@@ -206,27 +244,27 @@ class Filters:
             found.status = status
         elif status:
             problems.append(f"Status: {status[:40]!r} is not one of {', '.join(STATUSES)}.")
-        found.text = query.get("q", "").strip()[:200]
+        found.text = query.get("q", "").replace("\x00", "").strip()[:200]  # PostgreSQL refuses NUL
         for name, label in (("from", "From"), ("to", "To")):
             value = query.get(name, "").strip()
             if not value:
                 continue
             try:
                 day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
-            except ValueError:
+                end = day + timedelta(days=1)  # the whole day of "to"
+            except (ValueError, OverflowError):
                 problems.append(f"{label}: {value[:40]!r} is not a date like 2026-11-01.")
                 continue
             if name == "from":
                 found.since = day.timestamp()
             else:
-                found.until = (day + timedelta(days=1)).timestamp()  # the whole day of "to"
+                found.until = end.timestamp()
         model = query.get("model", "")
         if model in models:
             found.model = model
         elif model:
             problems.append(f"Model: {model[:40]!r} is not one of {', '.join(models)}.")
-        page = query.get("page", "1")
-        found.page = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+        found.page = page_number(query.get("page", "1"))
         return found, problems
 
     def query(self, **changes: Any) -> str:
@@ -240,6 +278,15 @@ class Filters:
         return await bot.store.generation_log(
             guild_id, self.member, self.status, self.text or None, self.since, limit, offset,
             until=self.until, model=self.model, default_model=bot.settings.engine_preset)
+
+
+def page_number(text: str) -> int:
+    return int(text) if re.fullmatch(r"[0-9]{1,5}", text) and int(text) > 0 else 1
+
+
+def snowflake(text: str) -> int | None:
+    """A Discord ID or job number as typed (ASCII digits, within 64 bits), else None."""
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) and int(text) < 2**63 else None
 
 
 def _day(timestamp: float | None, end: bool = False) -> str | None:
@@ -257,8 +304,8 @@ def visible(job: Job | None, session: WebSession) -> bool:
 
 
 async def job_for(request: web.Request, session: WebSession) -> Job:
-    job_id = int(request.match_info["job"])
-    job = await request.app[BOT].store.get(job_id) if job_id < 2**62 else None
+    job_id = snowflake(request.match_info["job"]) or 0
+    job = await request.app[BOT].store.get(job_id) if job_id else None
     if job is None or not visible(job, session):
         raise Refused(404, "Not found", f"There is no picture #{job_id} here.")
     return job
@@ -330,8 +377,9 @@ async def signin_page(request: web.Request) -> web.Response:
 
 async def signin(request: web.Request) -> web.Response:
     bot = request.app[BOT]
+    check_origin(request)  # another site can't sign a visitor in as someone else
     request.app[SIGNIN_LIMIT].check(client_of(request))
-    token = str((await request.post()).get("token", ""))
+    token = str((await form_of(request)).get("token", ""))
     link = await find_link(bot.store, bot.settings, token)
     problem = why_not(link)
     if problem is None and link is not None and not await bot.store.use_link(link.token_hash):
@@ -348,13 +396,15 @@ async def signin(request: web.Request) -> web.Response:
 
 async def signout(request: web.Request) -> web.Response:
     bot = request.app[BOT]
-    session = await signed_in(request)
-    check_form(request, session, await request.post())
-    await bot.store.end_session(session.token_hash)
+    check_origin(request)
+    secret = request.cookies.get(cookie_name(bot))
+    session = await bot.store.session(hash_secret(secret)) if secret else None
+    if session is not None:  # one that has already ended only loses its cookie
+        check_form(request, session, await form_of(request))
+        await bot.store.end_session(session.token_hash)
     response = render(request, "message.html", title="Signed out",
                       message="You are signed out. A new link from the bot signs you in again.")
     response.del_cookie(cookie_name(bot), path="/")
-    request[SESSION] = None
     return response
 
 
@@ -368,7 +418,7 @@ async def gallery(request: web.Request) -> web.Response:
     pages = max(1, -(-total // PAGE_SIZE))
     return render(request, "gallery.html", cards=[card(job, names) for job in jobs], total=total,
                   filters=filters, problems=problems, pages=pages, statuses=STATUSES, models=models,
-                  deleted=request.query.get("deleted", ""))
+                  deleted=snowflake(request.query.get("deleted", "")))
 
 
 async def picture(request: web.Request) -> web.Response:
@@ -409,16 +459,21 @@ async def thumbnail(request: web.Request) -> web.Response:
     path = thumbnail_of(job)
     if not has_picture(job) or path is None:
         raise Refused(404, "Not found", f"Picture #{job.id} has no image.")
-    data = await bot.files.read(path)
-    if data is None:
-        png = await bot.files.read(job.output_path or "")
-        if png is None:
-            raise Refused(404, "Not found", f"The image of picture #{job.id} is gone.")
-        data = await asyncio.to_thread(make_thumbnail, png)
-        await bot.files.write(path, data)
-        latest = await bot.store.get(job.id)
-        if latest is None or not has_picture(latest):  # deleted or expired meanwhile: take it back
-            await bot.files.remove([path])
+    # A grid opened by two people at once asks for a new picture's thumbnail twice: made once.
+    async with request.app[THUMBNAIL_LOCKS].setdefault(job.id, asyncio.Lock()):
+        data = await bot.files.read(path)
+        if data is None:
+            png = await bot.files.read(job.output_path or "")
+            if png is None:
+                raise Refused(404, "Not found", f"The image of picture #{job.id} is gone.")
+            data = await asyncio.to_thread(make_thumbnail, png)
+            await bot.files.write(path, data)
+            # Deleted or expired meanwhile (its files removed while this one was being made): take
+            # this one back too, or nothing would ever remove it.
+            latest = await bot.store.get(job.id)
+            if latest is None or not has_picture(latest) or not await bot.files.exists(job.output_path or ""):
+                await bot.files.remove([path])
+        request.app[THUMBNAIL_LOCKS].pop(job.id, None)
     return web.Response(body=data, content_type="image/webp",
                         headers={"Cache-Control": "private, max-age=86400"})
 
@@ -428,10 +483,10 @@ async def delete(request: web.Request) -> web.Response:
     moderator removes someone else's picture. Rights are checked with Discord again, now."""
     bot = request.app[BOT]
     session = await signed_in(request)
-    check_form(request, session, await request.post())
+    check_form(request, session, await form_of(request))
     job = await job_for(request, session)
     try:
-        rights = await current_rights(bot, session.guild_id, session.user_id)
+        rights = await current_rights(bot, session.guild_id, session.user_id, fresh=True)
     except discord.HTTPException:
         raise Refused(503, "Discord didn't answer",
                       "Your rights on the server couldn't be checked just now: try again in a minute. "
@@ -464,8 +519,7 @@ async def audit(request: web.Request) -> web.Response:
     session = await signed_in(request)
     if not session.moderator:
         raise Refused(403, "Moderators only", "The audit log is for moderators: sign in with /log web.")
-    page = request.query.get("page", "1")
-    number = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
+    number = page_number(request.query.get("page", "1"))
     entries, total = await bot.store.audit_entries(session.guild_id, AUDIT_PAGE_SIZE,
                                                    (number - 1) * AUDIT_PAGE_SIZE)
     names = await names_of(bot, {entry.actor_id for entry in entries})
@@ -474,29 +528,43 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def export(request: web.Request) -> web.StreamResponse:
-    """The gallery's search as a file, written as it is read (a big server's log is never whole in
-    memory)."""
+    """The gallery's search as a file (at most EXPORT_ROWS rows), written as it is read, page by page
+    by job number (steady while new jobs arrive), each page encoded off the event loop."""
     bot = request.app[BOT]
     session = await signed_in(request)
     fmt = request.match_info["format"]
     filters, problems = Filters.read(request, session, bot.installed_models())
-    if problems:
+    if problems:  # everything is checked before the answer starts: a refusal is a page, not a file
         raise Refused(400, "Can't export", " ".join(problems))
     response = web.StreamResponse(headers={
+        **HEADERS, "Cache-Control": "no-store",
         "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
         "Content-Disposition": f'attachment; filename="generations.{fmt}"'})
-    response.headers.update(HEADERS)
     await response.prepare(request)
-    offset, first = 0, True
-    while True:
-        jobs, _ = await filters.jobs(bot, session.guild_id, EXPORT_PAGE, offset)
-        if not jobs:
-            break
-        await response.write(encode_export(export_rows(jobs), fmt, header=first))
-        first, offset = False, offset + len(jobs)
-    if first and fmt == "csv":
-        await response.write(b"job\r\n")  # an empty export is still a CSV file
-    await response.write_eof()
+    written, before, first = 0, None, True
+    try:
+        while written < EXPORT_ROWS:
+            jobs, _ = await bot.store.generation_log(
+                session.guild_id, filters.member, filters.status, filters.text or None, filters.since,
+                min(EXPORT_PAGE, EXPORT_ROWS - written), before_id=before, until=filters.until,
+                model=filters.model, default_model=bot.settings.engine_preset)
+            if not jobs:
+                break
+            chunk = await asyncio.to_thread(lambda page=jobs, header=first: encode_export(
+                export_rows(page), fmt, header=header))
+            await response.write(chunk)
+            first, written, before = False, written + len(jobs), jobs[-1].id
+        if first and fmt == "csv":
+            await response.write(b"job\r\n")  # an empty export is still a CSV file
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the browser went away
+    except Exception:
+        # The file has begun: no error page can follow. Cut the connection, so the browser reports a
+        # failed download instead of keeping a file that looks whole.
+        log.exception("web export for server %s failed part way", session.guild_id)
+        if request.transport is not None:
+            request.transport.close()
     return response
 
 
@@ -506,12 +574,14 @@ async def stylesheet(request: web.Request) -> web.Response:
 
 STYLE = Path(__file__).with_name("static").joinpath("style.css").read_bytes()
 SIGNIN_LIMIT: web.AppKey[SignInLimit] = web.AppKey("signin limit")
+THUMBNAIL_LOCKS: web.AppKey[dict[int, asyncio.Lock]] = web.AppKey("thumbnail locks")
 
 
 def make_app(bot: ImagineBot) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)  # forms only: small bodies
     app[BOT] = bot
     app[SIGNIN_LIMIT] = SignInLimit()
+    app[THUMBNAIL_LOCKS] = {}
     job = r"{job:\d{1,19}}"
     app.add_routes([
         web.get("/", home),
@@ -525,7 +595,7 @@ def make_app(bot: ImagineBot) -> web.Application:
         web.post(f"/picture/{job}/delete", delete),
         web.get("/queue", queue),
         web.get("/audit", audit),
-        web.get("/export.{format:csv|jsonl}", export),
+        web.get("/export.{format:csv|jsonl}", export, allow_head=False),
         web.get("/style.css", stylesheet),
     ])
     return app

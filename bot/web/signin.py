@@ -58,7 +58,7 @@ async def find_link(store: Store, settings: Settings, token: str) -> WebLink | N
     if link is None:
         return None
     expected = _signature(settings, nonce, link.guild_id, link.user_id, link.moderator, link.expires_at)
-    return link if hmac.compare_digest(expected, signature) else None
+    return link if hmac.compare_digest(expected.encode(), signature.encode()) else None
 
 
 def why_not(link: WebLink | None) -> str | None:
