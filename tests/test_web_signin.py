@@ -168,7 +168,7 @@ async def test_hostile_queries_and_forms_get_clear_answers_not_errors(fake: Fake
                                                                      database: str) -> None:
     mod = fake.add_moderator()
     async with BotRunner(web_settings(fake, tmp_path, **on(database))) as bot, client() as http:
-        link, token = await link_for(fake, "log web", mod)
+        _, token = await link_for(fake, "log web", mod)
         async with http.post(bot.web_url + "/signin", data={"token": token},
                              headers={"Origin": "https://evil.example"}) as response:
             assert response.status == 403 and "came from another site" in await response.text()
