@@ -19,7 +19,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 T = TypeVar("T")
@@ -63,13 +62,12 @@ class Browser:
         return await self.script(f"return document.activeElement.getAttribute('{attribute}')")
 
     async def _acting(self, action: Callable[[], object], navigates: bool) -> None:
-        page = await self.find("html")
+        if navigates:  # a mark on this page's window: the next page's has none
+            await self.script("window.leftBehind = true")
         await self.call(action)
         if navigates:
-            wait = WebDriverWait(self.driver, 20)
-            await self.call(wait.until, expected_conditions.staleness_of(page))
-            await self.call(wait.until, lambda driver: driver.execute_script("return document.readyState")
-                            == "complete")
+            await self.call(WebDriverWait(self.driver, 20).until, lambda driver: driver.execute_script(
+                "return window.leftBehind === undefined && document.readyState === 'complete'"))
 
     async def text(self, css: str = "main") -> str:
         element = await self.find(css)

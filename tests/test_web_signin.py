@@ -44,9 +44,12 @@ async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord
     alice = fake.add_member("alice")
     async with BotRunner(web_settings(fake, tmp_path, **on(database))) as bot, client() as http:
         link, token = await link_for(fake, "history web", alice)
-        for _ in range(2):  # opening the page (a link preview, a scanner) spends nothing
-            async with http.get(link) as page:
+        previews = [{"User-Agent": "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)"},
+                    {"Sec-Purpose": "prefetch"}, {"Sec-Fetch-Dest": "image"}]  # the last: an <img> elsewhere
+        for headers in previews:  # a link preview, a prefetch, a page elsewhere: they spend nothing
+            async with http.get(link, headers=headers, allow_redirects=False) as page:
                 assert page.status == 200 and "Sign in to Test Guild" in await page.text()
+                assert "Set-Cookie" not in page.headers
 
         async def press() -> tuple[int, str, str]:
             async with http.post(bot.web_url + "/signin", data={"token": token},
@@ -58,6 +61,11 @@ async def test_a_link_signs_in_once_even_pressed_twice_at_once(fake: FakeDiscord
         assert (ok, refused) == (303, 403) and "HttpOnly" in cookie and none == ""
         assert "has been used already: each works once" in text and "/history web" in text
         assert re.search(r"SameSite=Lax", cookie) and "Secure" not in cookie  # plain http on one machine
+
+        # Opened in a browser, a link signs in at once.
+        other, _ = await link_for(fake, "history web", alice)
+        async with http.get(other) as response:
+            assert response.url.path == "/gallery" and "My pictures on Test Guild" in await response.text()
 
         # Signed in: the thumbnail is made once and kept with the job's files (on disk with SQLite, in
         # the database with PostgreSQL); deleting the picture from the web removes it with the rest.

@@ -33,7 +33,7 @@ from bot.checks import current_rights
 from bot.export import EXPORT_ROWS, encode_export, export_rows
 from bot.jobs import remove_generation
 from bot.publisher import format_duration, imagine_line
-from bot.store import Job, WebSession
+from bot.store import Job, WebLink, WebSession
 from bot.web.signin import SESSION_LIFETIME_S, find_link, hash_secret, open_session, why_not
 from engine.request import GenerationRequest
 
@@ -361,26 +361,44 @@ async def home(request: web.Request) -> web.StreamResponse:
     return see_other("/gallery")
 
 
+# Link previews and prefetches fetch a page nobody opened: they get a page with a Sign in button and
+# spend nothing (a member who meets that page presses the button).
+PREVIEWERS = re.compile(r"Discordbot|Slackbot|facebookexternalhit|Twitterbot|TelegramBot|WhatsApp|"
+                        r"SkypeUriPreview|LinkedInBot|Googlebot|bingbot|Mastodon|Embedly", re.IGNORECASE)
+
+
+def looks_like_a_preview(request: web.Request) -> bool:
+    purpose = request.headers.get("Sec-Purpose", "") + request.headers.get("Purpose", "")
+    destination = request.headers.get("Sec-Fetch-Dest", "document")  # an <img> on another site: "image"
+    return (bool(PREVIEWERS.search(request.headers.get("User-Agent", ""))) or "prefetch" in purpose.lower()
+            or destination != "document")
+
+
 async def signin_page(request: web.Request) -> web.Response:
+    """Opening the link signs its member in (a session cookie, then the gallery)."""
     bot = request.app[BOT]
+    request.app[SIGNIN_LIMIT].check(client_of(request))
     token = request.match_info["token"]
     link = await find_link(bot.store, bot.settings, token)
-    problem = why_not(link)
-    if problem is not None:
-        raise Refused(403, "Can't sign in", f"{problem} Ask for a new one: /history web on your server, "
-                                            "or /log web if you moderate it.")
-    assert link is not None
-    guild = bot.get_guild(link.guild_id)
-    return render(request, "signin.html", token=token, moderator=bool(link.moderator),
-                  server_name=guild.name if guild else f"server {link.guild_id}")
+    if why_not(link) is None and link is not None and looks_like_a_preview(request):
+        guild = bot.get_guild(link.guild_id)
+        return render(request, "signin.html", token=token, moderator=bool(link.moderator),
+                      server_name=guild.name if guild else f"server {link.guild_id}")
+    return await spend(request, link)
 
 
 async def signin(request: web.Request) -> web.Response:
+    """The Sign in button of the page a link preview gets."""
     bot = request.app[BOT]
     check_origin(request)  # another site can't sign a visitor in as someone else
     request.app[SIGNIN_LIMIT].check(client_of(request))
     token = str((await form_of(request)).get("token", ""))
-    link = await find_link(bot.store, bot.settings, token)
+    return await spend(request, await find_link(bot.store, bot.settings, token))
+
+
+async def spend(request: web.Request, link: WebLink | None) -> web.Response:
+    """Spend the link (once, even for two requests at the same moment) and open its member's session."""
+    bot = request.app[BOT]
     problem = why_not(link)
     if problem is None and link is not None and not await bot.store.use_link(link.token_hash):
         problem = why_not(await bot.store.link(link.token_hash))  # spent or expired a moment ago

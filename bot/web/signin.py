@@ -4,9 +4,9 @@ they open.
 A link is `PUBLIC_URL/signin/<nonce>.<signature>`: the nonce is random, the signature an HMAC over the
 nonce, the server, the member, their role and the expiry, with a key derived from the bot's token (every
 gateway process of one bot has it; the link itself carries no token). The database keeps only the
-nonce's hash, with whose link it is; the link works once, for LINK_LIFETIME_S. Opening it shows a
-button, and only pressing that spends the link: a chat client's link preview or a mail scanner that
-fetches the page spends nothing.
+nonce's hash, with whose link it is; the link works once, for LINK_LIFETIME_S. Opening it signs in;
+a link preview or prefetch (by its User-Agent or Sec-Fetch headers) gets a page with a Sign in button
+instead and spends nothing. The bot also sends the link without a preview.
 
 A session is a random cookie (HttpOnly, SameSite=Lax, Secure behind https), kept as a hash with the
 member, the server, the role and a CSRF token for its forms, for SESSION_LIFETIME_S.
