@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,9 +103,8 @@ class Browser:
             "return Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
 
 
-@asynccontextmanager
-async def chromium(width: int = 1280, height: int = 900) -> AsyncIterator[Browser]:
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+def launch_chromium(profile: str, width: int = 1280, height: int = 900) -> webdriver.Chrome:
+    """Headless Chromium with a new profile in `profile` (blocks for a second or two)."""
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "chromium"
     # Headless, as root in a container, and quiet on a machine with no network: without the
@@ -116,9 +115,26 @@ async def chromium(width: int = 1280, height: int = 900) -> AsyncIterator[Browse
                  f"--window-size={width},{height}", f"--user-data-dir={profile}", "--lang=en-US"):
         options.add_argument(flag)
     service = Service(executable_path=shutil.which("chromedriver") or "chromedriver")
-    driver = await asyncio.to_thread(webdriver.Chrome, options=options, service=service)
+    return webdriver.Chrome(options=options, service=service)
+
+
+@contextmanager
+def chromium_driver() -> Iterator[webdriver.Chrome]:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    driver = launch_chromium(profile)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """A browser of its own, started off the event loop."""
+    driver_context = chromium_driver()
+    driver = await asyncio.to_thread(driver_context.__enter__)
     try:
         yield Browser(driver)
     finally:
-        await asyncio.to_thread(driver.quit)
-        shutil.rmtree(profile, ignore_errors=True)
+        await asyncio.to_thread(driver_context.__exit__, None, None, None)

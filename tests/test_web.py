@@ -6,20 +6,36 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from selenium import webdriver
 from selenium.webdriver.common.keys import Keys
 
 from bot.web.signin import new_link
 from tests.botrunner import TOKEN, BotRunner, bot_settings, eventually, wait_for_reply
-from tests.browser import Browser, chromium, chromium_missing
+from tests.browser import Browser, chromium_driver, chromium_missing
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMember
 from tests.test_moderation import command
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))]
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[webdriver.Chrome]:
+    """One Chromium for the module (it takes a second or two to start); each test starts signed out."""
+    with chromium_driver() as driver:
+        yield driver
+
+
+@pytest.fixture
+async def browser(driver: webdriver.Chrome) -> Browser:
+    browser = Browser(driver)
+    await browser.forget()
+    return browser
 
 
 def web_settings(fake: FakeDiscord, tmp_path: Path, **overrides: object):
@@ -56,11 +72,11 @@ def job_ids(text: str) -> set[int]:
     return {int(n) for n in re.findall(r"#(\d+) ·", text)}
 
 
-async def test_moderator_filters_opens_deletes_and_exports_in_a_browser(fake: FakeDiscord,
-                                                                        tmp_path: Path) -> None:
+async def test_moderator_filters_opens_deletes_and_exports_in_a_browser(fake: FakeDiscord, tmp_path: Path,
+                                                                        browser: Browser) -> None:
     mod = fake.add_moderator()
     alice, bob = fake.add_member("alice"), fake.add_member("bob")
-    async with BotRunner(web_settings(fake, tmp_path)) as bot, chromium() as browser:
+    async with BotRunner(web_settings(fake, tmp_path)) as bot:
         await picture(fake, "a red fox <script>alert(1)</script>", alice)
         await picture(fake, "a blue whale", bob)
         await picture(fake, "a green owl", bob)
@@ -140,11 +156,12 @@ async def test_moderator_filters_opens_deletes_and_exports_in_a_browser(fake: Fa
         assert "Nothing of this server's is waiting or running." in await browser.text()
 
 
-async def test_members_see_their_own_and_links_work_once(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_members_see_their_own_and_links_work_once(fake: FakeDiscord, tmp_path: Path,
+                                                        browser: Browser) -> None:
     alice, bob = fake.add_member("alice"), fake.add_member("bob")
     other = fake.add_guild("Other Server")
     carol = fake.add_member("carol", guild=other)
-    async with BotRunner(web_settings(fake, tmp_path)) as bot, chromium() as browser:
+    async with BotRunner(web_settings(fake, tmp_path)) as bot:
         await picture(fake, "alice's lighthouse", alice)
         await picture(fake, "bob's secret garden", bob)
         elsewhere = await fake.send_slash_command("imagine", {"prompt": "carol's castle"}, user=carol,
@@ -181,11 +198,12 @@ async def test_members_see_their_own_and_links_work_once(fake: FakeDiscord, tmp_
         assert "not one of this bot's" in await browser.text()
 
 
-async def test_a_server_session_gets_nothing_of_another_server(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_a_server_session_gets_nothing_of_another_server(fake: FakeDiscord, tmp_path: Path,
+                                                              browser: Browser) -> None:
     mod = fake.add_moderator()
     other = fake.add_guild("Other Server")
     other_mod = fake.add_moderator("other-mod", guild=other)
-    async with BotRunner(web_settings(fake, tmp_path)) as bot, chromium() as browser:
+    async with BotRunner(web_settings(fake, tmp_path)) as bot:
         await picture(fake, "here", mod)
         there = await fake.send_slash_command("imagine", {"prompt": "there"}, user=other_mod, guild=other)
         await wait_for_reply(fake, there, "✅")
