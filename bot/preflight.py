@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -38,7 +39,29 @@ def run_checks(settings: Settings) -> list[Check]:
         engine = [Check("engine", "ok", "ENGINE=off: engine workers (python -m bot worker) run the queue")]
     else:
         engine = [check_weights(settings), check_device(settings), check_memory(settings)]
-    return [check_token(settings), *engine, check_database(settings), check_outputs(settings)]
+    checks = [check_token(settings), *engine, check_database(settings), check_outputs(settings)]
+    return [*checks, check_web(settings)] if settings.web_enabled or settings.public_url else checks
+
+
+def check_web(settings: Settings) -> Check:
+    """The web gallery: can it listen where it is told, and will the links it hands out work?"""
+    if not settings.web_enabled:
+        return Check("web", "ok", f"served by another process; links here point to {settings.public_url}")
+    where = f"{settings.web_host}:{settings.web_port}"
+    with socket.socket(socket.AF_INET6 if ":" in settings.web_host else socket.AF_INET) as probe:
+        try:
+            probe.bind((settings.web_host, settings.web_port))
+        except OSError as error:
+            return Check("web", "fail", f"can't listen on {where} ({error.strerror or error}): is another "
+                                        "program (or another bot) on it? Set WEB_PORT or WEB_HOST")
+    if not settings.public_url:
+        return Check("web", "warn", f"listens on {where}, and sign-in links will point there "
+                                    "(http://): set PUBLIC_URL to the https address of a reverse proxy in "
+                                    "front (deploy/README.md, 'The web gallery')")
+    if not settings.public_url.startswith("https://"):
+        return Check("web", "warn", f"listens on {where}; PUBLIC_URL {settings.public_url} is not https, so "
+                                    "sign-in links and session cookies cross the network readable")
+    return Check("web", "ok", f"listens on {where}; members open {settings.public_url}")
 
 
 def main(settings: Settings) -> int:

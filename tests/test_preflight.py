@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from bot import preflight
 from bot.__main__ import main
@@ -345,3 +347,24 @@ async def test_a_sqlite_database_copies_into_an_empty_postgresql_one_whole(tmp_p
         await new.close()
         assert await asyncio.to_thread(main, ["copy-to-postgresql"]) == 2
         assert "already has rows in" in capsys.readouterr().err
+
+
+def test_check_says_whether_the_web_gallery_can_listen_and_where_links_point(tmp_path: Path) -> None:
+    base = {"_env_file": None, "engine_preset": "tiny", "database_path": tmp_path / "bot.sqlite3"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = preflight.check_web(Settings(**base, web_enabled=True, web_port=port))
+        assert busy.status == "fail" and f"can't listen on 127.0.0.1:{port}" in busy.detail
+    plain = preflight.check_web(Settings(**base, web_enabled=True, web_port=0))
+    assert plain.status == "warn" and "set PUBLIC_URL" in plain.detail
+    http = preflight.check_web(Settings(**base, web_enabled=True, web_port=0, public_url="http://gallery.example"))
+    assert http.status == "warn" and "is not https" in http.detail
+    good = preflight.check_web(Settings(**base, web_enabled=True, web_port=0, public_url="https://gallery.example/"))
+    assert good.status == "ok" and "members open https://gallery.example" in good.detail
+    elsewhere = preflight.run_checks(Settings(**base, public_url="https://gallery.example"))
+    assert elsewhere[-1].name == "web" and "served by another process" in elsewhere[-1].detail
+    assert all(check.name != "web" for check in preflight.run_checks(Settings(**base)))  # off: not a line
+    with pytest.raises(ValidationError, match="must start with https://"):
+        Settings(**base, public_url="gallery.example")
