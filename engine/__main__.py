@@ -37,6 +37,9 @@ def _request_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{info.description} (default: {shown})"
         if info.annotation is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif name == "image_prompts":  # the anchor's -ip; once per image
+            group.add_argument("-ip", "--image-prompt", dest=name, action="append", default=None,
+                               metavar="PATH[:WEIGHT]", help=f"{info.description}; give it once per image")
         else:  # pydantic converts and validates, so every rule lives in the request model
             group.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
     group.add_argument("--size", metavar="WxH", help="width and height at once, e.g. 512x384")

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ class Targets:
     negative: torch.Tensor | None  # (D,) unit embedding of the negative text
 
 
-def prompt_targets(clip: Clip, request: GenerationRequest) -> Targets:
+def prompt_targets(models: Models, clip: Clip, request: GenerationRequest) -> Targets:
+    """The text prompts (each mixed with the style), then the image prompts, in `prompt_weights` order."""
     style = encode_text(clip, request.style) if request.style else None
     prompts = []
     for prompt in request.prompts:
@@ -106,8 +108,24 @@ def prompt_targets(clip: Clip, request: GenerationRequest) -> Targets:
         if style is not None:
             target = request.w1 * target + request.w2 * style
         prompts.append(F.normalize(target, dim=-1))
+    for path, _ in request.image_targets:
+        prompts.append(encode_image_prompt(models, clip, path))
     negative = F.normalize(encode_text(clip, request.negative), dim=-1) if request.negative else None
     return Targets(clip=clip, prompts=torch.stack(prompts), negative=negative)
+
+
+def prompt_weights(request: GenerationRequest, device: torch.device) -> torch.Tensor:
+    return torch.tensor([prompt.weight for prompt in request.prompts]
+                        + [weight for _, weight in request.image_targets], device=device)
+
+
+def encode_image_prompt(models: Models, clip: Clip, path: Path) -> torch.Tensor:
+    """CLIP's unit embedding of a whole image (resized to CLIP's input, no crops): an image prompt."""
+    with Image.open(path) as image:
+        image.draft("RGB", (clip.size * 2, clip.size * 2))  # a big JPEG decodes at a fraction of its size
+        pixels = from_pil(image.convert("RGB"), models.device)
+    with torch.no_grad():
+        return _embed_images(models, clip, pixels)[0]
 
 
 # Devices whose decoder runs faster channels-last: measured on the CPU (oneDNN, 1.5x); unmeasured on
@@ -328,8 +346,8 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
     recipe = output.recipe(request, models)
     generator = torch.Generator(device=device)
     generator.manual_seed(request.seed)
-    targets = [prompt_targets(clip, request) for clip in models.clips]
-    weights = torch.tensor([prompt.weight for prompt in request.prompts], device=device)
+    targets = [prompt_targets(models, clip, request) for clip in models.clips]
+    weights = prompt_weights(request, device)
 
     optimizer_state = None
     if resume is not None:

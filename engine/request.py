@@ -53,6 +53,17 @@ def parse_prompts(prompt: str) -> list[WeightedPrompt]:
     return prompts
 
 
+MAX_IMAGE_PROMPTS = 3
+
+
+def split_image_prompt(text: str) -> tuple[Path, float]:
+    """`picture.png` or `picture.png:2` (the anchor's `-ip path:weight`): the image and its weight."""
+    path, colon, weight = text.rpartition(":")
+    if colon and path and re.fullmatch(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?\s*", weight, re.I):
+        return Path(path), float(weight)
+    return Path(text), 1.0
+
+
 def _random_seed() -> int:
     return random.SystemRandom().randint(0, MAX_SEED)
 
@@ -91,6 +102,10 @@ class GenerationRequest(BaseModel):
     preview_every: int = Field(50, ge=1, le=10000, description="decode a preview every N steps")
     batch_size: int = Field(1, ge=1, le=8, description="images optimised together")
     quantize: bool = Field(False, description="snap the latent to the VQGAN codebook (straight-through)")
+    image_prompts: list[str] = Field(
+        default_factory=list, max_length=MAX_IMAGE_PROMPTS,
+        description="images the picture should look like, beside the text (CLIP's embedding of each "
+                    "whole image, weighted like a prompt part): path or path:weight, up to 3")
     init_image: Path | None = Field(None, description="start from this image instead of noise")
     continue_from: Path | None = Field(
         None, description="continue from a finished run's saved state (.state.pt) for `steps` more steps")
@@ -111,6 +126,19 @@ class GenerationRequest(BaseModel):
                                  f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
         if all(p.weight == 0 for p in prompts):
             raise ValueError("every prompt part has weight 0; give at least one part a non-zero weight")
+        return value
+
+    @field_validator("image_prompts")
+    @classmethod
+    def _image_prompts_exist(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        stored = (info.context or {}).get("stored", False)
+        for text in value:
+            path, weight = split_image_prompt(text)
+            if not -MAX_PROMPT_WEIGHT <= weight <= MAX_PROMPT_WEIGHT:
+                raise ValueError(f"the weight of image prompt {path.name} is {weight:g}; weights go from "
+                                 f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
+            if not stored and not path.is_file():
+                raise ValueError(f"file not found: {path}")
         return value
 
     @field_validator("init_image", "continue_from")
@@ -137,6 +165,11 @@ class GenerationRequest(BaseModel):
     def prompts(self) -> list[WeightedPrompt]:
         return parse_prompts(self.prompt)
 
+    @property
+    def image_targets(self) -> list[tuple[Path, float]]:
+        """The image prompts: each image and its weight."""
+        return [split_image_prompt(text) for text in self.image_prompts]
+
 
 def describe_validation_error(error: ValidationError) -> str:
     """One line a user can act on: which field, the value given, and what is allowed."""
@@ -154,6 +187,8 @@ def describe_validation_error(error: ValidationError) -> str:
             message = str(ctx.get("error", item["msg"]))
         elif kind == "extra_forbidden":
             message = "is not a known option"
+        elif kind == "too_long":
+            message = f"takes at most {ctx.get('max_length')}"
         else:
             message = item["msg"][0].lower() + item["msg"][1:]
         shown = "" if kind in ("missing", "extra_forbidden") else f" (got {given!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from engine import output, weights
 from engine.__main__ import main
@@ -68,6 +70,22 @@ def test_ctrl_c_saves_a_state_that_resume_finishes_identically(tmp_path: Path) -
     assert main(["imagine", "--resume", str(tmp_path / "part.state.pt"), "--preset", "tiny",
                  "-o", str(tmp_path / "again.png"), "-q"]) == 0
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+
+def test_image_prompts_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (90, 60), (0, 0, 255)).save(blue)
+    base = ["imagine", "a cat", "--preset", "tiny", "--size", "64x64", "--steps", "2", "--cutn", "4", "-q"]
+    out = tmp_path / "cat.png"
+    assert main([*base, "-ip", f"{blue}:2", "--image-prompt", str(blue), "-o", str(out)]) == 0
+    with Image.open(out) as made:
+        recipe = json.loads(made.text["vqgan-clip-recipe"])
+    assert recipe["request"]["image_prompts"] == [f"{blue}:2", str(blue)]  # it makes the same again
+    capsys.readouterr()
+    assert main([*base, *[arg for _ in range(4) for arg in ("-ip", str(blue))]]) == 2
+    assert capsys.readouterr().err.startswith("error: image_prompts: takes at most 3")
+    assert main([*base, "-ip", str(tmp_path / "gone.png:0.5")]) == 2
+    assert f"file not found: {tmp_path / 'gone.png'}" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_exit_code_2() -> None:

@@ -61,9 +61,10 @@ def assert_shifted(differences: list[float], direction: int, what: str) -> None:
     assert t > T_CRITICAL, summary
 
 
-def seen_similarities(models: Models, images: list[Image.Image], text: str, count: int = 16) -> list[float]:
-    """Each image's mean CLIP similarity to `text` over the same fixed cutouts (the engine's
-    augmentations, without noise), scored in one batch.
+def seen_similarities(models: Models, images: list[Image.Image], text: str | torch.Tensor,
+                      count: int = 16) -> list[float]:
+    """Each image's mean CLIP similarity to `text` (or to a unit embedding) over the same fixed cutouts
+    (the engine's augmentations, without noise), scored in one batch.
 
     This is the view the optimisation works on. On the whole image, unaugmented (a view the tiny CLIP
     was never taught), single seeds went the wrong way in runs where no seed's cutout view did.
@@ -74,7 +75,8 @@ def seen_similarities(models: Models, images: list[Image.Image], text: str, coun
     std = torch.tensor(models.image_std).view(1, 3, 1, 1)
     with torch.no_grad():
         seen = F.normalize(models.clip.encode_image((crops - mean) / std), dim=-1)
-        target = F.normalize(models.clip.encode_text(models.tokenizer([text])), dim=-1)[0]
+        target = text if isinstance(text, torch.Tensor) else \
+            F.normalize(models.clip.encode_text(models.tokenizer([text])), dim=-1)[0]
     return (seen @ target).view(len(images), count).mean(1).tolist()
 
 
@@ -109,6 +111,27 @@ def test_similarity_to_the_prompt_rises(tiny_models: Models, yellow_runs: Yellow
     # The run's own record agrees: the cutouts it scored grew more similar and its loss fell.
     assert sum(plain.similarities[-5:]) > sum(plain.similarities[:5])
     assert sum(plain.losses[-5:]) < sum(plain.losses[:5])
+
+
+def test_an_image_prompt_draws_the_picture_towards_that_image(tiny_models: Models, yellow_runs: YellowRuns,
+                                                             tmp_path: Path) -> None:
+    """The anchor's -ip: CLIP's embedding of a whole image is a target beside the text, weighted like
+    a prompt part. The same run with a blue image as well ends nearer that image than without it."""
+    blue = tmp_path / "blue.jpg"
+    Image.new("RGB", (300, 200), (20, 40, 230)).save(blue)
+    request = small(steps=20, preview_every=20, batch_size=SEEDS, image_prompts=[f"{blue}:2"])
+    with_image = generate(request, tiny_models)
+    assert with_image.recipe["request"]["image_prompts"] == [f"{blue}:2"]
+    with torch.no_grad():
+        pixels = F.interpolate(from_pil(Image.open(blue), tiny_models.device),
+                               size=(tiny_models.clip_size,) * 2, mode="bilinear", align_corners=False)
+        mean = torch.tensor(tiny_models.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(tiny_models.image_std).view(1, 3, 1, 1)
+        target = F.normalize(tiny_models.clip.encode_image((pixels - mean) / std), dim=-1)[0]
+    without = seen_similarities(tiny_models, yellow_runs.plain.images, target)
+    towards = seen_similarities(tiny_models, with_image.images, target)
+    assert_shifted([t - w for t, w in zip(towards, without, strict=True)], +1,
+                   "similarity to the image prompt, with it minus without")
 
 
 def test_negative_prompt_lowers_similarity_to_its_text(tiny_models: Models, yellow_runs: YellowRuns) -> None:
