@@ -32,7 +32,7 @@ from engine.cutouts import make_cutouts
 from engine.memory import MemoryBudget
 from engine.models import Clip, Models
 from engine.output import GenerationState
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, StoryStage
 from engine.weights import WeightsMissingError
 
 
@@ -99,11 +99,13 @@ class Targets:
     negative: torch.Tensor | None  # (D,) unit embedding of the negative text
 
 
-def prompt_targets(models: Models, clip: Clip, request: GenerationRequest) -> Targets:
-    """The text prompts (each mixed with the style), then the image prompts, in `prompt_weights` order."""
+def prompt_targets(models: Models, clip: Clip, request: GenerationRequest,
+                   stage: StoryStage | None = None) -> Targets:
+    """The text prompts of a stage of the story (the first by default), each mixed with the style, then
+    the image prompts, in `prompt_weights` order."""
     style = encode_text(clip, request.style) if request.style else None
     prompts = []
-    for prompt in request.prompts:
+    for prompt in (stage or request.story[0]).prompts:
         target = encode_text(clip, prompt.text)
         if style is not None:
             target = request.w1 * target + request.w2 * style
@@ -114,9 +116,29 @@ def prompt_targets(models: Models, clip: Clip, request: GenerationRequest) -> Ta
     return Targets(clip=clip, prompts=torch.stack(prompts), negative=negative)
 
 
-def prompt_weights(request: GenerationRequest, device: torch.device) -> torch.Tensor:
-    return torch.tensor([prompt.weight for prompt in request.prompts]
+def prompt_weights(request: GenerationRequest, device: torch.device,
+                   stage: StoryStage | None = None) -> torch.Tensor:
+    return torch.tensor([prompt.weight for prompt in (stage or request.story[0]).prompts]
                         + [weight for _, weight in request.image_targets], device=device)
+
+
+@dataclass
+class Stage:
+    """What the run aims at until `until` (a step number): a part of the story, for every CLIP."""
+
+    until: int
+    targets: list[Targets]
+    weights: torch.Tensor
+
+
+def story_stages(models: Models, request: GenerationRequest) -> list[Stage]:
+    """The prompt schedule (`a ^ b ^ c`), each part's targets made once, before the first step."""
+    stages, until = [], 0
+    for stage in request.story:
+        until += stage.steps
+        stages.append(Stage(until, [prompt_targets(models, clip, request, stage) for clip in models.clips],
+                            prompt_weights(request, models.device, stage)))
+    return stages
 
 
 def encode_image_prompt(models: Models, clip: Clip, path: Path) -> torch.Tensor:
@@ -346,8 +368,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
     recipe = output.recipe(request, models)
     generator = torch.Generator(device=device)
     generator.manual_seed(request.seed)
-    targets = [prompt_targets(models, clip, request) for clip in models.clips]
-    weights = prompt_weights(request, device)
+    stages = story_stages(models, request)
 
     optimizer_state = None
     if resume is not None:
@@ -381,7 +402,8 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
             images = decode(models, source, checkpointed)
         cutouts = make_cutouts(images, request.cutn, models.clip_size, generator,
                                request.cut_pow, request.noise_factor)
-        loss, similarity = _score(models, targets, weights, cutouts, request.negative_weight)
+        stage = next(stage for stage in stages if step <= stage.until)  # a resumed run picks up its part
+        loss, similarity = _score(models, stage.targets, stage.weights, cutouts, request.negative_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import (
@@ -64,6 +65,49 @@ def split_image_prompt(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+STORY_SEPARATOR = "^"  # the anchor's story mode: "a lighthouse ^ a storm at sea ^ dawn"
+_STAGE_STEPS = re.compile(r"^(?P<text>.*?)\s*@\s*(?P<steps>\d{1,5})\s*$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class StoryStage:
+    """One part of a prompt schedule: its weighted prompts, and the steps it runs for."""
+
+    prompts: list[WeightedPrompt]
+    steps: int
+
+
+def parse_story(prompt: str) -> list[tuple[list[WeightedPrompt], int | None]]:
+    """Split a prompt at `^` into its parts, each with the steps given after it (`a lighthouse:1 @100`)
+    or None (an equal share of what is left)."""
+    if STORY_SEPARATOR not in prompt:  # one part: an "@" in it is just text
+        return [(parse_prompts(prompt), None)]
+    parts = []
+    for part in prompt.split(STORY_SEPARATOR):
+        match = _STAGE_STEPS.match(part)
+        text, steps = (match["text"], int(match["steps"])) if match else (part, None)
+        parts.append((parse_prompts(text), steps))
+    return parts
+
+
+def schedule(parts: list[tuple[list[WeightedPrompt], int | None]], total: int) -> list[StoryStage]:
+    """Each part's steps: those given, then what is left shared equally among the rest (the earlier parts
+    take the remainder). When every part gives its steps, the last one also runs the steps left over.
+    Raises ValueError when the given steps don't fit in `total`."""
+    given = sum(steps for _, steps in parts if steps is not None)
+    shared = [index for index, (_, steps) in enumerate(parts) if steps is None]
+    if given > total or (shared and total - given < len(shared)):
+        raise ValueError(f"the story's parts ask for {given} steps with @ and {len(shared)} more part(s) "
+                         f"need at least a step each, but the picture has {total} steps")
+    left = total - given
+    counts = [steps or 0 for _, steps in parts]
+    for order, index in enumerate(shared):
+        counts[index] = left // len(shared) + (order < left % len(shared))
+    if not shared:
+        counts[-1] += left
+    return [StoryStage(prompts, steps) for (prompts, _), steps in zip(parts, counts, strict=True) if steps]
+
+
 def _random_seed() -> int:
     return random.SystemRandom().randint(0, MAX_SEED)
 
@@ -117,15 +161,19 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, value: str) -> str:
-        prompts = parse_prompts(value)
-        if not prompts:
-            raise ValueError("it has no text; write what to draw, e.g. 'a dog on the beach'")
-        for part in prompts:  # a huge weight makes the loss overflow at the first step
-            if not -MAX_PROMPT_WEIGHT <= part.weight <= MAX_PROMPT_WEIGHT:
-                raise ValueError(f"the weight of '{part.text[:40]}' is {part.weight:g}; weights go from "
-                                 f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
-        if all(p.weight == 0 for p in prompts):
-            raise ValueError("every prompt part has weight 0; give at least one part a non-zero weight")
+        story = parse_story(value)
+        for number, (prompts, _) in enumerate(story, 1):
+            where = f"part {number} of the story ('^') " if len(story) > 1 else "it "
+            if not prompts:
+                raise ValueError(f"{where}has no text; write what to draw, e.g. 'a dog on the beach'")
+            for part in prompts:  # a huge weight makes the loss overflow at the first step
+                if not -MAX_PROMPT_WEIGHT <= part.weight <= MAX_PROMPT_WEIGHT:
+                    raise ValueError(f"the weight of '{part.text[:40]}' is {part.weight:g}; weights go from "
+                                     f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
+            if all(p.weight == 0 for p in prompts):
+                within = f" of part {number} of the story ('^')" if len(story) > 1 else ""
+                raise ValueError(f"every prompt part{within} has weight 0; give at least one part a "
+                                 "non-zero weight")
         return value
 
     @field_validator("image_prompts")
@@ -151,6 +199,11 @@ class GenerationRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _story_fits_the_steps(self) -> GenerationRequest:
+        schedule(parse_story(self.prompt), self.steps)  # raises ValueError with what is wrong
+        return self
+
+    @model_validator(mode="after")
     def _variation_needs_a_latent(self) -> GenerationRequest:
         if self.variation and self.continue_from is None:
             raise ValueError("variation needs continue_from: it varies a finished picture's latent")
@@ -163,7 +216,13 @@ class GenerationRequest(BaseModel):
 
     @property
     def prompts(self) -> list[WeightedPrompt]:
-        return parse_prompts(self.prompt)
+        """The prompts of the first part (of the only one, without `^`)."""
+        return self.story[0].prompts
+
+    @property
+    def story(self) -> list[StoryStage]:
+        """The prompt schedule: one stage without `^`, else each part with its share of the steps."""
+        return schedule(parse_story(self.prompt), self.steps)
 
     @property
     def image_targets(self) -> list[tuple[Path, float]]:

@@ -134,6 +134,23 @@ def test_an_image_prompt_draws_the_picture_towards_that_image(tiny_models: Model
                    "similarity to the image prompt, with it minus without")
 
 
+def test_a_story_follows_its_parts_in_turn(tiny_models: Models, yellow_runs: YellowRuns) -> None:
+    """Story mode (the anchor's `^`): yellow for the first half of the steps, then blue. The first
+    half is exactly the plain yellow run; the end is nearer blue than that run's."""
+    story = small(steps=20, preview_every=20, batch_size=SEEDS,
+                  prompt=f"{colour_prompt('yellow')} ^ {colour_prompt('blue')}")
+    assert [stage.steps for stage in story.story] == [10, 10]
+    told = generate(story, tiny_models)
+    assert told.losses[:10] == yellow_runs.plain.losses[:10]
+    assert told.losses[10:] != yellow_runs.plain.losses[10:]
+    blue = colour_prompt("blue")
+    plain = seen_similarities(tiny_models, yellow_runs.plain.images, blue)
+    after = seen_similarities(tiny_models, told.images, blue)
+    assert_shifted([a - p for a, p in zip(after, plain, strict=True)], +1,
+                   "similarity to the story's last part, story minus yellow alone")
+    assert told.recipe["request"]["prompt"] == story.prompt  # the schedule is in the recipe
+
+
 def test_negative_prompt_lowers_similarity_to_its_text(tiny_models: Models, yellow_runs: YellowRuns) -> None:
     green = colour_prompt("green")
     assert yellow_runs.avoiding_green.recipe["request"]["negative"] == green
@@ -151,8 +168,11 @@ def test_same_seed_gives_identical_png_and_other_seed_differs(tiny_models: Model
     assert first != other
 
 
-def test_interrupted_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path) -> None:
-    request = small(steps=12, preview_every=4)
+@pytest.mark.parametrize("story", [False, True], ids=["one prompt", "a story stopped in its second part"])
+def test_interrupted_run_resumes_to_the_identical_png(tiny_models: Models, tmp_path: Path,
+                                                      story: bool) -> None:
+    prompt = f"{colour_prompt('yellow')} @6 ^ {colour_prompt('blue')}" if story else colour_prompt("yellow")
+    request = small(steps=12, preview_every=4, prompt=prompt)
     whole = generate(request, tiny_models)
 
     saved: list[GenerationState] = []

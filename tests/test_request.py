@@ -70,3 +70,29 @@ def test_prompt_weights_outside_a_hundred_either_way_are_refused_by_name(prompt:
     with pytest.raises(ValidationError, match="weights go from -100 to 100"):
         GenerationRequest(prompt=prompt)
     assert GenerationRequest(prompt="a dog:100 | blurry:-100").prompts[1].weight == -100
+
+
+def test_a_story_shares_the_steps_among_its_parts() -> None:
+    def steps(prompt: str, total: int) -> list[tuple[str, int]]:
+        story = GenerationRequest(prompt=prompt, steps=total).story
+        return [(" | ".join(p.text for p in stage.prompts), stage.steps) for stage in story]
+
+    assert steps("a lighthouse ^ a storm at sea ^ dawn", 10) == \
+        [("a lighthouse", 4), ("a storm at sea", 3), ("dawn", 3)]  # the remainder goes first
+    assert steps("a lighthouse:1 @6 ^ a storm:2 | rain:0.5", 10) == \
+        [("a lighthouse", 6), ("a storm | rain", 4)]
+    assert steps("a @3 ^ b @3", 10) == [("a", 3), ("b", 7)]  # the last part runs on to the end
+    assert steps("mail me @5", 10) == [("mail me @5", 10)]  # no "^": an "@" is just text
+    assert GenerationRequest(prompt="a:2 @4 ^ b", steps=8).story[0].prompts[0].weight == 2
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ("a @20 ^ b", "the story's parts ask for 20 steps with @ and 1 more part(s) need at least a step each, "
+                  "but the picture has 10 steps"),
+    ("a ^ ^ b", "part 2 of the story ('^') has no text"),
+    ("a ^ b:0", "every prompt part of part 2 of the story ('^') has weight 0"),
+])
+def test_a_story_that_cannot_run_says_why(prompt: str, message: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        GenerationRequest(prompt=prompt, steps=10)
+    assert message in describe_validation_error(error.value)
