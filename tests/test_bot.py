@@ -110,3 +110,16 @@ async def test_progress_edits_are_throttled_to_the_newest_frame(fake: FakeDiscor
     gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(progress)]
     assert len(progress) >= 2 and min(gaps) >= 0.45, gaps
     assert len(progress) < 60  # previews that came faster than edits were superseded, not sent
+
+
+async def test_a_story_prompt_runs_from_imagine_and_a_schedule_that_cannot_fit_is_refused(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path)):
+        story = await fake.send_slash_command("imagine", {"prompt": "a lighthouse ^ a storm @2", "steps": 6})
+        final = await wait_for_reply(fake, story, "✅")
+        too_long = await fake.send_slash_command("imagine", {"prompt": "a lighthouse @9 ^ dawn", "steps": 6})
+        await fake.wait_for_response(too_long)
+    assert recipe_of(final.attachment_bytes(0))["request"]["prompt"] == "a lighthouse ^ a storm @2"
+    refusal = too_long.response_data["content"]
+    assert "the story's parts ask for 9 steps" in refusal and "the picture has 6 steps" in refusal
+    assert too_long.response_data["flags"] & 64  # only the member sees it; nothing was queued
