@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePath
 
 from bot.store import Job, Store
+from engine.request import split_image_prompt
 
 CHECKPOINT = ".checkpoint.pt"  # a running job's: OUTPUT_DIR/checkpoints/job-7.checkpoint.pt
 # Before this name, checkpoints were job-7.state.pt in OUTPUT_DIR/checkpoints, beside nothing else.
@@ -176,10 +177,12 @@ def thumbnail_of(job: Job) -> Path | None:
 
 
 def files_of(job: Job) -> list[Path]:
-    """Every file a job may have: its PNGs, their thumbnail, final state, checkpoint and init image."""
+    """Every file a job may have: its PNGs, their thumbnail, final state, checkpoint, init image and
+    image prompts."""
     request = json.loads(job.request_json)  # raw: a stored request may no longer pass today's checks
     paths = [Path(p) for p in (job.output_path, thumbnail_of(job), job.latent_path, job.checkpoint_path,
                                request.get("init_image")) if p]
+    paths += [split_image_prompt(text)[0] for text in request.get("image_prompts") or []]
     if job.output_path:  # a batch's further images sit beside the first: job-7.png, job-7-2.png, ...
         first = Path(job.output_path)
         batch = request.get("batch_size", 1)

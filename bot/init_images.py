@@ -1,5 +1,5 @@
-"""Members' init images: checked before they are decoded, decoded off the event loop, kept only for a
-queued job, and removed with it.
+"""Members' own pictures (an init image, image prompts): checked before they are decoded, decoded off
+the event loop, kept only for a queued job, and removed with it.
 
 An upload is a file from anyone: its header can promise any size (a decompression bomb), so the size
 is checked against the server's limits before a pixel is decoded. Each job has its own copy (a re-roll
@@ -30,26 +30,34 @@ def pixel_cap(max_pixels: int) -> int:
     return PIXELS_PER_ALLOWED_PIXEL * max_pixels
 
 
-def path_for(output_dir: Path, interaction_id: int) -> Path:
-    return output_dir / "inputs" / f"init-{interaction_id}.png"
+# The /imagine options that take a member's picture, and what messages call each.
+UPLOADS = {"init_image": "Init image", "image_prompt1": "Image prompt 1", "image_prompt2": "Image prompt 2",
+           "image_prompt3": "Image prompt 3"}
 
 
-def decode(data: bytes, filename: str, max_pixels: int) -> Image.Image:
-    """The upload as an RGB image no larger than KEPT_SIDE; raises InitImageError. CPU-bound: run it in
-    a thread."""
+def path_for(output_dir: Path, interaction_id: int, option: str = "init_image") -> Path:
+    """Where a job keeps the picture given as `option`: inputs/init-7.png, inputs/prompt1-7.png, …"""
+    kind = "init" if option == "init_image" else option.replace("image_", "")
+    return output_dir / "inputs" / f"{kind}-{interaction_id}.png"
+
+
+def decode(data: bytes, filename: str, max_pixels: int, label: str = "Init image") -> Image.Image:
+    """The upload as an RGB image no larger than KEPT_SIDE; raises InitImageError (its message starts
+    with `label`). CPU-bound: run it in a thread."""
     cap = pixel_cap(max_pixels)
+    kind = "init images" if label == "Init image" else "image prompts"
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except UnidentifiedImageError:
-        raise InitImageError(f"Init image: {filename} is not a PNG, JPEG, WebP or GIF picture I can "
+        raise InitImageError(f"{label}: {filename} is not a PNG, JPEG, WebP or GIF picture I can "
                              "read; send one of those.") from None
     except Image.DecompressionBombError:  # so large that PIL's own guard refuses to open it
-        raise InitImageError(f"Init image: {filename} is larger than {cap:,} pixels, the most this server "
-                             "takes for an init image. Send a smaller copy.") from None
+        raise InitImageError(f"{label}: {filename} is larger than {cap:,} pixels, the most this server "
+                             f"takes for {kind}. Send a smaller copy.") from None
     width, height = image.size
     if width * height > cap:
-        raise InitImageError(f"Init image: {filename} is {width}×{height} ({width * height:,} pixels); this "
-                             f"server takes init images of up to {cap:,} pixels. Send a smaller copy.")
+        raise InitImageError(f"{label}: {filename} is {width}×{height} ({width * height:,} pixels); this "
+                             f"server takes {kind} of up to {cap:,} pixels. Send a smaller copy.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -59,7 +67,7 @@ def decode(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             image = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning,
             Image.DecompressionBombError):
-        raise InitImageError(f"Init image: {filename} is damaged or cut short; I could not decode it. "
+        raise InitImageError(f"{label}: {filename} is damaged or cut short; I could not decode it. "
                              "Send it again, or another picture.") from None
     image.thumbnail((KEPT_SIDE, KEPT_SIDE), Image.Resampling.LANCZOS)
     return image

@@ -9,7 +9,7 @@ The limits that depend on other rows (queue sizes, cooldown, daily quota, blocks
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +140,7 @@ class GuildLimits:
 
 
 def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: int | None,
-                  has_init_image: bool) -> str | None:
+                  uploads: Collection[str] = ()) -> str | None:
     """The first limit this request breaks, as a message for the member; None if it fits."""
     if limits.allowed_channels and channel_id not in limits.allowed_channels:
         places = " ".join(f"<#{c}>" for c in limits.allowed_channels)
@@ -152,8 +152,11 @@ def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: i
     if pixels > limits.max_pixels:
         return (f"Size: {request.width}×{request.height} is {pixels:,} pixels, above this server's limit "
                 f"of {limits.max_pixels:,}. Pick a smaller size.")
-    if has_init_image and not limits.allow_init_images:
-        return "Init images are turned off on this server; leave init_image empty."
+    if uploads and not limits.allow_init_images:  # `uploads`: the options given a member's picture
+        if "init_image" in uploads:
+            return "Init images are turned off on this server; leave init_image empty."
+        return ("Image prompts are turned off on this server (with init images); leave "
+                f"{', '.join(sorted(uploads))} empty.")
     texts = (request.prompt, request.negative, request.style)
     if any(contains_blocked_term(text, limits.blocked_terms) for text in texts):
         return "Your request contains a term this server doesn't allow. Please rephrase it."

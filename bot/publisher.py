@@ -107,7 +107,9 @@ def imagine_line(request: GenerationRequest) -> str:
         parts.append(f"model:{request.model}")
     # One line (a slash command has no line breaks), with no backtick that could close the code block.
     line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
-    return line + ("  (and the same init image)" if request.init_image else "")
+    same = (["the same init image"] if request.init_image else []) + \
+        ([f"the same {len(request.image_prompts)} image prompt(s)"] if request.image_prompts else [])
+    return line + (f"  (and {' and '.join(same)})" if same else "")
 
 
 def result_embed(job: Job, request: GenerationRequest, picture: str | None) -> discord.Embed:

@@ -255,10 +255,14 @@ class EngineWorker:
                 return self._cancel_current.is_set() or self._stopping.is_set() or self._lease_lost.is_set()
 
             models = await asyncio.to_thread(self.model_set.get, request.model)  # loads another VQGAN once
-            async with self.files.on_disk(request.init_image, request.continue_from) as (init, earlier):
-                result = await asyncio.to_thread(
-                    generate, request.model_copy(update={"init_image": init, "continue_from": earlier}),
-                    models, on_step, should_stop, resume, self.memory)
+            prompts = request.image_targets
+            async with self.files.on_disk(request.init_image, request.continue_from,
+                                          *(path for path, _ in prompts)) as (init, earlier, *copies):
+                working = {"init_image": init, "continue_from": earlier,
+                           "image_prompts": [f"{copy}:{weight}" for copy, (_, weight) in zip(copies, prompts,
+                                                                                               strict=True)]}
+                result = await asyncio.to_thread(generate, request.model_copy(update=working),
+                                                 models, on_step, should_stop, resume, self.memory)
             # The recipe names the job's own inputs, not the copies this machine ran from.
             result.recipe["request"] = request.model_dump(mode="json")  # (the final state's recipe too)
             await self._settle()

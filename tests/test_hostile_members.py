@@ -356,3 +356,42 @@ async def test_an_init_image_belongs_to_its_job_and_goes_with_it(fake: FakeDisco
         await fake.click_button("job:delete:1", done)
         await fake.wait_until(lambda: not mine.exists(), 10)
         assert theirs.is_file()  # the re-roll keeps its init image, and can itself be re-rolled
+
+
+async def test_image_prompts_are_checked_kept_per_job_and_go_with_it(fake: FakeDiscord,
+                                                                     tmp_path: Path) -> None:
+    blue = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(blue, format="JPEG")
+    mod = fake.add_moderator()
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        junk = await fake.send_slash_command("imagine", {
+            "prompt": "a dog", "image_prompt1": FakeFile("blue.jpg", blue.getvalue()),
+            "image_prompt2": FakeFile("notes.png", b"not a picture")})
+        await fake.wait_until(lambda: junk.followup_ids, 20)
+        refusal = fake.get_message(junk.followup_ids[0]).content
+        assert refusal.startswith("Image prompt 2: notes.png is not a PNG, JPEG, WebP or GIF picture")
+        inputs = tmp_path / "outputs" / "inputs"
+        assert not inputs.exists() or not list(inputs.iterdir())  # nothing kept of a refused request
+
+        first = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "image_prompt1": FakeFile("blue.jpg", blue.getvalue())})
+        done = await wait_for_reply(fake, first, "✅")
+        reroll = await fake.click_button("job:reroll:1", done)
+        await wait_for_reply(fake, reroll, "✅")
+        (mine,) = json.loads((await bot.store.get(1)).request_json)["image_prompts"]
+        (theirs,) = json.loads((await bot.store.get(2)).request_json)["image_prompts"]
+        assert Path(mine).parent == inputs and mine != theirs  # the re-roll has its own copy
+        with Image.open(mine) as kept:
+            assert kept.format == "PNG" and kept.getpixel((0, 0))[2] > 200
+        recipe = await fake.click_button("job:recipe:1", done)
+        await fake.wait_for_response(recipe)
+        assert "(and the same 1 image prompt(s))" in recipe.response_data["content"]
+        await fake.click_button("job:delete:1", done)
+        await fake.wait_until(lambda: not Path(mine).exists(), 10)
+        assert Path(theirs).is_file()
+
+        await command(fake, "limits set", {"name": "allow_init_images", "value": "no"}, user=mod)
+        off = await fake.send_slash_command(
+            "imagine", {"prompt": "a dog", "image_prompt1": FakeFile("blue.jpg", blue.getvalue())})
+        await fake.wait_for_response(off)
+        assert off.response_data["content"].startswith("Image prompts are turned off on this server")

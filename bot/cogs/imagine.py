@@ -20,7 +20,7 @@ from bot.errors import answer_unexpected
 from bot.limits import check_memory, check_request, parse_size
 from bot.publisher import imagine_line, quote, recipe_embed
 from bot.store import NewJob, QueueFull
-from engine.request import MAX_SEED, GenerationRequest, describe_validation_error
+from engine.request import MAX_SEED, GenerationRequest, describe_validation_error, split_image_prompt
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -47,6 +47,9 @@ class Imagine(commands.Cog):
         size="Picture size, e.g. 512x384: the offered sizes fit this server (or type your own)",
         seed="Random seed: the same seed and options give the same picture",
         init_image="Start from this picture instead of noise",
+        image_prompt1="A picture the result should look like, beside the prompt (image prompt)",
+        image_prompt2="Another image prompt",
+        image_prompt3="A third image prompt",
         model="The VQGAN that paints it (the models installed on this bot)",
         private="Only you see it (where the server allows): moderators still see it in their log",
     )
@@ -58,7 +61,10 @@ class Imagine(commands.Cog):
                       seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       init_image: discord.Attachment | None = None,
                       model: app_commands.Range[str, 1, 100] | None = None,
-                      private: bool | None = None) -> None:
+                      private: bool | None = None,
+                      image_prompt1: discord.Attachment | None = None,
+                      image_prompt2: discord.Attachment | None = None,
+                      image_prompt3: discord.Attachment | None = None) -> None:
         """Paint a picture from a text prompt with VQGAN+CLIP."""
         # Options left out come from the member's /settings here, then from the bot's defaults.
         given = {"style": style, "steps": steps, "size": size, "model": model, "private": private}
@@ -69,7 +75,10 @@ class Imagine(commands.Cog):
                                   "steps": steps or mine.get("steps") or self.bot.settings.default_steps,
                                   "model": model or mine.get("model"),
                                   "size": size or mine.get("size") or self.bot.settings.default_size}
-        await self.submit(interaction, fields, init_from=init_image,
+        given_files = {"init_image": init_image, "image_prompt1": image_prompt1,
+                       "image_prompt2": image_prompt2, "image_prompt3": image_prompt3}
+        await self.submit(interaction, fields,
+                          uploads={name: file for name, file in given_files.items() if file is not None},
                           private=private if private is not None else mine.get("private", False),
                           defaults_used=mine)
 
@@ -105,11 +114,13 @@ class Imagine(commands.Cog):
 
     async def submit(self, interaction: discord.Interaction, fields: dict[str, Any],
                      parent_job_id: int | None = None,
-                     init_from: discord.Attachment | Path | None = None, private: bool = False,
+                     uploads: dict[str, discord.Attachment | Path] | None = None, private: bool = False,
                      defaults_used: dict[str, Any] | None = None) -> Job | None:
-        """Queue a picture, or tell the member why not. `init_from`: an upload, or the init image of the
-        job being re-rolled (each job gets its own copy). `private`: only the member sees it (in a DM
-        everything is). `defaults_used`: the member's /settings that filled in options, named if refused."""
+        """Queue a picture, or tell the member why not. `uploads`: the member's pictures by option
+        (init_image, image_prompt1..3), each an upload or the file of the job being re-rolled (each job
+        gets its own copy). `private`: only the member sees it (in a DM everything is). `defaults_used`:
+        the member's /settings that filled in options, named if refused."""
+        uploads = uploads or {}
         limits = await guild_limits(self.bot, interaction.guild_id)
         private = private and interaction.guild_id is not None
         try:
@@ -121,13 +132,15 @@ class Imagine(commands.Cog):
                                 f"{', '.join(missing)}. Ask a server admin to grant my role that here, "
                                 "or use another channel.")
             request = self.build_request(fields)
-            refusal = (check_request(limits, request, interaction.channel_id, init_from is not None)
+            refusal = (check_request(limits, request, interaction.channel_id, list(uploads))
                        or check_memory(self.bot.memory, request))
             if refusal:
                 raise UserError(refusal)
-            if isinstance(init_from, discord.Attachment) and init_from.size > init_images.MAX_BYTES:
-                raise UserError(f"Init image: {init_from.filename} is {init_from.size / 2**20:.1f} MiB; "
-                                f"the limit is {init_images.MAX_BYTES // 2**20} MiB.")
+            for name, upload in uploads.items():
+                if isinstance(upload, discord.Attachment) and upload.size > init_images.MAX_BYTES:
+                    raise UserError(f"{init_images.UPLOADS[name]}: {upload.filename} is "
+                                    f"{upload.size / 2**20:.1f} MiB; the limit is "
+                                    f"{init_images.MAX_BYTES // 2**20} MiB.")
         except UserError as error:
             await interaction.response.send_message(str(error) + _from_settings(defaults_used),
                                                     ephemeral=True)
@@ -137,12 +150,15 @@ class Imagine(commands.Cog):
         # member has been answered, so closing the bot waits for the request to reach the queue.
         with self.bot.submitting():
             response = await interaction.response.defer(thinking=True, ephemeral=private)
-            path = None if init_from is None else init_images.path_for(self.bot.settings.output_dir,
-                                                                       interaction.id)
+            paths = {name: init_images.path_for(self.bot.settings.output_dir, interaction.id, name)
+                     for name in uploads}
             try:
-                if path is not None:
-                    await self.keep_init_image(init_from, path, limits.max_pixels)
-                    request = self.build_request({**fields, "init_image": path})
+                if paths:
+                    for name, upload in uploads.items():
+                        await self.keep_upload(name, upload, paths[name], limits.max_pixels)
+                    prompts = [str(path) for name, path in sorted(paths.items()) if name != "init_image"]
+                    request = self.build_request({**fields, "init_image": paths.get("init_image"),
+                                                  "image_prompts": prompts})
                 job = await self.bot.store.enqueue(
                     NewJob(request_json=request.model_dump_json(), total_steps=request.steps,
                            channel_id=interaction.channel_id, user_id=interaction.user.id,
@@ -153,8 +169,8 @@ class Imagine(commands.Cog):
                     max_per_user=limits.max_queued_per_user, max_queue_length=limits.max_queue_length,
                     cooldown_s=limits.cooldown_seconds, daily_quota=limits.daily_quota)
             except BaseException as error:
-                if path is not None:  # a refused request leaves nothing behind
-                    await self.bot.files.remove([path])
+                if paths:  # a refused request leaves nothing behind
+                    await self.bot.files.remove(list(paths.values()))
                 if not isinstance(error, UserError | QueueFull):
                     raise
                 message = str(error) if isinstance(error, UserError) else _queue_full_message(error)
@@ -167,16 +183,19 @@ class Imagine(commands.Cog):
             self.bot.publisher.queued(job, position, eta)  # dropped if the engine started it already
             return job
 
-    async def keep_init_image(self, source: discord.Attachment | Path, path: Path, max_pixels: int) -> None:
-        """Download, check and decode an upload (off the event loop), or copy a parent job's, to `path`."""
+    async def keep_upload(self, option: str, source: discord.Attachment | Path, path: Path,
+                          max_pixels: int) -> None:
+        """Download, check and decode a member's picture (off the event loop), or copy a parent job's, to
+        `path`."""
+        label = init_images.UPLOADS[option]
         if isinstance(source, Path):
             if not await self.bot.files.copy(source, path):
-                raise UserError("The init image of that picture is gone (deleted or expired), so it "
-                                "can't be re-rolled with it.")
+                raise UserError(f"The {label.lower()} of that picture is gone (deleted or expired), so it "
+                                "can't be made again with it.")
             return
         data = await source.read()
         try:
-            image = await asyncio.to_thread(init_images.decode, data, source.filename, max_pixels)
+            image = await asyncio.to_thread(init_images.decode, data, source.filename, max_pixels, label)
         except init_images.InitImageError as error:
             raise UserError(str(error)) from None
         await self.bot.files.write(path, await asyncio.to_thread(init_images.encode, image))
@@ -251,14 +270,14 @@ class Imagine(commands.Cog):
         """A new job made from this one: re-roll (new seed), variation (its latent, a little noise, new
         seed), retry (the same recipe again), continue (more steps from its latent) or edit (new texts,
         same seed). Queued for the member who asks, under their limits. UserError says why not."""
-        fields, init_from = await follow_up_fields(self.bot.files, interaction, job, action, values or {})
-        await self.submit(interaction, fields, parent_job_id=job.id, init_from=init_from,
+        fields, uploads = await follow_up_fields(self.bot.files, interaction, job, action, values or {})
+        await self.submit(interaction, fields, parent_job_id=job.id, uploads=uploads,
                           private=bool(job.private))
 
 
 async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, job: Job, action: str,
-                           values: dict[str, str]) -> tuple[dict[str, Any], Path | None]:
-    """The new job's request fields, and the init image to copy for it."""
+                           values: dict[str, str]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The new job's request fields, and the member's pictures to copy for it, by option."""
     if job.deleted_at is not None:
         raise UserError(f"Job #{job.id} was deleted, so nothing more can be made from it.")
     if interaction.guild_id != job.guild_id:  # a private picture in DMs: its server's limits
@@ -289,13 +308,18 @@ async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, jo
     if action == "edit":
         fields.update(prompt=values.get("prompt", ""), negative=values.get("negative", ""),
                       style=values.get("style", ""))
-    init_from = None
+    uploads: dict[str, Path] = {}  # copied for the new job
     if fields.get("init_image"):
-        init_from = Path(fields.pop("init_image"))  # copied for the new job
-        if not await files.exists(init_from):
-            raise UserError(f"Job #{job.id}'s init image is gone (deleted or expired), so it can't be "
-                            "made again with it.")
-    return fields, init_from
+        uploads["init_image"] = Path(fields["init_image"])
+    for number, text in enumerate(fields.get("image_prompts") or [], 1):
+        uploads[f"image_prompt{number}"] = split_image_prompt(text)[0]
+    fields.pop("init_image", None)
+    fields.pop("image_prompts", None)
+    for option, path in uploads.items():
+        if not await files.exists(path):
+            raise UserError(f"Job #{job.id}'s {init_images.UPLOADS[option].lower()} is gone (deleted or "
+                            "expired), so it can't be made again with it.")
+    return fields, uploads
 
 
 async def saved_latent(files: JobFiles, job: Job) -> Path:
