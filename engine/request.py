@@ -90,6 +90,14 @@ def parse_story(prompt: str) -> list[tuple[list[WeightedPrompt], int | None]]:
     return parts
 
 
+def last_part(prompt: str) -> str:
+    """The story's last part as a prompt of its own (its text and weights, without its `@` steps): what
+    going on from a finished story aims at."""
+    part = prompt.split(STORY_SEPARATOR)[-1]
+    match = _STAGE_STEPS.match(part)
+    return (match["text"] if match else part).strip()
+
+
 def schedule(parts: list[tuple[list[WeightedPrompt], int | None]], total: int) -> list[StoryStage]:
     """Each part's steps: those given, then what is left shared equally among the rest (the earlier parts
     take the remainder). When every part gives its steps, the last one also runs the steps left over.

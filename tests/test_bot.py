@@ -119,7 +119,11 @@ async def test_a_story_prompt_runs_from_imagine_and_a_schedule_that_cannot_fit_i
         final = await wait_for_reply(fake, story, "✅")
         too_long = await fake.send_slash_command("imagine", {"prompt": "a lighthouse @9 ^ dawn", "steps": 6})
         await fake.wait_for_response(too_long)
+        # A variation (a third of the steps: fewer than the story's @2 and its other part) goes on
+        # towards where the story ended.
+        varied = await wait_for_reply(fake, await fake.click_button("job:vary:1", final), "✅")
     assert recipe_of(final.attachment_bytes(0))["request"]["prompt"] == "a lighthouse ^ a storm @2"
+    assert recipe_of(varied.attachment_bytes(0))["request"]["prompt"] == "a storm"
     refusal = too_long.response_data["content"]
     assert "the story's parts ask for 9 steps" in refusal and "the picture has 6 steps" in refusal
     assert too_long.response_data["flags"] & 64  # only the member sees it; nothing was queued

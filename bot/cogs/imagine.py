@@ -20,7 +20,13 @@ from bot.errors import answer_unexpected
 from bot.limits import check_memory, check_request, parse_size
 from bot.publisher import imagine_line, quote, recipe_embed
 from bot.store import NewJob, QueueFull
-from engine.request import MAX_SEED, GenerationRequest, describe_validation_error, split_image_prompt
+from engine.request import (
+    MAX_SEED,
+    GenerationRequest,
+    describe_validation_error,
+    last_part,
+    split_image_prompt,
+)
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -296,6 +302,8 @@ async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, jo
                         "or expired), so it can't be retried.")
     if action in ("reroll", "vary"):
         fields["seed"] = None  # a new seed is drawn
+    if action in ("vary", "continue"):  # going on from a finished story: towards where it ended
+        fields["prompt"] = last_part(fields["prompt"])
     if action == "vary":
         fields.update(continue_from=await saved_latent(files, job), init_image=None,
                       variation=VARIATION_NOISE, steps=max(1, fields["steps"] // VARIATION_SHARE))
