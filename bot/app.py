@@ -118,7 +118,7 @@ class ImagineBot(commands.AutoShardedBot):
         self.web_url = settings.public_url
         self.web_runner: web.AppRunner | None = None
         self.rights_cache: dict[tuple[int, int], tuple[str | None, float]] = {}
-        self.rights_lock = asyncio.Lock()
+        self.rights_locks: dict[tuple[int, int], asyncio.Lock] = {}
         self.name_cache: dict[int, tuple[str, float]] = {}
 
     async def setup_hook(self) -> None:

@@ -3,9 +3,11 @@ change that), so moderator rights are always checked here, server-side."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -35,22 +37,39 @@ def is_moderator(interaction: discord.Interaction, moderator_role: int | None = 
 
 
 RIGHTS_CACHE_S = 60.0  # how long a member's rights read from Discord are trusted
+RIGHTS_STALE_S = 600.0  # while Discord fails, how long the last answer still serves pages
+RIGHTS_TIMEOUT_S = 10.0  # the longest a page waits for Discord's answer
+
+
+class RightsUnknown(Exception):
+    """Discord did not say (an error, a timeout) and nothing recent enough is known."""
 
 
 async def current_rights(bot: ImagineBot, guild_id: int, user_id: int, fresh: bool = False) -> str | None:
     """What a member may do on a server as Discord says now, outside any interaction (the web gallery):
     "moderator", "member", or None when they are no longer a member. Read through the REST API (their
     roles may have changed since they signed in) and kept RIGHTS_CACHE_S; `fresh`: read now, for a
-    change."""
+    change. While Discord fails, a page is served on the last answer for RIGHTS_STALE_S (a change never
+    is). Raises RightsUnknown."""
     key = (guild_id, user_id)
     cached = bot.rights_cache.get(key)
     if not fresh and cached is not None and cached[1] > time.monotonic():
         return cached[0]
-    async with bot.rights_lock:  # a page's 24 thumbnails after the cache ran out: one read, not 24
+    # One read per member at a time: a page's 24 thumbnails after the cache ran out ask once, not 24
+    # times, and one member's slow answer holds up no one else.
+    async with bot.rights_locks.setdefault(key, asyncio.Lock()):
         cached = bot.rights_cache.get(key)
         if not fresh and cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        return await _read_rights(bot, guild_id, user_id)
+        try:
+            async with asyncio.timeout(RIGHTS_TIMEOUT_S):
+                return await _read_rights(bot, guild_id, user_id)
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
+            if not fresh and cached is not None and cached[1] + RIGHTS_STALE_S > time.monotonic():
+                return cached[0]
+            raise RightsUnknown(str(error) or type(error).__name__) from error
+        finally:
+            bot.rights_locks.pop(key, None)
 
 
 async def _read_rights(bot: ImagineBot, guild_id: int, user_id: int) -> str | None:

@@ -9,6 +9,7 @@ numbers say nothing about other servers. Moderator rights are then checked in th
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING
 
 import discord
@@ -19,6 +20,9 @@ from bot.checks import guild_limits, is_moderator
 if TYPE_CHECKING:
     from bot.app import ImagineBot
     from bot.store import Job
+
+log = logging.getLogger(__name__)
+
 
 def where(interaction: discord.Interaction) -> str:
     return "on this server" if interaction.guild_id is not None else "in your DMs with me"
@@ -81,31 +85,41 @@ async def delete_job(bot: ImagineBot, interaction: discord.Interaction, job: Job
         await interaction.response.send_message(f"Job #{job.id} is already deleted.", ephemeral=True)
         return
     await interaction.response.defer(ephemeral=True)
-    await remove_generation(bot, job, interaction.user.id)
-    await interaction.followup.send(f"Deleted job #{job.id}.", ephemeral=True)
+    gone = await remove_generation(bot, job, interaction.user.id)
+    await interaction.followup.send(f"Deleted job #{job.id}." + ("" if gone else MESSAGE_KEPT),
+                                    ephemeral=True)
 
 
-async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> None:
+async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> bool:
     """Stop the job if it is still waiting or running, then remove its message and files; the log row
     stays, marked deleted with who and when. Marked first: the publisher leaves a deleted job's
-    message deleted, so a progress edit or the final post in flight cannot bring it back."""
+    message deleted, so a progress edit or the final post in flight cannot bring it back. Returns False
+    when Discord refused to remove the message (the rest is done): say so (MESSAGE_KEPT)."""
     await bot.store.mark_deleted(job.id, actor_id)
     await bot.store.request_cancel(job.id, actor_id)  # a running job's engine is told to stop
     await bot.files.remove(files_of(job))  # the init image too: each job has its own copy
     if job.user_id != actor_id:
         await bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
                               f"by <@{job.user_id}>", "deleted")
-    if job.private:  # an ephemeral reply (only its interaction token reaches it) and maybe a DM
-        with contextlib.suppress(discord.HTTPException):
-            if job.interaction_token and job.application_id and job.message_id is not None:
-                await discord.Webhook.partial(job.application_id, job.interaction_token,
-                                              client=bot).delete_message(job.message_id)
-        if job.dm_message_id is not None:
+    try:
+        if job.private:  # an ephemeral reply (only its interaction token reaches it) and maybe a DM
+            with contextlib.suppress(discord.HTTPException):  # an ephemeral reply may be long gone
+                if job.interaction_token and job.application_id and job.message_id is not None:
+                    await discord.Webhook.partial(job.application_id, job.interaction_token,
+                                                  client=bot).delete_message(job.message_id)
+            if job.dm_message_id is not None:
+                with contextlib.suppress(discord.NotFound):
+                    dm = await bot.create_dm(discord.Object(id=job.user_id))
+                    await dm.get_partial_message(job.dm_message_id).delete()
+        elif job.message_id is not None:
+            channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
             with contextlib.suppress(discord.NotFound):
-                dm = await bot.create_dm(discord.Object(id=job.user_id))
-                await dm.get_partial_message(job.dm_message_id).delete()
-    elif job.message_id is not None:
-        channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        with contextlib.suppress(discord.NotFound):
-            await channel.get_partial_message(job.message_id).delete()
+                await channel.get_partial_message(job.message_id).delete()
+    except discord.HTTPException as error:  # no access to the channel any more, Discord down, ...
+        log.warning("job %s: deleted, but its Discord message could not be removed: %s", job.id, error)
+        return False
+    return True
 
+
+MESSAGE_KEPT = (" Its message in Discord could not be removed (I may no longer see that channel): "
+                "delete it there by hand.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -99,10 +99,11 @@ class Targets:
     negative: torch.Tensor | None  # (D,) unit embedding of the negative text
 
 
-def prompt_targets(models: Models, clip: Clip, request: GenerationRequest,
-                   stage: StoryStage | None = None) -> Targets:
+def prompt_targets(models: Models, clip: Clip, request: GenerationRequest, stage: StoryStage | None = None,
+                   images: list[torch.Tensor] | None = None) -> Targets:
     """The text prompts of a stage of the story (the first by default), each mixed with the style, then
-    the image prompts, in `prompt_weights` order."""
+    the image prompts (`images`: their embeddings for this CLIP, if made already), in `prompt_weights`
+    order."""
     style = encode_text(clip, request.style) if request.style else None
     prompts = []
     for prompt in (stage or request.story[0]).prompts:
@@ -110,8 +111,9 @@ def prompt_targets(models: Models, clip: Clip, request: GenerationRequest,
         if style is not None:
             target = request.w1 * target + request.w2 * style
         prompts.append(F.normalize(target, dim=-1))
-    for path, _ in request.image_targets:
-        prompts.append(encode_image_prompt(models, clip, path))
+    if images is None:
+        images = [encode_image_prompt(models, clip, path) for path, _ in request.image_targets]
+    prompts += images
     negative = F.normalize(encode_text(clip, request.negative), dim=-1) if request.negative else None
     return Targets(clip=clip, prompts=torch.stack(prompts), negative=negative)
 
@@ -133,21 +135,42 @@ class Stage:
 
 def story_stages(models: Models, request: GenerationRequest) -> list[Stage]:
     """The prompt schedule (`a ^ b ^ c`), each part's targets made once, before the first step."""
+    images = [[encode_image_prompt(models, clip, path) for path, _ in request.image_targets]
+              for clip in models.clips]  # once per CLIP, for every part
     stages, until = [], 0
     for stage in request.story:
         until += stage.steps
-        stages.append(Stage(until, [prompt_targets(models, clip, request, stage) for clip in models.clips],
-                            prompt_weights(request, models.device, stage)))
+        targets = [prompt_targets(models, clip, request, stage, seen)
+                   for clip, seen in zip(models.clips, images, strict=True)]
+        stages.append(Stage(until, targets, prompt_weights(request, models.device, stage)))
     return stages
 
 
 def encode_image_prompt(models: Models, clip: Clip, path: Path) -> torch.Tensor:
     """CLIP's unit embedding of a whole image (resized to CLIP's input, no crops): an image prompt."""
-    with Image.open(path) as image:
-        image.draft("RGB", (clip.size * 2, clip.size * 2))  # a big JPEG decodes at a fraction of its size
-        pixels = from_pil(image.convert("RGB"), models.device)
+    pixels = from_pil(load_image_prompt(path, clip.size), models.device)
     with torch.no_grad():
         return _embed_images(models, clip, pixels)[0]
+
+
+def load_image_prompt(path: Path, side: int) -> Image.Image:
+    """An image prompt as CLIP sees it: the whole picture (an animation's first frame) squeezed to
+    side × side in one good resize, transparency over mid-grey, 16-bit greys scaled to 8 bits."""
+    try:
+        with Image.open(path) as opened:
+            opened.draft("RGB", (side * 2, side * 2))  # a big JPEG decodes at a fraction of its size
+            opened.seek(0)
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I") or image.mode == "F":  # 16- or 32-bit greys
+                scale = 255 / 65535 if image.mode.startswith("I") else 255.0
+                grey = np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255)
+                image = Image.fromarray(grey.astype(np.uint8))
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (128, 128, 128, 255)), image)
+            return image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise GenerationError(f"the image prompt {path.name} can't be read as a picture ({error})") from None
 
 
 # Devices whose decoder runs faster channels-last: measured on the CPU (oneDNN, 1.5x); unmeasured on

@@ -65,7 +65,8 @@ def split_image_prompt(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-STORY_SEPARATOR = "^"  # the anchor's story mode: "a lighthouse ^ a storm at sea ^ dawn"
+STORY_SEPARATOR = "^"  # the anchor's story mode: "a lighthouse ^ a storm at sea ^ dawn"; "\\^" is a "^"
+_SEPARATOR = re.compile(r"(?<!\\)\^")
 _STAGE_STEPS = re.compile(r"^(?P<text>.*?)\s*@\s*(?P<steps>\d{1,5})\s*$", re.DOTALL)
 
 
@@ -80,20 +81,25 @@ class StoryStage:
 def parse_story(prompt: str) -> list[tuple[list[WeightedPrompt], int | None]]:
     """Split a prompt at `^` into its parts, each with the steps given after it (`a lighthouse:1 @100`)
     or None (an equal share of what is left)."""
-    if STORY_SEPARATOR not in prompt:  # one part: an "@" in it is just text
-        return [(parse_prompts(prompt), None)]
+    pieces = _SEPARATOR.split(prompt)
+    if len(pieces) == 1:  # one part: an "@" in it is just text
+        return [(parse_prompts(_unescape(prompt)), None)]
     parts = []
-    for part in prompt.split(STORY_SEPARATOR):
+    for part in pieces:
         match = _STAGE_STEPS.match(part)
         text, steps = (match["text"], int(match["steps"])) if match else (part, None)
-        parts.append((parse_prompts(text), steps))
+        parts.append((parse_prompts(_unescape(text)), steps))
     return parts
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\" + STORY_SEPARATOR, STORY_SEPARATOR)
 
 
 def last_part(prompt: str) -> str:
     """The story's last part as a prompt of its own (its text and weights, without its `@` steps): what
     going on from a finished story aims at."""
-    part = prompt.split(STORY_SEPARATOR)[-1]
+    part = _SEPARATOR.split(prompt)[-1]
     match = _STAGE_STEPS.match(part)
     return (match["text"] if match else part).strip()
 
@@ -102,6 +108,9 @@ def schedule(parts: list[tuple[list[WeightedPrompt], int | None]], total: int) -
     """Each part's steps: those given, then what is left shared equally among the rest (the earlier parts
     take the remainder). When every part gives its steps, the last one also runs the steps left over.
     Raises ValueError when the given steps don't fit in `total`."""
+    if any(steps == 0 for _, steps in parts):
+        raise ValueError("a part of the story asks for @0 steps; give each part at least 1, or none "
+                         "(an equal share)")
     given = sum(steps for _, steps in parts if steps is not None)
     shared = [index for index, (_, steps) in enumerate(parts) if steps is None]
     if given > total or (shared and total - given < len(shared)):
@@ -168,8 +177,11 @@ class GenerationRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_has_text(cls, value: str) -> str:
-        story = parse_story(value)
+    def _prompt_has_text(cls, value: str, info: ValidationInfo) -> str:
+        # A request read back may predate story mode ("^_^" was plain text then): read as one prompt.
+        read_back = (info.context or {}).get("read_back", False)
+        story = [(parse_prompts(value), None)] if read_back and len(_SEPARATOR.split(value)) > 1 else \
+            parse_story(value)
         for number, (prompts, _) in enumerate(story, 1):
             where = f"part {number} of the story ('^') " if len(story) > 1 else "it "
             if not prompts:
@@ -206,10 +218,12 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"file not found: {value}")
         return value
 
-    @model_validator(mode="after")
-    def _story_fits_the_steps(self) -> GenerationRequest:
-        schedule(parse_story(self.prompt), self.steps)  # raises ValueError with what is wrong
-        return self
+    @field_validator("steps")
+    @classmethod
+    def _story_fits_the_steps(cls, value: int, info: ValidationInfo) -> int:
+        if "prompt" in info.data and not (info.context or {}).get("read_back", False):
+            schedule(parse_story(info.data["prompt"]), value)  # raises ValueError with what is wrong
+        return value
 
     @model_validator(mode="after")
     def _variation_needs_a_latent(self) -> GenerationRequest:
@@ -220,7 +234,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def stored(cls, data: str) -> GenerationRequest:
         """A request read back from the queue or a recipe, whose files may be gone since."""
-        return cls.model_validate_json(data, context={"stored": True})
+        return cls.model_validate_json(data, context={"stored": True, "read_back": True})
 
     @property
     def prompts(self) -> list[WeightedPrompt]:
@@ -229,8 +243,15 @@ class GenerationRequest(BaseModel):
 
     @property
     def story(self) -> list[StoryStage]:
-        """The prompt schedule: one stage without `^`, else each part with its share of the steps."""
-        return schedule(parse_story(self.prompt), self.steps)
+        """The prompt schedule: one stage without `^`, else each part with its share of the steps. A
+        stored request from before story mode whose "^" makes no schedule stays one prompt."""
+        try:
+            stages = schedule(parse_story(self.prompt), self.steps)
+        except ValueError:
+            stages = []
+        if not stages or not all(stage.prompts for stage in stages):
+            return [StoryStage(parse_prompts(self.prompt), self.steps)]
+        return stages
 
     @property
     def image_targets(self) -> list[tuple[Path, float]]:

@@ -91,8 +91,27 @@ def test_a_story_shares_the_steps_among_its_parts() -> None:
                   "but the picture has 10 steps"),
     ("a ^ ^ b", "part 2 of the story ('^') has no text"),
     ("a ^ b:0", "every prompt part of part 2 of the story ('^') has weight 0"),
+    ("a @0 ^ b", "a part of the story asks for @0 steps"),
 ])
 def test_a_story_that_cannot_run_says_why(prompt: str, message: str) -> None:
     with pytest.raises(ValidationError) as error:
         GenerationRequest(prompt=prompt, steps=10)
     assert message in describe_validation_error(error.value)
+
+
+def test_a_caret_escaped_is_text_and_stored_requests_from_before_stories_still_load() -> None:
+    story = GenerationRequest(prompt=r"a happy \^_\^ face ^ dawn", steps=4).story
+    assert [[p.text for p in stage.prompts] for stage in story] == [["a happy ^_^ face"], ["dawn"]]
+    # A job queued before story mode, whose "^" makes no story: read back, shown and run as one prompt.
+    old = GenerationRequest.stored('{"prompt": "happy face ^_^ ^", "steps": 6}')
+    assert [(stage.steps, [p.text for p in stage.prompts]) for stage in old.story] == \
+        [(6, ["happy face ^_^ ^"])]
+
+
+def test_a_story_refusal_is_short_and_names_the_steps() -> None:
+    """The schedule is checked on `steps`: the refusal quotes neither the member's long texts nor the
+    server's paths (a model-wide error would quote the whole request)."""
+    with pytest.raises(ValidationError) as error:
+        GenerationRequest(prompt="x" * 990 + " @9 ^ b", negative="n" * 1000, steps=6)
+    message = describe_validation_error(error.value)
+    assert message.startswith("steps: the story's parts ask for 9 steps") and len(message) < 200

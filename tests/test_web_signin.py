@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 from pathlib import Path
 
 import aiohttp
@@ -215,3 +216,61 @@ def test_the_sign_in_limit_forgets_the_least_recent_clients_first() -> None:
         limit.check("a")
     with pytest.raises(Exception, match="sign-ins a minute"):
         limit.check("a")
+
+
+async def test_only_a_person_opening_the_link_spends_it(fake: FakeDiscord, tmp_path: Path) -> None:
+    """A link checker's HEAD, another site's page sending the visitor to it (which could sign them in
+    as someone else), a sandboxed frame's form: none of them signs in."""
+    alice = fake.add_member("alice")
+    async with BotRunner(web_settings(fake, tmp_path)) as bot, client() as http:
+        link, token = await link_for(fake, "history web", alice)
+        async with http.head(link, allow_redirects=False) as response:
+            assert response.status == 405 and "Set-Cookie" not in response.headers
+        async with http.get(link, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "document"},
+                            allow_redirects=False) as response:
+            assert response.status == 200 and "Set-Cookie" not in response.headers
+            assert 'id="sign-in"' in await response.text()  # the member presses it
+        async with http.post(bot.web_url + "/signin", data={"token": token}, headers={"Origin": "null"},
+                             allow_redirects=False) as response:
+            assert response.status == 403 and "Set-Cookie" not in response.headers
+        async with http.get(link, headers={"Sec-Fetch-Site": "none", "Sec-Fetch-Dest": "document"},
+                            allow_redirects=False) as response:
+            assert response.status == 303 and "Set-Cookie" in response.headers  # still unspent until now
+
+
+async def test_pages_ride_out_discord_failing_to_say_who_a_member_is(fake: FakeDiscord,
+                                                                     tmp_path: Path) -> None:
+    mod = fake.add_moderator()
+    async with BotRunner(web_settings(fake, tmp_path)) as bot, client() as http:
+        _, token = await link_for(fake, "log web", mod)
+        async with http.post(bot.web_url + "/signin", data={"token": token}) as response:
+            assert response.status == 200
+        fake.inject("GET", r"/guilds/\d+/members/\d+", 400, times=None)  # Discord refuses to say, for now
+        (key, (rights, _)), = bot.rights_cache.items()
+        bot.rights_cache[key] = (rights, time.monotonic() - 1)  # the minute's cache has just run out
+        async with http.get(bot.web_url + "/gallery") as response:
+            assert response.status == 200  # served on the last answer, for a while
+        bot.rights_cache.clear()  # nothing known at all (as after a restart)
+        async with http.get(bot.web_url + "/gallery") as response:
+            assert response.status == 503 and response.headers["Retry-After"] == "60"
+            assert "be checked just now: try again in a minute" in await response.text()
+        fake.clear_faults()
+        async with http.get(bot.web_url + "/gallery") as response:
+            assert response.status == 200
+
+
+async def test_a_delete_discord_half_refuses_says_what_was_done(fake: FakeDiscord, tmp_path: Path) -> None:
+    mod = fake.add_moderator()
+    async with BotRunner(web_settings(fake, tmp_path)) as bot, client() as http:
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a picture"}, user=mod)
+        await wait_for_reply(fake, interaction, "✅")
+        _, token = await link_for(fake, "log web", mod)
+        async with http.post(bot.web_url + "/signin", data={"token": token}) as response:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', await response.text())[1]
+        fake.inject("DELETE", r"/channels/\d+/messages/\d+", 403)  # e.g. the bot lost the channel
+        async with http.post(bot.web_url + "/picture/1/delete", data={"csrf": csrf}) as response:
+            text = await response.text()
+        assert response.status == 200
+        assert "Deleted picture #1. Its message in Discord could not be removed" in text
+        job = await bot.store.get(1)
+        assert job.deleted_at is not None and not await bot.files.exists(job.output_path)

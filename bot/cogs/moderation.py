@@ -131,8 +131,9 @@ class Moderation(commands.Cog):
             await interaction.response.send_message(f"Job #{job} is already deleted.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True)
-        await jobs.remove_generation(self.bot, found, interaction.user.id)
-        await interaction.followup.send(f"Deleted job #{job}.", ephemeral=True)
+        gone = await jobs.remove_generation(self.bot, found, interaction.user.id)
+        await interaction.followup.send(f"Deleted job #{job}." + ("" if gone else jobs.MESSAGE_KEPT),
+                                        ephemeral=True)
 
 async def setup(bot: ImagineBot) -> None:
     await bot.add_cog(Moderation(bot))

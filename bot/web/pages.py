@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
+import aiohttp
 import discord
 import jinja2
 from aiohttp import web
 from PIL import Image
 
 from bot.artifacts import thumbnail_of
-from bot.checks import current_rights
+from bot.checks import RightsUnknown, current_rights
 from bot.export import EXPORT_ROWS, encode_export, export_rows
-from bot.jobs import remove_generation
+from bot.jobs import MESSAGE_KEPT, remove_generation
 from bot.publisher import format_duration, imagine_line
 from bot.store import Job, WebLink, WebSession
 from bot.web.signin import SESSION_LIFETIME_S, find_link, hash_secret, open_session, why_not
@@ -132,9 +133,10 @@ async def signed_in(request: web.Request) -> WebSession:
         raise Refused(401, "Signed out", SIGN_IN_AGAIN)
     try:
         rights = await current_rights(bot, session.guild_id, session.user_id)
-    except discord.HTTPException:
+    except RightsUnknown:
         raise Refused(503, "Discord didn't answer", "Your rights on the server couldn't be checked just "
-                                                    "now: try again in a minute.") from None
+                                                    "now: try again in a minute.",
+                      {"Retry-After": "60"}) from None
     if rights is None or (session.moderator and rights != "moderator"):
         await bot.store.end_session(session.token_hash)
         why = "You are no longer a member of that server" if rights is None else \
@@ -334,7 +336,8 @@ async def names_of(bot: ImagineBot, user_ids: set[int]) -> dict[int, str]:
         if user is None:
             try:
                 user = await bot.fetch_user(user_id)
-            except discord.HTTPException:
+            except (discord.HTTPException, aiohttp.ClientError, OSError):
+                bot.name_cache[user_id] = (str(user_id), now + NAME_CACHE_S / 12)  # asked again later
                 return user_id, str(user_id)
         bot.name_cache[user_id] = (user.display_name, now + NAME_CACHE_S)
         return user_id, user.display_name
@@ -367,11 +370,15 @@ PREVIEWERS = re.compile(r"Discordbot|Slackbot|facebookexternalhit|Twitterbot|Tel
                         r"SkypeUriPreview|LinkedInBot|Googlebot|bingbot|Mastodon|Embedly", re.IGNORECASE)
 
 
-def looks_like_a_preview(request: web.Request) -> bool:
+def opened_by_its_member(request: web.Request) -> bool:
+    """Whether the link was opened by a person, not fetched by a preview or prefetch, nor sent here
+    by another site's page (which could sign a visitor in as someone else): those get the page with
+    the Sign in button. Opened from Discord's app (a new browser tab) it is "none"; from Discord in a
+    browser "cross-site", so those members press the button."""
     purpose = request.headers.get("Sec-Purpose", "") + request.headers.get("Purpose", "")
-    destination = request.headers.get("Sec-Fetch-Dest", "document")  # an <img> on another site: "image"
-    return (bool(PREVIEWERS.search(request.headers.get("User-Agent", ""))) or "prefetch" in purpose.lower()
-            or destination != "document")
+    return (not PREVIEWERS.search(request.headers.get("User-Agent", "")) and "prefetch" not in purpose.lower()
+            and request.headers.get("Sec-Fetch-Dest", "document") == "document"
+            and request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin"))
 
 
 async def signin_page(request: web.Request) -> web.Response:
@@ -380,7 +387,7 @@ async def signin_page(request: web.Request) -> web.Response:
     request.app[SIGNIN_LIMIT].check(client_of(request))
     token = request.match_info["token"]
     link = await find_link(bot.store, bot.settings, token)
-    if why_not(link) is None and link is not None and looks_like_a_preview(request):
+    if why_not(link) is None and link is not None and not opened_by_its_member(request):
         guild = bot.get_guild(link.guild_id)
         return render(request, "signin.html", token=token, moderator=bool(link.moderator),
                       server_name=guild.name if guild else f"server {link.guild_id}")
@@ -391,6 +398,8 @@ async def signin(request: web.Request) -> web.Response:
     """The Sign in button of the page a link preview gets."""
     bot = request.app[BOT]
     check_origin(request)  # another site can't sign a visitor in as someone else
+    if request.headers.get("Origin") == "null":  # nor a sandboxed frame, which sends no origin of its own
+        raise Refused(403, "Refused", "This form came from another site; nothing was changed.")
     request.app[SIGNIN_LIMIT].check(client_of(request))
     token = str((await form_of(request)).get("token", ""))
     return await spend(request, await find_link(bot.store, bot.settings, token))
@@ -436,7 +445,8 @@ async def gallery(request: web.Request) -> web.Response:
     pages = max(1, -(-total // PAGE_SIZE))
     return render(request, "gallery.html", cards=[card(job, names) for job in jobs], total=total,
                   filters=filters, problems=problems, pages=pages, statuses=STATUSES, models=models,
-                  deleted=snowflake(request.query.get("deleted", "")))
+                  deleted=snowflake(request.query.get("deleted", "")),
+                  kept=MESSAGE_KEPT if request.query.get("kept") == "1" else "")
 
 
 async def picture(request: web.Request) -> web.Response:
@@ -478,7 +488,17 @@ async def thumbnail(request: web.Request) -> web.Response:
     if not has_picture(job) or path is None:
         raise Refused(404, "Not found", f"Picture #{job.id} has no image.")
     # A grid opened by two people at once asks for a new picture's thumbnail twice: made once.
-    async with request.app[THUMBNAIL_LOCKS].setdefault(job.id, asyncio.Lock()):
+    try:
+        lock = request.app[THUMBNAIL_LOCKS].setdefault(job.id, asyncio.Lock())
+        data = await _thumbnail(bot, lock, job, path)
+    finally:
+        request.app[THUMBNAIL_LOCKS].pop(job.id, None)
+    return web.Response(body=data, content_type="image/webp",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def _thumbnail(bot: ImagineBot, lock: asyncio.Lock, job: Job, path: Path) -> bytes:
+    async with lock:
         data = await bot.files.read(path)
         if data is None:
             png = await bot.files.read(job.output_path or "")
@@ -491,9 +511,7 @@ async def thumbnail(request: web.Request) -> web.Response:
             latest = await bot.store.get(job.id)
             if latest is None or not has_picture(latest) or not await bot.files.exists(job.output_path or ""):
                 await bot.files.remove([path])
-        request.app[THUMBNAIL_LOCKS].pop(job.id, None)
-    return web.Response(body=data, content_type="image/webp",
-                        headers={"Cache-Control": "private, max-age=86400"})
+        return data
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -505,19 +523,20 @@ async def delete(request: web.Request) -> web.Response:
     job = await job_for(request, session)
     try:
         rights = await current_rights(bot, session.guild_id, session.user_id, fresh=True)
-    except discord.HTTPException:
+    except RightsUnknown:
         raise Refused(503, "Discord didn't answer",
                       "Your rights on the server couldn't be checked just now: try again in a minute. "
-                      "Nothing was deleted.") from None
+                      "Nothing was deleted.", {"Retry-After": "60"}) from None
     own = job.user_id == session.user_id
     if rights is None or (not own and rights != "moderator"):
         raise Refused(403, "Not allowed",
                       "You are no longer a moderator of this server, so you can delete only your own "
                       "pictures. Nothing was deleted." if rights else
                       "You are no longer a member of this server. Nothing was deleted.")
+    gone = True
     if job.deleted_at is None:
-        await remove_generation(bot, job, session.user_id)
-    return see_other(f"/gallery?deleted={job.id}")
+        gone = await remove_generation(bot, job, session.user_id)
+    return see_other(f"/gallery?deleted={job.id}" + ("" if gone else "&kept=1"))
 
 
 async def queue(request: web.Request) -> web.Response:
@@ -603,7 +622,7 @@ def make_app(bot: ImagineBot) -> web.Application:
     job = r"{job:\d{1,19}}"
     app.add_routes([
         web.get("/", home),
-        web.get("/signin/{token}", signin_page),
+        web.get("/signin/{token}", signin_page, allow_head=False),  # a link checker's HEAD spends nothing
         web.post("/signin", signin),
         web.post("/signout", signout),
         web.get("/gallery", gallery),
