@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("-o", "--output", type=Path,
                          help="PNG to write (default: outputs/<prompt>-<seed>.png)")
     imagine.add_argument("--timelapse", type=Path,
-                         help="also write the previews as an animated .gif or .webp")
+                         help="also write the previews as an .mp4 (H.264), animated .webp or .gif")
+    imagine.add_argument("--video", action="store_true",
+                         help="also write the previews as an MP4 beside the PNG (NAME.mp4)")
     imagine.add_argument("--previews-dir", type=Path,
                          help="write each preview and a resumable checkpoint.state.pt here")
     imagine.add_argument("--resume", type=Path, help="continue an interrupted run from its checkpoint")
@@ -164,6 +166,8 @@ def _imagine(args: argparse.Namespace) -> int:
     output.save_state(result.state, output.state_path_for(target))
     if args.timelapse and frames:
         print(output.save_timelapse(frames, args.timelapse))
+    if args.video and frames:
+        print(output.save_timelapse(frames, target.with_suffix(".mp4")))
     if result.cancelled:
         print(f"stopped at step {result.state.step}/{request.steps}; continue exactly with "
               f"--resume {output.state_path_for(target)}", file=sys.stderr)

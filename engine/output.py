@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import av
 import torch
 from PIL import Image, PngImagePlugin
 
@@ -113,13 +115,34 @@ def load_state(source: Path | bytes) -> GenerationState:
 
 
 def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
-    """An animated GIF or WebP (by suffix) of the previews; the last frame is held longer."""
+    """An MP4 (H.264), animated WebP or GIF (by suffix) of the previews; the last frame is held longer."""
     if not frames:
         raise ValueError("a timelapse needs at least one frame")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        return save_mp4(frames, path, frame_ms)
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 5]
     options = {"lossless": False, "quality": 80} if path.suffix.lower() == ".webp" else {}
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
                    **options)
+    return path
+
+
+HOLD_LAST = 5  # the last frame shows this many frames' time: the picture itself, not the last change
+
+
+def save_mp4(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
+    """H.264 in MP4 through PyAV (FFmpeg's libx264, in PyAV's wheel), yuv420p so every player shows it.
+    Sides are multiples of 16 (the latent grid), as the encoder's 4:2:0 needs even ones."""
+    fps = Fraction(1000, frame_ms)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "20", "preset": "medium"}
+        for image in [*frames, *[frames[-1]] * (HOLD_LAST - 1)]:
+            frame = av.VideoFrame.from_image(image.convert("RGB"))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the encoder's last frames
     return path

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
@@ -77,7 +78,9 @@ def test_image_prompts_from_the_command_line(tmp_path: Path, capsys: pytest.Capt
     Image.new("RGB", (90, 60), (0, 0, 255)).save(blue)
     base = ["imagine", "a cat", "--preset", "tiny", "--size", "64x64", "--steps", "2", "--cutn", "4", "-q"]
     out = tmp_path / "cat.png"
-    assert main([*base, "-ip", f"{blue}:2", "--image-prompt", str(blue), "-o", str(out)]) == 0
+    assert main([*base, "-ip", f"{blue}:2", "--image-prompt", str(blue), "-o", str(out), "--video"]) == 0
+    with av.open(str(out.with_suffix(".mp4"))) as video:  # the previews, the last held a while
+        assert video.streams.video[0].codec_context.name == "h264" and video.streams.video[0].frames > 2
     with Image.open(out) as made:
         recipe = json.loads(made.text["vqgan-clip-recipe"])
     assert recipe["request"]["image_prompts"] == [f"{blue}:2", str(blue)]  # it makes the same again

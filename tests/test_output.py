@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import torch
 from PIL import Image
 
@@ -50,6 +51,21 @@ def test_timelapse_has_one_frame_per_preview(tmp_path: Path) -> None:
         path = output.save_timelapse(frames, tmp_path / f"t{suffix}")
         with Image.open(path) as animation:
             assert animation.n_frames == 5
+
+
+def test_an_mp4_timelapse_is_h264_every_player_shows(tmp_path: Path) -> None:
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    frames = [Image.new("RGB", (80, 64), colour) for colour in colours]
+    path = output.save_timelapse(frames, tmp_path / "run.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert (stream.codec_context.width, stream.codec_context.height) == (80, 64)
+        decoded = [frame.to_image() for frame in container.decode(stream)]
+    assert len(decoded) == len(frames) + output.HOLD_LAST - 1  # the picture itself stays a while
+    for image, colour in zip(decoded, [*colours, *[colours[-1]] * (output.HOLD_LAST - 1)], strict=True):
+        centre = image.getpixel((40, 32))
+        assert all(abs(a - b) < 24 for a, b in zip(centre, colour, strict=True)), (centre, colour)
 
 
 def test_a_state_saved_on_another_kind_of_device_resumes_here(tiny_models, tmp_path: Path) -> None:
