@@ -99,28 +99,24 @@ class Targets:
     negative: torch.Tensor | None  # (D,) unit embedding of the negative text
 
 
-def prompt_targets(models: Models, clip: Clip, request: GenerationRequest, stage: StoryStage | None = None,
-                   images: list[torch.Tensor] | None = None) -> Targets:
-    """The text prompts of a stage of the story (the first by default), each mixed with the style, then
-    the image prompts (`images`: their embeddings for this CLIP, if made already), in `prompt_weights`
-    order."""
+def prompt_targets(clip: Clip, request: GenerationRequest, stage: StoryStage,
+                   images: list[torch.Tensor]) -> Targets:
+    """The text prompts of a stage of the story, each mixed with the style, then the image prompts
+    (`images`: their embeddings for this CLIP), in `prompt_weights` order."""
     style = encode_text(clip, request.style) if request.style else None
     prompts = []
-    for prompt in (stage or request.story[0]).prompts:
+    for prompt in stage.prompts:
         target = encode_text(clip, prompt.text)
         if style is not None:
             target = request.w1 * target + request.w2 * style
         prompts.append(F.normalize(target, dim=-1))
-    if images is None:
-        images = [encode_image_prompt(models, clip, path) for path, _ in request.image_targets]
     prompts += images
     negative = F.normalize(encode_text(clip, request.negative), dim=-1) if request.negative else None
     return Targets(clip=clip, prompts=torch.stack(prompts), negative=negative)
 
 
-def prompt_weights(request: GenerationRequest, device: torch.device,
-                   stage: StoryStage | None = None) -> torch.Tensor:
-    return torch.tensor([prompt.weight for prompt in (stage or request.story[0]).prompts]
+def prompt_weights(request: GenerationRequest, device: torch.device, stage: StoryStage) -> torch.Tensor:
+    return torch.tensor([prompt.weight for prompt in stage.prompts]
                         + [weight for _, weight in request.image_targets], device=device)
 
 
@@ -140,7 +136,7 @@ def story_stages(models: Models, request: GenerationRequest) -> list[Stage]:
     stages, until = [], 0
     for stage in request.story:
         until += stage.steps
-        targets = [prompt_targets(models, clip, request, stage, seen)
+        targets = [prompt_targets(clip, request, stage, seen)
                    for clip, seen in zip(models.clips, images, strict=True)]
         stages.append(Stage(until, targets, prompt_weights(request, models.device, stage)))
     return stages

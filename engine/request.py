@@ -99,9 +99,11 @@ def _unescape(text: str) -> str:
 def last_part(prompt: str) -> str:
     """The story's last part as a prompt of its own (its text and weights, without its `@` steps): what
     going on from a finished story aims at."""
-    part = _SEPARATOR.split(prompt)[-1]
-    match = _STAGE_STEPS.match(part)
-    return (match["text"] if match else part).strip()
+    pieces = _SEPARATOR.split(prompt)
+    if len(pieces) == 1:  # not a story: an "@" in it is text
+        return prompt
+    match = _STAGE_STEPS.match(pieces[-1])
+    return (match["text"] if match else pieces[-1]).strip()
 
 
 def schedule(parts: list[tuple[list[WeightedPrompt], int | None]], total: int) -> list[StoryStage]:

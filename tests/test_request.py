@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from engine.request import GenerationRequest, WeightedPrompt, describe_validation_error, parse_prompts
+from engine.request import (
+    GenerationRequest,
+    WeightedPrompt,
+    describe_validation_error,
+    last_part,
+    parse_prompts,
+)
 
 
 def test_weighted_prompts_are_split_and_parsed() -> None:
@@ -84,6 +90,8 @@ def test_a_story_shares_the_steps_among_its_parts() -> None:
     assert steps("a @3 ^ b @3", 10) == [("a", 3), ("b", 7)]  # the last part runs on to the end
     assert steps("mail me @5", 10) == [("mail me @5", 10)]  # no "^": an "@" is just text
     assert GenerationRequest(prompt="a:2 @4 ^ b", steps=8).story[0].prompts[0].weight == 2
+    # Vary and Continue go on with the last part; a prompt that is no story stays whole, "@" and all.
+    assert (last_part("a @3 ^ b:2 | c:-1 @4"), last_part("mail me @5")) == ("b:2 | c:-1", "mail me @5")
 
 
 @pytest.mark.parametrize(("prompt", "message"), [

@@ -198,6 +198,27 @@ async def test_members_see_their_own_and_links_work_once(fake: FakeDiscord, tmp_
         assert "not one of this bot's" in await browser.text()
 
 
+async def test_a_link_a_preview_opened_signs_in_with_the_button(fake: FakeDiscord, tmp_path: Path,
+                                                               browser: Browser) -> None:
+    """Where the link was fetched as a preview (or came from another site), the page's Sign in button
+    does it; the browser posts it with `Origin: null` (the page's Referrer-Policy)."""
+    alice = fake.add_member("alice")
+    agent = await browser.script("return navigator.userAgent")
+    async with BotRunner(web_settings(fake, tmp_path)):
+        link = await sign_in_link(fake, "history web", alice)
+        await browser.call(browser.driver.execute_cdp_cmd, "Network.setUserAgentOverride",
+                           {"userAgent": "Mozilla/5.0 (compatible; Discordbot/2.0)"})
+        try:
+            await browser.open(link)
+            assert "Sign in to Test Guild" in await browser.text()
+            await browser.click("#sign-in")
+        finally:
+            await browser.call(browser.driver.execute_cdp_cmd, "Network.setUserAgentOverride",
+                               {"userAgent": agent})
+        assert (await browser.url()).endswith("/gallery")
+        assert "My pictures on Test Guild" in await browser.text()
+
+
 async def test_a_server_session_gets_nothing_of_another_server(fake: FakeDiscord, tmp_path: Path,
                                                               browser: Browser) -> None:
     mod = fake.add_moderator()

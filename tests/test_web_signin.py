@@ -230,7 +230,8 @@ async def test_only_a_person_opening_the_link_spends_it(fake: FakeDiscord, tmp_p
                             allow_redirects=False) as response:
             assert response.status == 200 and "Set-Cookie" not in response.headers
             assert 'id="sign-in"' in await response.text()  # the member presses it
-        async with http.post(bot.web_url + "/signin", data={"token": token}, headers={"Origin": "null"},
+        sandboxed = {"Origin": "null", "Sec-Fetch-Site": "cross-site"}  # a sandboxed frame elsewhere
+        async with http.post(bot.web_url + "/signin", data={"token": token}, headers=sandboxed,
                              allow_redirects=False) as response:
             assert response.status == 403 and "Set-Cookie" not in response.headers
         async with http.get(link, headers={"Sec-Fetch-Site": "none", "Sec-Fetch-Dest": "document"},

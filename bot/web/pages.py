@@ -104,7 +104,7 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("web request %s %s failed (error id %s)", request.method, request.path, error_id)
         response = render(request, "message.html", status=500, title="Something went wrong",
                           message=f"The bot's admin can find what happened in its log under error id "
-                                  f"{error_id}. Nothing was changed.")
+                                  f"{error_id}.")
     response.headers.update(HEADERS)
     if "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = "no-store"  # pages are one member's: no shared cache keeps them
@@ -157,10 +157,13 @@ async def form_of(request: web.Request) -> Any:
 
 
 def check_origin(request: web.Request) -> None:
-    """A form posted from another site (its page made the browser send it) is refused."""
+    """A form posted from another site (its page made the browser send it) is refused. Our own pages
+    send `Origin: null` (their Referrer-Policy is no-referrer), so a browser's Sec-Fetch-Site says where
+    a null one came from (a sandboxed frame elsewhere: cross-site)."""
     origin = request.headers.get("Origin")
     ours = {request.host, urlsplit(request.app[BOT].web_url).netloc}
-    if origin and origin != "null" and urlsplit(origin).netloc not in ours:
+    foreign = origin not in (None, "null") and urlsplit(origin).netloc not in ours
+    if foreign or request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
         raise Refused(403, "Refused", "This form came from another site; nothing was changed.")
 
 
@@ -276,9 +279,10 @@ class Filters:
         values.update(changes)
         return urlencode({key: value for key, value in values.items() if value not in (None, "", 1)})
 
-    async def jobs(self, bot: ImagineBot, guild_id: int, limit: int, offset: int) -> tuple[list[Job], int]:
+    async def jobs(self, bot: ImagineBot, guild_id: int, limit: int, offset: int = 0,
+                   before_id: int | None = None) -> tuple[list[Job], int]:
         return await bot.store.generation_log(
-            guild_id, self.member, self.status, self.text or None, self.since, limit, offset,
+            guild_id, self.member, self.status, self.text or None, self.since, limit, offset, before_id,
             until=self.until, model=self.model, default_model=bot.settings.engine_preset)
 
 
@@ -398,8 +402,6 @@ async def signin(request: web.Request) -> web.Response:
     """The Sign in button of the page a link preview gets."""
     bot = request.app[BOT]
     check_origin(request)  # another site can't sign a visitor in as someone else
-    if request.headers.get("Origin") == "null":  # nor a sandboxed frame, which sends no origin of its own
-        raise Refused(403, "Refused", "This form came from another site; nothing was changed.")
     request.app[SIGNIN_LIMIT].check(client_of(request))
     token = str((await form_of(request)).get("token", ""))
     return await spend(request, await find_link(bot.store, bot.settings, token))
@@ -414,7 +416,7 @@ async def spend(request: web.Request, link: WebLink | None) -> web.Response:
     if problem is not None or link is None:
         raise Refused(403, "Can't sign in", f"{problem} Ask for a new one: /history web on your server, "
                                             "or /log web if you moderate it.")
-    secret, _ = await open_session(bot.store, link)
+    secret = await open_session(bot.store, link)
     response = see_other("/gallery")
     response.set_cookie(cookie_name(bot), secret, max_age=SESSION_LIFETIME_S, path="/", httponly=True,
                         samesite="Lax", secure=bot.web_url.startswith("https://"))
@@ -581,10 +583,8 @@ async def export(request: web.Request) -> web.StreamResponse:
     written, before, first = 0, None, True
     try:
         while written < EXPORT_ROWS:
-            jobs, _ = await bot.store.generation_log(
-                session.guild_id, filters.member, filters.status, filters.text or None, filters.since,
-                min(EXPORT_PAGE, EXPORT_ROWS - written), before_id=before, until=filters.until,
-                model=filters.model, default_model=bot.settings.engine_preset)
+            jobs, _ = await filters.jobs(bot, session.guild_id, min(EXPORT_PAGE, EXPORT_ROWS - written),
+                                         before_id=before)
             if not jobs:
                 break
             chunk = await asyncio.to_thread(lambda page=jobs, header=first: encode_export(

@@ -72,11 +72,11 @@ def why_not(link: WebLink | None) -> str | None:
     return None
 
 
-async def open_session(store: Store, link: WebLink) -> tuple[str, WebSession]:
-    """A new session for the link's member; returns the cookie's value (kept only as a hash) and it."""
+async def open_session(store: Store, link: WebLink) -> str:
+    """A new session for the link's member; returns the cookie's value (kept only as a hash)."""
     secret = secrets.token_urlsafe(32)
     session = WebSession(token_hash=hash_secret(secret), guild_id=link.guild_id, user_id=link.user_id,
                          moderator=link.moderator, csrf=secrets.token_urlsafe(24),
                          expires_at=time.time() + SESSION_LIFETIME_S)
     await store.add_session(session)
-    return secret, session
+    return secret
