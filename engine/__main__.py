@@ -1,4 +1,5 @@
-"""Command line: `python -m engine imagine "a dog on the beach" -o dog.png`, `python -m engine weights …`.
+"""Command line: `python -m engine imagine "a dog on the beach" -o dog.png`, `python -m engine animate
+"a surreal alien world" --frames 60 -o zoom.mp4`, `python -m engine weights …`.
 
 Every request option is a flag generated from the request model, so the CLI and the validation
 rules cannot drift apart. Bad input prints one line and exits with status 2.
@@ -10,29 +11,50 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from engine import output, weights
+from engine.animate import FRAME_LEARNING_RATE, FRAME_MS, FRAME_STEPS, animate
 from engine.checkpoints import UnsafeCheckpointError
-from engine.generate import GenerationError, StepInfo, generate
-from engine.models import CLIP_CHOICES, DEFAULT_CLIP, DEFAULT_PRESET, PRESETS, load_preset, required_files
-from engine.request import GenerationRequest, describe_validation_error
+from engine.generate import GenerationError, GenerationResult, StepInfo, generate
+from engine.models import (
+    CLIP_CHOICES,
+    DEFAULT_CLIP,
+    DEFAULT_PRESET,
+    PRESETS,
+    Models,
+    load_preset,
+    required_files,
+)
+from engine.output import TIMELAPSE_SUFFIXES
+from engine.request import (
+    DEFAULT_STEPS,
+    Animation,
+    GenerationRequest,
+    describe_validation_error,
+    video_preview_every,
+)
 
 USAGE_ERROR = 2
 
 
-def _request_flags(parser: argparse.ArgumentParser) -> None:
+def _request_flags(parser: argparse.ArgumentParser, shown_defaults: dict[str, object] | None = None,
+                   leave_out: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("request options (defaults follow the VQGAN+CLIP notebook)")
     for name, info in GenerationRequest.model_fields.items():
-        if name in ("prompt", "model"):  # the model is --preset
+        if name in ("prompt", "model", "animation", *leave_out):  # the model is --preset
             continue
         flag = "--" + name.replace("_", "-")
-        default = info.get_default(call_default_factory=False)
+        default = (shown_defaults or {}).get(name, info.get_default(call_default_factory=False))
         shown = "random" if name == "seed" else default
         help_text = f"{info.description} (default: {shown})"
         if info.annotation is bool:
@@ -43,6 +65,16 @@ def _request_flags(parser: argparse.ArgumentParser) -> None:
         else:  # pydantic converts and validates, so every rule lives in the request model
             group.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
     group.add_argument("--size", metavar="WxH", help="width and height at once, e.g. 512x384")
+
+
+def _animation_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("animation options (zoom.sh's: each frame from the last, moved)")
+    for name, info in Animation.model_fields.items():
+        default = info.get_default(call_default_factory=False)
+        shown = "" if info.is_required() else f" (default: {default})"
+        group.add_argument("--" + name.replace("_", "-"), dest=f"animation_{name}", default=None,
+                           required=info.is_required(), metavar=name.upper(),
+                           help=f"{info.description}{shown}")
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,27 +100,42 @@ def _parser() -> argparse.ArgumentParser:
                          help="PNG to write (default: outputs/<prompt>-<seed>.png)")
     imagine.add_argument("--timelapse", type=Path,
                          help="also write the previews as an .mp4 (H.264), animated .webp or .gif")
-    imagine.add_argument("--video", action="store_true",
-                         help="also write the previews as an MP4 beside the PNG (NAME.mp4)")
     imagine.add_argument("--previews-dir", type=Path,
                          help="write each preview and a resumable checkpoint.state.pt here")
     imagine.add_argument("--resume", type=Path, help="continue an interrupted run from its checkpoint")
-    imagine.add_argument("--device", default=os.environ.get("ENGINE_DEVICE", "auto"),
-                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …")
-    imagine.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    imagine.add_argument("--download", action="store_true", help="download missing weights first")
-    imagine.add_argument("--allow-unsafe-pickle", action="store_true",
-                         default=os.environ.get("ALLOW_UNSAFE_PICKLE", "").lower() in ("1", "true", "yes"),
-                         help="allow checkpoints that need full pickle loading (only for files you trust)")
-    imagine.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _model_flags(imagine)
+    _run_flags(imagine)
     _request_flags(imagine)
+
+    animate = commands.add_parser("animate", help="make a zoom video: each frame from the last, moved")
+    animate.add_argument("prompt", nargs="?", help='what to draw, e.g. "a surreal alien world"')
+    animate.add_argument("-o", "--output", type=Path,
+                         help="MP4 to write, with its last frame beside it as NAME.png "
+                              "(default: outputs/<prompt>-<seed>.mp4)")
+    animate.add_argument("--frames-dir", type=Path,
+                         help="write each frame here as frame-0001.png, …; run again with the same "
+                              "options to go on after the last frame there")
+    _run_flags(animate)
+    _animation_flags(animate)
+    _request_flags(animate, {"steps": FRAME_STEPS, "learning_rate": FRAME_LEARNING_RATE},
+                   leave_out=("video", "batch_size", "continue_from", "variation"))
 
     weights_cmd = commands.add_parser("weights", help="show, download or verify the model weights")
     weights_cmd.add_argument("action", choices=["status", "download", "verify"],
                              help="verify hashes every present file again and exits 1 if one is corrupt")
     _model_flags(weights_cmd)
     return parser
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=os.environ.get("ENGINE_DEVICE", "auto"),
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--download", action="store_true", help="download missing weights first")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        default=os.environ.get("ALLOW_UNSAFE_PICKLE", "").lower() in ("1", "true", "yes"),
+                        help="allow checkpoints that need full pickle loading (only for files you trust)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _model_flags(parser)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Path]:
@@ -100,6 +147,13 @@ def _build_request(args: argparse.Namespace) -> GenerationRequest:
     fields = {name: getattr(args, name) for name in GenerationRequest.model_fields
               if name not in ("prompt", "model") and getattr(args, name, None) is not None}
     fields["model"] = args.preset
+    if args.command == "animate":
+        fields["animation"] = {name: getattr(args, f"animation_{name}") for name in Animation.model_fields
+                               if getattr(args, f"animation_{name}") is not None}
+        fields.setdefault("steps", FRAME_STEPS)
+        fields.setdefault("learning_rate", FRAME_LEARNING_RATE)
+    elif fields.get("video") and "preview_every" not in fields:
+        fields["preview_every"] = video_preview_every(int(fields.get("steps") or DEFAULT_STEPS))
     if args.size:
         match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", args.size)
         if not match:
@@ -113,6 +167,32 @@ def _default_output(request: GenerationRequest) -> Path:
     return Path("outputs") / f"{slug}-{request.seed}.png"
 
 
+def _load_models(args: argparse.Namespace, request: GenerationRequest) -> Models:
+    preset = request.model or args.preset  # a resumed run keeps the model it started with
+    models = load_preset(preset, args.weights_dir, _overrides(args), args.device, args.precision,
+                         args.allow_unsafe_pickle, download=args.download, clip=args.clip)
+    if models.random_weights:
+        print(f"note: preset {preset!r} uses random weights; the image is a test pattern", file=sys.stderr)
+    return models
+
+
+class _Interrupt:
+    """Ctrl-C asks the run to stop after the step in progress (which keeps what it has), once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
 def _imagine(args: argparse.Namespace) -> int:
     resume = None
     if args.resume:
@@ -121,21 +201,10 @@ def _imagine(args: argparse.Namespace) -> int:
     else:
         request = _build_request(args)
     target = args.output or _default_output(request)
-
-    preset = request.model or args.preset  # a resumed run keeps the model it started with
-    models = load_preset(preset, args.weights_dir, _overrides(args), args.device, args.precision,
-                         args.allow_unsafe_pickle, download=args.download, clip=args.clip)
-    if models.random_weights:
-        print(f"note: preset {args.preset!r} uses random weights; the image is a test pattern",
-              file=sys.stderr)
-
-    stop_requested = False
-
-    def on_interrupt(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    if args.timelapse and args.timelapse.suffix.lower() not in TIMELAPSE_SUFFIXES:
+        raise ValueError(f"--timelapse must end in {', '.join(TIMELAPSE_SUFFIXES)}, "
+                         f"not {args.timelapse.name}")
+    models = _load_models(args, request)
     frames = []
     start = resume.step if resume else 0
     bar = tqdm(total=request.steps, initial=start, unit="step", disable=args.quiet, dynamic_ncols=True)
@@ -153,11 +222,11 @@ def _imagine(args: argparse.Namespace) -> int:
     if args.previews_dir:
         args.previews_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = generate(request, models, callback=on_step, should_stop=lambda: stop_requested,
-                          resume=resume)
+        with _Interrupt() as interrupt:
+            result = generate(request, models, callback=on_step, should_stop=lambda: interrupt.requested,
+                              resume=resume)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
 
     for index, image in enumerate(result.images):
         path = target if index == 0 else target.with_stem(f"{target.stem}-{index + 1}")
@@ -166,7 +235,7 @@ def _imagine(args: argparse.Namespace) -> int:
     output.save_state(result.state, output.state_path_for(target))
     if args.timelapse and frames:
         print(output.save_timelapse(frames, args.timelapse))
-    if args.video and frames:
+    if request.video and frames:
         print(output.save_timelapse(frames, target.with_suffix(".mp4")))
     if result.cancelled:
         print(f"stopped at step {result.state.step}/{request.steps}; continue exactly with "
@@ -175,6 +244,80 @@ def _imagine(args: argparse.Namespace) -> int:
     print(f"{result.steps_done} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step)",
           file=sys.stderr)
     return 0
+
+
+def _animate(args: argparse.Namespace) -> int:
+    request = _build_request(args)
+    target = args.output or _default_output(request).with_suffix(".mp4")
+    if target.suffix.lower() != ".mp4":
+        raise ValueError(f"an animation is written as an .mp4, not {target.name}")
+    folder = args.frames_dir or Path(tempfile.mkdtemp(prefix="animate-"))
+    done, last_frame = _frames_done(folder, request, args.seed is not None) if args.frames_dir else (0, None)
+    if done:
+        print(f"going on after frame {done} in {folder}", file=sys.stderr)
+    models = _load_models(args, request)
+    folder.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=request.total_steps, initial=done * request.steps, unit="step",
+               disable=args.quiet, dynamic_ncols=True)
+
+    def on_step(info: StepInfo) -> None:
+        bar.update(1)
+        if info.preview is not None:
+            bar.set_postfix(frame=f"{(info.step - 1) // request.steps + 1}/{request.animation.frames}",
+                            sim=f"{float(info.similarity):.3f}")
+
+    def on_frame(number: int, result: GenerationResult) -> None:
+        output.save_png(result.image, _frame_path(folder, number), result.recipe)
+
+    try:
+        with _Interrupt() as interrupt:
+            ran = animate(request, models, on_step, lambda: interrupt.requested, on_frame, done, last_frame)
+    finally:
+        bar.close()
+    if ran.cancelled:
+        again = f"run the same command again to go on from frame {ran.frames_done}" if args.frames_dir \
+            else "give --frames-dir to be able to go on after a stop"
+        print(f"stopped after {ran.frames_done} of {request.animation.frames} frames; {again}",
+              file=sys.stderr)
+        return 130
+    paths = [_frame_path(folder, number) for number in range(1, request.animation.frames + 1)]
+    print(output.save_mp4(_opened(paths), target, FRAME_MS))
+    last = target.with_suffix(".png")
+    last.write_bytes(paths[-1].read_bytes())
+    print(last)
+    if not args.frames_dir:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def _frame_path(folder: Path, number: int) -> Path:
+    return folder / f"frame-{number:04d}.png"
+
+
+def _frames_done(folder: Path, request: GenerationRequest,
+                 seed_given: bool) -> tuple[int, Image.Image | None]:
+    """How many frames an earlier run of this request left in `folder` (from the first, in order), and
+    the last of them. Without --seed the run goes on with that run's seed."""
+    first = _frame_path(folder, 1)
+    if not first.is_file():
+        return 0, None
+    made_by = output.read_recipe(first)["request"]
+    if not seed_given:
+        request.seed = made_by["seed"]
+    if made_by != request.model_dump(mode="json"):
+        raise ValueError(f"{folder} holds the frames of an animation with other options; give another "
+                         "--frames-dir, or the same options as the run that made them")
+    done = 1
+    while done < request.animation.frames and _frame_path(folder, done + 1).is_file():
+        done += 1
+    with Image.open(_frame_path(folder, done)) as frame:
+        return done, frame.convert("RGB")
+
+
+def _opened(paths: list[Path]) -> Iterator[Image.Image]:
+    for path in paths:
+        with Image.open(path) as frame:
+            yield frame.convert("RGB")
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -212,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _imagine(args) if args.command == "imagine" else _weights(args)
+        commands = {"imagine": _imagine, "animate": _animate, "weights": _weights}
+        return commands[args.command](args)
     except ValidationError as error:
         print(f"error: {describe_validation_error(error)}", file=sys.stderr)
     except (ValueError, weights.WeightsMissingError, UnsafeCheckpointError, GenerationError,

@@ -322,9 +322,10 @@ def _to_batch_first(module: nn.Module, args: tuple, kwargs: dict, result: tuple)
     return (attended.transpose(0, 1) if attended.dim() == 3 else attended, *result[1:])
 
 
-def initial_latent(models: Models, request: GenerationRequest, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, dict | None]:
-    """The starting latent and, when continuing an earlier run, that run's optimiser state."""
+def initial_latent(models: Models, request: GenerationRequest, generator: torch.Generator,
+                   start: Image.Image | None = None) -> tuple[torch.Tensor, dict | None]:
+    """The starting latent and, when continuing an earlier run, that run's optimiser state. `start`: a
+    picture to begin from in place of the request's init image (an animation's next frame)."""
     factor = models.vqgan.factor
     rows, cols = request.height // factor, request.width // factor
     if request.continue_from is not None:
@@ -339,8 +340,8 @@ def initial_latent(models: Models, request: GenerationRequest, generator: torch.
             noise = torch.randn(latent.shape, generator=generator, device=models.device)
             return latent + request.variation * latent.std() * noise, None
         return latent, earlier.optimizer
-    if request.init_image is not None:
-        image = Image.open(request.init_image).convert("RGB")
+    if start is not None or request.init_image is not None:
+        image = start.convert("RGB") if start is not None else Image.open(request.init_image).convert("RGB")
         image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         with torch.no_grad():
             latent = models.vqgan.encode(from_pil(image, models.device) * 2 - 1).float()
@@ -371,8 +372,10 @@ def vector_quantize(latent: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
 
 def generate(request: GenerationRequest, models: Models, callback: Callback | None = None,
              should_stop: Callable[[], bool] | None = None,
-             resume: GenerationState | None = None, memory: MemoryBudget | None = None) -> GenerationResult:
-    """Run the optimisation; `resume` continues an interrupted run exactly from its saved state.
+             resume: GenerationState | None = None, memory: MemoryBudget | None = None,
+             start: Image.Image | None = None) -> GenerationResult:
+    """Run the optimisation; `resume` continues an interrupted run exactly from its saved state, `start`
+    begins from that picture instead of the request's init image or noise.
 
     `should_stop()` is checked before every step; a stopped run returns what it has, with
     `cancelled=True`. `memory` is what the run may use (default: all the device has); the decoder is
@@ -394,7 +397,7 @@ def generate(request: GenerationRequest, models: Models, callback: Callback | No
         latent, optimizer_state, start = resume.latent.to(device), resume.optimizer, resume.step
         _restore_rng(generator, resume, request.seed)
     else:
-        latent, optimizer_state = initial_latent(models, request, generator)
+        latent, optimizer_state = initial_latent(models, request, generator, start)
         start = 0
     latent = latent.detach().clone().float().requires_grad_(True)
     optimizer = torch.optim.AdamW([latent], lr=request.learning_rate, weight_decay=request.weight_decay)

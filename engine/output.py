@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib.metadata import PackageNotFoundError, version
@@ -114,6 +115,9 @@ def load_state(source: Path | bytes) -> GenerationState:
                            rng=data["rng"], recipe=json.loads(data["recipe"]), rng_device=rng_device)
 
 
+TIMELAPSE_SUFFIXES = (".mp4", ".webp", ".gif")
+
+
 def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
     """An MP4 (H.264), animated WebP or GIF (by suffix) of the previews; the last frame is held longer."""
     if not frames:
@@ -122,6 +126,8 @@ def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".mp4":
         return save_mp4(frames, path, frame_ms)
+    if path.suffix.lower() not in TIMELAPSE_SUFFIXES:
+        raise ValueError(f"a timelapse is an .mp4, .webp or .gif, not {path.name}")
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 5]
     options = {"lossless": False, "quality": 80} if path.suffix.lower() == ".webp" else {}
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
@@ -132,17 +138,25 @@ def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -
 HOLD_LAST = 5  # the last frame shows this many frames' time: the picture itself, not the last change
 
 
-def save_mp4(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
+def save_mp4(frames: Iterable[Image.Image], path: Path, frame_ms: int = 200) -> Path:
     """H.264 in MP4 through PyAV (FFmpeg's libx264, in PyAV's wheel), yuv420p so every player shows it.
-    Sides are multiples of 16 (the latent grid), as the encoder's 4:2:0 needs even ones."""
+    Sides are multiples of 16 (the latent grid), as the encoder's 4:2:0 needs even ones. `frames` may be
+    read lazily (a long animation's frames from disk): only one is held at a time."""
     fps = Fraction(1000, frame_ms)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "20", "preset": "medium"}
-        for image in [*frames, *[frames[-1]] * (HOLD_LAST - 1)]:
-            frame = av.VideoFrame.from_image(image.convert("RGB"))
-            container.mux(stream.encode(frame))
+        stream = None
+        last = None
+        for image in frames:
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.width, stream.height = image.size
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "20", "preset": "medium"}
+            last = av.VideoFrame.from_image(image.convert("RGB"))
+            container.mux(stream.encode(last))
+        if stream is None or last is None:
+            raise ValueError("a video needs at least one frame")
+        for _ in range(HOLD_LAST - 1):
+            container.mux(stream.encode(av.VideoFrame.from_image(last.to_image())))
         container.mux(stream.encode())  # flush the encoder's last frames
     return path

@@ -65,6 +65,16 @@ def split_image_prompt(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+MAX_FRAMES = 500
+DEFAULT_STEPS = 300
+VIDEO_FRAMES = 60  # a video of the previews has about this many
+
+
+def video_preview_every(steps: int) -> int:
+    """How often to take a preview for a video of the run: about VIDEO_FRAMES frames in all."""
+    return max(1, steps // VIDEO_FRAMES)
+
+
 STORY_SEPARATOR = "^"  # the anchor's story mode: "a lighthouse ^ a storm at sea ^ dawn"; "\\^" is a "^"
 _SEPARATOR = re.compile(r"(?<!\\)\^")
 _STAGE_STEPS = re.compile(r"^(?P<text>.*?)\s*@\s*(?P<steps>\d{1,5})\s*$", re.DOTALL)
@@ -127,6 +137,24 @@ def schedule(parts: list[tuple[list[WeightedPrompt], int | None]], total: int) -
     return [StoryStage(prompts, steps) for (prompts, _), steps in zip(parts, counts, strict=True) if steps]
 
 
+class Animation(BaseModel):
+    """A zoom video, as the anchor's zoom.sh makes one: each frame runs the request's `steps` from the
+    frame before it, zoomed, turned and shifted a little about its centre (the first frame starts as a
+    picture does). Its frames × steps are what the video costs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    frames: int = Field(ge=2, le=MAX_FRAMES, description="frames of the video")
+    zoom: float = Field(1.02, ge=0.5, le=2.0,
+                        description="scale from one frame to the next; above 1 zooms in, below 1 out")
+    rotate: float = Field(0.0, ge=-45.0, le=45.0,
+                          description="degrees each frame turns, clockwise (negative: anticlockwise)")
+    shift_x: float = Field(0.0, ge=-256.0, le=256.0,
+                           description="pixels each frame moves right (negative: left)")
+    shift_y: float = Field(0.0, ge=-256.0, le=256.0,
+                           description="pixels each frame moves down (negative: up)")
+
+
 def _random_seed() -> int:
     return random.SystemRandom().randint(0, MAX_SEED)
 
@@ -155,7 +183,7 @@ class GenerationRequest(BaseModel):
                        description="image width in pixels (multiple of 16)")
     height: int = Field(448, ge=64, le=4096, multiple_of=LATENT_FACTOR,
                         description="image height in pixels (multiple of 16)")
-    steps: int = Field(300, ge=1, le=10000, description="optimisation steps")
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=10000, description="optimisation steps")
     learning_rate: float = Field(0.5, gt=0.0, le=10.0, description="AdamW learning rate")
     weight_decay: float = Field(0.15, ge=0.0, le=10.0, description="AdamW weight decay")
     noise_factor: float = Field(0.22, ge=0.0, le=2.0, description="noise added to each cutout")
@@ -169,6 +197,9 @@ class GenerationRequest(BaseModel):
         default_factory=list, max_length=MAX_IMAGE_PROMPTS,
         description="images the picture should look like, beside the text (CLIP's embedding of each "
                     "whole image, weighted like a prompt part): path or path:weight, up to 3")
+    video: bool = Field(False, description="also make a video (MP4) of the previews, one frame each")
+    animation: Animation | None = Field(
+        None, description="a zoom video: frames of `steps` steps, each from the last one zoomed or turned")
     init_image: Path | None = Field(None, description="start from this image instead of noise")
     continue_from: Path | None = Field(
         None, description="continue from a finished run's saved state (.state.pt) for `steps` more steps")
@@ -233,6 +264,19 @@ class GenerationRequest(BaseModel):
             raise ValueError("variation needs continue_from: it varies a finished picture's latent")
         return self
 
+    @model_validator(mode="after")
+    def _animation_is_one_picture_at_a_time(self) -> GenerationRequest:
+        if self.animation is None:
+            return self
+        if self.batch_size > 1:
+            raise ValueError("an animation makes one picture per frame; leave batch_size at 1")
+        if self.continue_from is not None:
+            raise ValueError("an animation starts from noise or an init image, not a saved state")
+        if len(self.story) > 1:
+            raise ValueError("story mode ('^') works on pictures, not animations; give the animation "
+                             "one prompt (weighted parts with '|' are fine)")
+        return self
+
     @classmethod
     def stored(cls, data: str) -> GenerationRequest:
         """A request read back from the queue or a recipe, whose files may be gone since."""
@@ -254,6 +298,11 @@ class GenerationRequest(BaseModel):
         if not stages or not all(stage.prompts for stage in stages):
             return [StoryStage(parse_prompts(self.prompt), self.steps)]
         return stages
+
+    @property
+    def total_steps(self) -> int:
+        """What the request costs: its steps, times its frames for an animation."""
+        return self.steps * (self.animation.frames if self.animation else 1)
 
     @property
     def image_targets(self) -> list[tuple[Path, float]]:

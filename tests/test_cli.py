@@ -18,6 +18,7 @@ from PIL import Image
 
 from engine import output, weights
 from engine.__main__ import main
+from engine.request import video_preview_every
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,7 @@ def test_image_prompts_from_the_command_line(tmp_path: Path, capsys: pytest.Capt
     with Image.open(out) as made:
         recipe = json.loads(made.text["vqgan-clip-recipe"])
     assert recipe["request"]["image_prompts"] == [f"{blue}:2", str(blue)]  # it makes the same again
+    assert recipe["request"]["preview_every"] == video_preview_every(2) == 1  # a video's frames: often
     capsys.readouterr()
     assert main([*base, *[arg for _ in range(4) for arg in ("-ip", str(blue))]]) == 2
     assert capsys.readouterr().err.startswith("error: image_prompts: takes at most 3")
