@@ -176,13 +176,49 @@ def thumbnail_of(job: Job) -> Path | None:
     return Path(job.output_path).with_suffix(".thumb.webp") if job.output_path else None
 
 
-def files_of(job: Job) -> list[Path]:
-    """Every file a job may have: its PNGs, their thumbnail, final state, checkpoint, init image and
-    image prompts."""
+def video_of(job: Job) -> Path | None:
+    """The video of a finished job that asked for one (video, or an animation): `outputs/job-7.mp4`."""
+    request = json.loads(job.request_json)
+    wanted = request.get("video") or request.get("animation")
+    return Path(job.output_path).with_suffix(".mp4") if job.output_path and wanted else None
+
+
+def preview_frame(output_dir: Path, job_id: int, step: int) -> Path:
+    """A frame of a job's video of its previews, kept until the video is made (so that a job that
+    resumes after a restart still has the frames before it)."""
+    return output_dir / "frames" / f"job-{job_id}.preview-{step:05d}.jpg"
+
+
+def animation_frame(output_dir: Path, job_id: int, number: int) -> Path:
+    """A finished frame of an animation (numbered from 1), kept until the video is made: the next frame
+    starts from it, also after a restart."""
+    return output_dir / "frames" / f"job-{job_id}.frame-{number:04d}.png"
+
+
+def frames_of(job: Job, output_dir: Path) -> list[Path]:
+    """Every frame a job's video may have kept so far."""
+    request = json.loads(job.request_json)
+    if request.get("animation"):
+        return [animation_frame(output_dir, job.id, n) for n in range(1, request["animation"]["frames"] + 1)]
+    if request.get("video"):
+        return [preview_frame(output_dir, job.id, step) for step in preview_steps(request)]
+    return []
+
+
+def preview_steps(request: dict) -> list[int]:
+    """The steps a run takes its previews at: every preview_every, and the last."""
+    steps, every = request.get("steps", 300), request.get("preview_every", 50)
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def files_of(job: Job, output_dir: Path) -> list[Path]:
+    """Every file a job may have: its PNGs, their thumbnail, final state, checkpoint, video and the
+    frames kept for it, init image and image prompts."""
     request = json.loads(job.request_json)  # raw: a stored request may no longer pass today's checks
     paths = [Path(p) for p in (job.output_path, thumbnail_of(job), job.latent_path, job.checkpoint_path,
-                               request.get("init_image")) if p]
+                               video_of(job), request.get("init_image")) if p]
     paths += [split_image_prompt(text)[0] for text in request.get("image_prompts") or []]
+    paths += frames_of(job, output_dir)
     if job.output_path:  # a batch's further images sit beside the first: job-7.png, job-7-2.png, ...
         first = Path(job.output_path)
         batch = request.get("batch_size", 1)

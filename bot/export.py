@@ -56,6 +56,8 @@ def export_rows(jobs: list[Job]) -> list[dict]:
             "member": job.user_id, "channel": job.channel_id, "message": message_link(job) or "",
             "prompt": request.prompt, "negative": request.negative, "style": request.style,
             "seed": request.seed, "width": request.width, "height": request.height, "steps": job.total_steps,
+            "image_prompts": len(request.image_prompts), "video": request.video or bool(request.animation),
+            "frames": request.animation.frames if request.animation else "",
             "status": job.status,
             "seconds": round(job.seconds, 1) if job.seconds else "",
             "deleted_by": job.deleted_by or "", "expired": bool(job.expired_at), "private": bool(job.private),

@@ -97,7 +97,8 @@ async def remove_generation(bot: ImagineBot, job: Job, actor_id: int) -> bool:
     when Discord refused to remove the message (the rest is done): say so (MESSAGE_KEPT)."""
     await bot.store.mark_deleted(job.id, actor_id)
     await bot.store.request_cancel(job.id, actor_id)  # a running job's engine is told to stop
-    await bot.files.remove(files_of(job))  # the init image too: each job has its own copy
+    # The init image too (each job has its own copy), and the frames kept for its video.
+    await bot.files.remove(files_of(job, bot.settings.output_dir))
     if job.user_id != actor_id:
         await bot.store.audit(job.guild_id, actor_id, "delete", f"job {job.id}",
                               f"by <@{job.user_id}>", "deleted")

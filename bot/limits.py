@@ -144,7 +144,13 @@ def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: i
     """The first limit this request breaks, as a message for the member; None if it fits."""
     if limits.allowed_channels and channel_id not in limits.allowed_channels:
         places = " ".join(f"<#{c}>" for c in limits.allowed_channels)
-        return f"/imagine works only in {places} on this server."
+        return f"/imagine and /animate work only in {places} on this server."
+    if request.animation and request.total_steps > limits.max_steps:
+        most = max(0, limits.max_steps // request.steps)
+        fewer = f"Ask for {most} frames or fewer at {request.steps} steps each, or fewer steps per frame." \
+            if most >= 2 else f"Ask for {limits.max_steps // 2} steps per frame or fewer."
+        return (f"Steps: {request.animation.frames} frames × {request.steps} steps is {request.total_steps} "
+                f"steps, above this server's limit of {limits.max_steps}. {fewer}")
     if request.steps > limits.max_steps:
         return (f"Steps: {request.steps} is above this server's limit of {limits.max_steps}. "
                 f"Ask for {limits.max_steps} or fewer.")

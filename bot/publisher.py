@@ -23,7 +23,8 @@ import discord
 from PIL import Image
 from pydantic import ValidationError
 
-from bot.artifacts import job_files
+from bot import video as bot_video
+from bot.artifacts import job_files, video_of
 from bot.store import Job, Store
 from bot.views import job_view
 from engine.request import GenerationRequest
@@ -90,23 +91,48 @@ def recipe_embed(job: Job, request: GenerationRequest, seconds: float | None) ->
         embed.add_field(name="Continued", value=f"from job #{job.parent_job_id}")
     if request.init_image:
         embed.add_field(name="Init image", value="yes")
+    if request.image_prompts:
+        embed.add_field(name="Image prompts", value=str(len(request.image_prompts)))
+    if request.video:
+        embed.add_field(name="Video", value=f"a preview every {request.preview_every} steps")
+    if request.animation:
+        embed.add_field(name="Animation", value=animation_text(request), inline=False)
     embed.set_footer(text=f"job #{job.id} · lr {request.learning_rate} · cutn {request.cutn}"
                           + (f" · {format_duration(seconds)}" if seconds else ""))
     return embed
 
 
+def animation_text(request: GenerationRequest) -> str:
+    """An animation's moves in a few words: "30 frames × 25 steps, zoom 1.02, turn 1°, shift 2, 0 px"."""
+    animation = request.animation
+    assert animation is not None
+    text = f"{animation.frames} frames × {request.steps} steps, zoom {animation.zoom:g}"
+    if animation.rotate:
+        text += f", turn {animation.rotate:g}°"
+    if animation.shift_x or animation.shift_y:
+        text += f", shift {animation.shift_x:g}, {animation.shift_y:g} px"
+    return text
+
+
 def imagine_line(request: GenerationRequest) -> str:
-    """The /imagine command that asks for this recipe again (the options a member can type)."""
+    """The /imagine (or /animate) command that asks for this recipe again (the options a member can
+    type)."""
     parts = [f"prompt:{request.prompt}"]
     if request.negative:
         parts.append(f"negative:{request.negative}")
     if request.style:
         parts.append(f"style:{request.style}")
+    if request.animation:
+        moves = request.animation.model_dump(exclude_defaults=True)
+        parts += [f"{name}:{value:g}" for name, value in moves.items()]
     parts += [f"steps:{request.steps}", f"size:{request.width}x{request.height}", f"seed:{request.seed}"]
     if request.model:
         parts.append(f"model:{request.model}")
+    if request.video:
+        parts.append("video:true")
     # One line (a slash command has no line breaks), with no backtick that could close the code block.
-    line = "/imagine " + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
+    command = "/animate " if request.animation else "/imagine "
+    line = command + " ".join(parts).replace("`", "ˋ").replace("\r", " ").replace("\n", " ")
     same = (["the same init image"] if request.init_image else []) + \
         ([f"the same {len(request.image_prompts)} image prompt(s)"] if request.image_prompts else [])
     return line + (f"  (and {' and '.join(same)})" if same else "")
@@ -227,6 +253,9 @@ class Publisher:
             preview = discord.File(io.BytesIO(update.preview_jpeg), f"job-{job.id}-preview.jpg")
             fields["attachments"] = [preview]
         state = "started, " if update.kind == "started" else ""
+        if request.animation and update.step:
+            state += f"frame {min(request.animation.frames, (update.step - 1) // request.steps + 1)}/" \
+                     f"{request.animation.frames}, "
         await self.edit(job, content=self._content(
             f"🎨 **{quote(request.prompt)}** — {state}step {update.step}/{update.total} · {eta}"),
             view=job_view(job.id, "running"), **fields)
@@ -260,19 +289,22 @@ class Publisher:
         prompt = quote(request.prompt if request else _raw_prompt(job))
         # A stored request today's rules refuse gets no buttons: they would make it again.
         status = "stopped" if job.stopped_by_someone_else else job.status
-        view = job_view(job.id, status) if request else None
+        view = job_view(job.id, status, animation=request.animation is not None) if request else None
         if job.status == "done" and job.output_path and request:  # it ran, so it is valid
             picture = await self.files.read(job.output_path)
+            video_path = video_of(job)
+            video = await self.files.read(video_path) if video_path else None
             limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT
-            files, note = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture, limit)
-            content = self._content(f"✅ **{prompt}** — {request.steps} steps in "
-                                    f"{format_duration(job.seconds)}{note}")
+            files, note = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture, limit,
+                                                  video, video_path)
+            what = animation_text(request) if request.animation else f"{request.steps} steps"
+            content = self._content(f"✅ **{prompt}** — {what} in {format_duration(job.seconds)}{note}")
             card = result_embed(job, request, files[0].filename if files else None)
             ok = await self.edit(job, content=content, embed=card, attachments=files, view=view)
             if ok and job.private and (await self.store.get(job.id) or job).dm_message_id is None:
                 # The ephemeral reply is gone when the member reloads Discord: they keep it in their DMs.
                 files, _ = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture,
-                                                   limit)  # sent files close: new ones
+                                                   limit, video, video_path)  # sent files close: new ones
                 ok = await self.edit(job, to_dm=True, content=content, embed=card, attachments=files,
                                      view=view)
         elif job.status == "cancelled":
@@ -448,9 +480,25 @@ def quote(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _final_files(name: str, picture: bytes | None, limit: int) -> tuple[list[discord.File], str]:
-    """The PNG if the channel takes it; else a JPEG of it that fits, and a note saying so."""
-    room = limit - 64 * 1024  # the request around the file
+def _final_files(name: str, picture: bytes | None, limit: int, video: bytes | None = None,
+                 video_path: Path | None = None) -> tuple[list[discord.File], str]:
+    """The PNG if the channel takes it, else a JPEG of it that fits; then the video (MP4, or a smaller
+    animated WebP) in the room left; and a note saying what was made smaller or left out."""
+    files, note = _picture_file(name, picture, limit - 64 * 1024)  # the request around the files
+    if video_path is None:
+        return files, note
+    if video is None:
+        return files, note + " (its video is gone from the bot's storage)"
+    room = limit - 64 * 1024 - sum(len(file.fp.getbuffer()) for file in files)
+    fitted = bot_video.fit(video_path.name, video, room)
+    if fitted is None:
+        return files, note + " (the video is larger than this server's upload limit)"
+    if fitted[0] != video_path.name:
+        note += " (an animated WebP: the MP4 is over this server's upload limit)"
+    return [*files, discord.File(io.BytesIO(fitted[1]), fitted[0])], note
+
+
+def _picture_file(name: str, picture: bytes | None, room: int) -> tuple[list[discord.File], str]:
     if picture is None:
         return [], " (its PNG is gone from the bot's storage)"
     if len(picture) <= room:

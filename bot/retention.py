@@ -90,7 +90,7 @@ async def _removable(store: Store, files: JobFiles,
     found: dict[int, tuple[Job, list[Path]]] = {}
     for job in await store.jobs_with_files(finished_before=finished_before):
         if _may_expire(job):
-            found[job.id] = (job, files_of(job))
+            found[job.id] = (job, files_of(job, files.output_dir))
     # A cancelled or failed job leaves only its checkpoint, which nothing resumes any more.
     for path in await files.checkpoints():
         match = _CHECKPOINT.fullmatch(path.name)

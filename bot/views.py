@@ -35,6 +35,9 @@ BUTTONS = {
     "stopped": [["recipe", "delete"]],  # cancelled by a moderator: not to be run again as it was
 }
 IN_DM = {"cancel", "recipe", "delete"}
+# An animation's picture is its last frame: Variations and Continue would make stills of it, not more of
+# the animation, so its message leaves them out.
+NOT_FOR_ANIMATIONS = {"vary", "continue"}
 
 TEMPLATE = r"job:(?P<action>[a-z]+):(?P<job_id>\d+)"
 FORM = re.compile(r"form:(?P<action>continue|edit):(?P<job_id>\d+)")
@@ -63,15 +66,15 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
             await answer_unexpected(interaction, error)
 
 
-def job_view(job_id: int, status: str, in_dm: bool = False) -> discord.ui.View:
+def job_view(job_id: int, status: str, in_dm: bool = False, animation: bool = False) -> discord.ui.View:
     """Cancel while a job waits or runs; re-roll, variations, continue, edit, recipe and delete once it
-    is done; retry, edit, recipe and delete once it failed or was cancelled (`stopped`: by a
-    moderator, recipe and delete only)."""
+    is done (an animation: not variations and continue); retry, edit, recipe and delete once it failed
+    or was cancelled (`stopped`: by a moderator, recipe and delete only)."""
     rows = BUTTONS["waiting" if status in ("queued", "running") else status]
     view = discord.ui.View(timeout=None)
     for number, actions in enumerate(rows):
         for action in actions:
-            if not in_dm or action in IN_DM:
+            if (not in_dm or action in IN_DM) and not (animation and action in NOT_FOR_ANIMATIONS):
                 view.add_item(JobButton(action, job_id, row=number))
     return view
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import logging
 import os
 import sqlite3
@@ -20,13 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PIL import Image
 from pydantic import ValidationError
 
-from bot.artifacts import CHECKPOINT, job_files
+from bot.artifacts import CHECKPOINT, animation_frame, frames_of, job_files, preview_frame, preview_steps
 from bot.publisher import Progress, Publisher, encode_preview
 from bot.store import Job, Store
 from engine import output
-from engine.generate import GenerationResult, StepInfo, failure_reason, generate
+from engine.animate import AnimationResult, animate
+from engine.generate import GenerationError, GenerationResult, StepInfo, failure_reason, generate
 from engine.request import GenerationRequest, describe_validation_error
 
 if TYPE_CHECKING:
@@ -241,15 +244,26 @@ class EngineWorker:
             # torch.load of a checkpoint takes a while on a large picture: off the event loop.
             resume = await asyncio.to_thread(output.load_state, saved) if saved else None
 
+            out = self.settings.output_dir
+            last_checkpoint = resume.step if resume else 0
+
             def on_step(info: StepInfo) -> None:  # runs in the engine thread
-                if info.state is None:
+                nonlocal last_checkpoint
+                if info.preview is None:
                     return
-                self._keep_checkpoint(job, output.state_bytes(info.state), loop)
+                if request.video:  # kept as it comes: a restart resumes with the frames before it
+                    self._pending.append(asyncio.run_coroutine_threadsafe(self.files.write(
+                        preview_frame(out, job.id, info.step), _frame_jpeg(info.preview), job), loop))
+                # A video takes a preview every few steps; a checkpoint every PREVIEW_EVERY is enough.
+                due = info.step - last_checkpoint >= self.settings.preview_every or info.step == info.total
+                if info.state is not None and request.animation is None and due:
+                    self._keep(job, checkpoint_path, output.state_bytes(info.state), loop)
+                    last_checkpoint = info.step
                 preview = encode_preview(info.preview, self.settings.preview_max_bytes)
                 first = resume.step if resume else 0
                 speed = (time.monotonic() - started) / max(1, info.step - first)
-                self._pending.append(asyncio.run_coroutine_threadsafe(
-                    self._on_preview(job, info.step, info.total, speed, preview), loop))
+                self._pending.append(asyncio.run_coroutine_threadsafe(self._on_preview(
+                    job, info.step, info.total, speed, preview, request.animation is None), loop))
 
             def should_stop() -> bool:
                 return self._cancel_current.is_set() or self._stopping.is_set() or self._lease_lost.is_set()
@@ -261,17 +275,29 @@ class EngineWorker:
                 working = {"init_image": init, "continue_from": earlier,
                            "image_prompts": [f"{copy}:{weight}" for copy, (_, weight) in zip(copies, prompts,
                                                                                                strict=True)]}
-                result = await asyncio.to_thread(generate, request.model_copy(update=working),
-                                                 models, on_step, should_stop, resume, self.memory)
-            # The recipe names the job's own inputs, not the copies this machine ran from.
-            result.recipe["request"] = request.model_dump(mode="json")  # (the final state's recipe too)
+                if request.animation is not None:
+                    ran = await self._animate(job, request, request.model_copy(update=working), models,
+                                              on_step, should_stop, loop)
+                    result = None
+                else:
+                    result = await asyncio.to_thread(generate, request.model_copy(update=working),
+                                                     models, on_step, should_stop, resume, self.memory)
+                    # The recipe names the job's own inputs, not the copies this machine ran from.
+                    result.recipe["request"] = request.model_dump(mode="json")  # (the final state's too)
             await self._settle()
+            cancelled = ran.cancelled if result is None else result.cancelled
+            stopped_at = ran.frames_done * request.steps if result is None else result.state.step
 
             if self._lease_lost.is_set():
                 log.warning("job %s: stopped at step %s: its lease ran out and it went back to the queue, "
-                            "for whichever worker claims it next", job.id, result.state.step)
+                            "for whichever worker claims it next", job.id, stopped_at)
                 return
-            if result.cancelled and not self._cancel_current.is_set():
+            if cancelled and not self._cancel_current.is_set() and result is None:
+                # Shutdown: the finished frames are kept; the next start goes on after the last of them.
+                await self.store.requeue(job)
+                log.info("job %s: stopped after frame %s for the next start", job.id, ran.frames_done)
+                return
+            if cancelled and not self._cancel_current.is_set():
                 # Shutdown: keep the exact state so the next start finishes the same image.
                 state = await asyncio.to_thread(output.state_bytes, result.state)
                 if await self.files.write(checkpoint_path, state, job):
@@ -282,22 +308,29 @@ class EngineWorker:
                     log.warning("job %s: stopped at step %s; its lease had run out, so another worker "
                                 "goes on from its own last checkpoint", job.id, result.state.step)
                 return
-            if result.cancelled:
-                await self.store.save_progress(job, result.state.step)
+            if cancelled:
+                await self.store.save_progress(job, stopped_at)
                 finished = await self.store.finish(job, "cancelled")
-                await self.files.remove(self.checkpoints_of(job))  # a cancelled job never resumes
-                log.info("job %s: cancelled at step %s", job.id, result.state.step)
+                # A cancelled job never resumes: its checkpoint and frames go.
+                await self.files.remove([*self.checkpoints_of(job), *frames_of(job, out)])
+                log.info("job %s: cancelled at step %s", job.id, stopped_at)
             else:
                 finished = None
-                if await self._keep_result(job, result, png_path, state_path):
-                    await self.store.save_progress(job, result.state.step,
-                                                   seconds_per_step=result.seconds_per_step)
+                kept = await self._keep_result(job, result, png_path, state_path) if result is not None \
+                    else await self._keep_animation(job, request, ran, png_path, state_path)
+                if kept and request.video and result is not None:
+                    kept = await self._keep_video(job, [preview_frame(out, job.id, step) for step in
+                                                        preview_steps(request.model_dump())], png_path)
+                if kept:
+                    last = result or ran.last
+                    await self.store.save_progress(job, request.total_steps,
+                                                   seconds_per_step=last.seconds_per_step if last else None)
                     finished = await self.store.finish(job, "done", output_path=str(png_path),
-                                                       latent_path=str(state_path))
+                                                       latent_path=str(state_path) if last else None)
                 if finished is not None:
-                    await self.files.remove(self.checkpoints_of(job))
-                    log.info("job %s: done in %.1f s (%.3f s/step)", job.id, result.seconds,
-                             result.seconds_per_step)
+                    await self.files.remove([*self.checkpoints_of(job), *frames_of(job, out)])
+                    log.info("job %s: done in %.1f s (%.3f s/step)", job.id, time.monotonic() - started,
+                             last.seconds_per_step if last else 0.0)
         except Exception as error:
             await self._settle()
             reason = failure_reason(error, request)
@@ -311,6 +344,9 @@ class EngineWorker:
                 log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
             finished = await self.store.finish(job, "failed", error=reason)  # then say it, once it is so
             log.error("job %s: failed: %s", job.id, reason, exc_info=error)
+            if finished is not None and self.paused is None:  # a retry is a new job: the frames are no use
+                with contextlib.suppress(Exception):
+                    await self.files.remove(frames_of(job, self.settings.output_dir))
         finally:
             self.current = None
             heartbeat.cancel()
@@ -319,23 +355,77 @@ class EngineWorker:
             return
         self.publisher.deliver(finished)  # in the background: the next job starts now
 
-    def _keep_checkpoint(self, job: Job, state: bytes, loop: asyncio.AbstractEventLoop) -> None:
-        """From the engine thread: keep the checkpoint before the run goes on, as a file written there
-        would be (with PostgreSQL it goes to the database, where any worker can resume it)."""
-        kept = asyncio.run_coroutine_threadsafe(self.files.write(self.paths(job)[2], state, job), loop)
+    async def _animate(self, job: Job, request: GenerationRequest, working: GenerationRequest,
+                       models: Models, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool],
+                       loop: asyncio.AbstractEventLoop) -> AnimationResult:
+        """Run an animation's frames from after the last one kept (by an earlier run of this job), each
+        kept before the next starts."""
+        out = self.settings.output_dir
+        done, last_frame = 0, None
+        frames = request.animation.frames
+        while done < frames and await self.files.exists(animation_frame(out, job.id, done + 1)):
+            done += 1
+        if done:
+            data = await self.files.read(animation_frame(out, job.id, done))
+            last_frame = await asyncio.to_thread(_open_rgb, data)
+            log.info("job %s: going on after frame %s", job.id, done)
+
+        def on_frame(number: int, result: GenerationResult) -> None:  # runs in the engine thread
+            result.recipe["request"] = request.model_dump(mode="json")  # the job's inputs, not the copies
+            frame = output.png_bytes(result.image, result.recipe)
+            self._keep(job, animation_frame(out, job.id, number), frame, loop, step=number * request.steps)
+
+        return await asyncio.to_thread(animate, working, models, on_step, should_stop, on_frame, done,
+                                       last_frame, self.memory)
+
+    async def _keep_animation(self, job: Job, request: GenerationRequest, ran: AnimationResult,
+                              png_path: Path, state_path: Path) -> bool:
+        """An animation's last frame as its picture, the video of its frames, and the last frame's state
+        when this run made it; False when the job's claim no longer holds."""
+        frames = [animation_frame(self.settings.output_dir, job.id, number)
+                  for number in range(1, request.animation.frames + 1)]
+        last = await self.files.read(frames[-1])
+        if last is None:
+            raise GenerationError("the animation's last frame is gone from the bot's storage")
+        if not await self.files.write(png_path, last, job):
+            return False
+        if ran.last is not None:
+            state = await asyncio.to_thread(output.state_bytes, ran.last.state)
+            if not await self.files.write(state_path, state, job):
+                return False
+        return await self._keep_video(job, frames, png_path)
+
+    async def _keep_video(self, job: Job, frames: list[Path], png_path: Path) -> bool:
+        """The MP4 of the frames kept for it (job-7.mp4 beside job-7.png)."""
+        images = [data for path in frames if (data := await self.files.read(path)) is not None]
+        if not images:
+            return True  # nothing to make it from (removed by hand): the picture goes out without
+        video = await asyncio.to_thread(output.mp4_bytes, map(_open_rgb, images))
+        return await self.files.write(png_path.with_suffix(".mp4"), video, job)
+
+    def _keep(self, job: Job, path: Path, data: bytes, loop: asyncio.AbstractEventLoop,
+              step: int | None = None) -> None:
+        """From the engine thread: keep a checkpoint or an animation's frame (then record `step`) before
+        the run goes on, as a file written there would be (with PostgreSQL it goes to the database,
+        where any worker can resume from it)."""
+        async def keep() -> bool:
+            return await self.files.write(path, data, job) and (
+                step is None or await self.store.save_progress(job, step))
+
+        kept = asyncio.run_coroutine_threadsafe(keep(), loop)
         try:
             if not kept.result(timeout=self.settings.lease_s):
                 self._lease_lost.set()  # another worker has the job: this run stops within a step
         except TimeoutError:  # the database is that slow or out of reach: the lease decides what happens
             kept.cancel()
-            log.warning("job %s: its checkpoint could not be kept within %s s; going on", job.id,
+            log.warning("job %s: %s could not be kept within %s s; going on", job.id, path.name,
                         self.settings.lease_s)
         except Exception as error:
             # A full disk pauses the queue (run_job); the disk's other errors fail the job, as ever. The
             # database out of reach a while: the next checkpoint may land; the lease decides the rest.
             if _disk_full(error) or not self.store.on_postgresql:
                 raise
-            log.warning("job %s: its checkpoint could not be kept (%s); going on", job.id, _short(error))
+            log.warning("job %s: %s could not be kept (%s); going on", job.id, path.name, _short(error))
 
     async def _keep_result(self, job: Job, result: GenerationResult, png_path: Path,
                            state_path: Path) -> bool:
@@ -389,8 +479,9 @@ class EngineWorker:
             return
 
     async def _on_preview(self, job: Job, step: int, total: int, seconds_per_step: float,
-                          preview: bytes | None) -> None:
-        if not await self.store.save_progress(job, step, str(self.paths(job)[2]), seconds_per_step):
+                          preview: bytes | None, checkpointed: bool = True) -> None:
+        checkpoint = str(self.paths(job)[2]) if checkpointed else None  # an animation resumes by frames
+        if not await self.store.save_progress(job, step, checkpoint, seconds_per_step):
             self._lease_lost.set()  # another worker has the job now: its progress is that worker's to show
             return
         eta = (total - step) * seconds_per_step
@@ -409,6 +500,17 @@ def _result_files(result: GenerationResult, png_path: Path, state_path: Path) ->
     files = [(png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}"),
               output.png_bytes(image, result.recipe)) for index, image in enumerate(result.images)]
     return [*files, (state_path, output.state_bytes(result.state))]
+
+
+def _frame_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _open_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 def _short(error: BaseException) -> str:

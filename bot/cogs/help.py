@@ -26,7 +26,11 @@ ABOUT = (
     "`/imagine prompt:a lighthouse at dusk, oil painting`\n"
     "Weights, with `:` and `|`: `a lighthouse:1 | fog:-0.5` (from -100 to 100; below 0 steers away)\n"
     "`negative:` what to move away from · `style:` mixed into the prompt · `seed:` the same seed and "
-    "options give the same picture · `init_image:` start from your own picture"
+    "options give the same picture · `init_image:` start from your own picture · `image_prompt1:` a "
+    "picture it should look like\n"
+    "A story, each part in turn: `a lighthouse ^ a storm at sea @100 ^ dawn` (`@100`: that part's steps)\n"
+    "`video:true` also posts a video of the picture taking shape · `/animate` makes a zoom video, each "
+    "frame going on from the last"
 )
 
 

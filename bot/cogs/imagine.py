@@ -20,12 +20,16 @@ from bot.errors import answer_unexpected
 from bot.limits import check_memory, check_request, parse_size
 from bot.publisher import imagine_line, quote, recipe_embed
 from bot.store import NewJob, QueueFull
+from engine.animate import FRAME_LEARNING_RATE, FRAME_STEPS
 from engine.request import (
+    DEFAULT_STEPS,
+    MAX_FRAMES,
     MAX_SEED,
     GenerationRequest,
     describe_validation_error,
     last_part,
     split_image_prompt,
+    video_preview_every,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +62,7 @@ class Imagine(commands.Cog):
         image_prompt3="A third image prompt",
         model="The VQGAN that paints it (the models installed on this bot)",
         private="Only you see it (where the server allows): moderators still see it in their log",
+        video="Also post a video of the picture taking shape (its previews, every few steps)",
     )
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
                       negative: app_commands.Range[str, 1, 1000] | None = None,
@@ -70,7 +75,8 @@ class Imagine(commands.Cog):
                       private: bool | None = None,
                       image_prompt1: discord.Attachment | None = None,
                       image_prompt2: discord.Attachment | None = None,
-                      image_prompt3: discord.Attachment | None = None) -> None:
+                      image_prompt3: discord.Attachment | None = None,
+                      video: bool | None = None) -> None:
         """Paint a picture from a text prompt with VQGAN+CLIP."""
         # Options left out come from the member's /settings here, then from the bot's defaults.
         given = {"style": style, "steps": steps, "size": size, "model": model, "private": private}
@@ -81,6 +87,7 @@ class Imagine(commands.Cog):
                                   "steps": steps or mine.get("steps") or self.bot.settings.default_steps,
                                   "model": model or mine.get("model"),
                                   "size": size or mine.get("size") or self.bot.settings.default_size}
+        fields["video"] = video
         given_files = {"init_image": init_image, "image_prompt1": image_prompt1,
                        "image_prompt2": image_prompt2, "image_prompt3": image_prompt3}
         await self.submit(interaction, fields,
@@ -91,6 +98,55 @@ class Imagine(commands.Cog):
     imagine.autocomplete("size")(options.size_choices)
     imagine.autocomplete("steps")(options.step_choices)
     imagine.autocomplete("model")(options.model_choices)
+
+    @app_commands.command()
+    @app_commands.describe(
+        prompt="What to draw; each frame goes on from the last one, moved a little",
+        frames=f"Frames of the video (2 to {MAX_FRAMES}); frames × steps count against max_steps",
+        steps=f"Steps per frame (default {FRAME_STEPS})",
+        zoom="Scale from one frame to the next: above 1 zooms in, below 1 out (default 1.02)",
+        rotate="Degrees each frame turns, clockwise; negative turns anticlockwise (default 0)",
+        shift_x="Pixels each frame moves right; negative moves left (default 0)",
+        shift_y="Pixels each frame moves down; negative moves up (default 0)",
+        negative="What the picture should move away from",
+        style='Style text mixed into the prompt, e.g. "oil painting"',
+        size="Picture size, e.g. 384x384: the offered sizes fit this server (or type your own)",
+        seed="Random seed: the same seed and options give the same video",
+        init_image="Start the first frame from this picture instead of noise",
+        model="The VQGAN that paints it (the models installed on this bot)",
+        private="Only you see it (where the server allows): moderators still see it in their log",
+    )
+    async def animate(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
+                      frames: app_commands.Range[int, 2, MAX_FRAMES],
+                      steps: app_commands.Range[int, 1, 10000] | None = None,
+                      zoom: app_commands.Range[float, 0.5, 2.0] | None = None,
+                      rotate: app_commands.Range[float, -45.0, 45.0] | None = None,
+                      shift_x: app_commands.Range[float, -256.0, 256.0] | None = None,
+                      shift_y: app_commands.Range[float, -256.0, 256.0] | None = None,
+                      negative: app_commands.Range[str, 1, 1000] | None = None,
+                      style: app_commands.Range[str, 1, 1000] | None = None,
+                      size: app_commands.Range[str, 1, 20] | None = None,
+                      seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+                      init_image: discord.Attachment | None = None,
+                      model: app_commands.Range[str, 1, 100] | None = None,
+                      private: bool | None = None) -> None:
+        """Make a zoom video: each frame goes on from the last one, zoomed, turned or shifted."""
+        given = {"style": style, "size": size, "model": model, "private": private}
+        saved = await self.bot.store.member_defaults(interaction.guild_id, interaction.user.id)
+        mine = {name: saved[name] for name, value in given.items() if value is None and name in saved}
+        moves = {"frames": frames, "zoom": zoom, "rotate": rotate, "shift_x": shift_x, "shift_y": shift_y}
+        fields: dict[str, Any] = {
+            "prompt": prompt, "negative": negative or "", "seed": seed,
+            "style": style or mine.get("style", ""), "model": model or mine.get("model"),
+            "size": size or mine.get("size") or self.bot.settings.default_size,
+            "steps": steps or FRAME_STEPS, "learning_rate": FRAME_LEARNING_RATE,  # zoom.sh's
+            "animation": {name: value for name, value in moves.items() if value is not None}}
+        await self.submit(interaction, fields, uploads={"init_image": init_image} if init_image else {},
+                          private=private if private is not None else mine.get("private", False),
+                          defaults_used=mine)
+
+    animate.autocomplete("size")(options.size_choices)
+    animate.autocomplete("model")(options.model_choices)
 
     # --- one way in for every new job: the command and the re-roll/continue buttons --------------
 
@@ -103,6 +159,10 @@ class Imagine(commands.Cog):
                 raise UserError(f"Size: {size!r} is not a size; pick one of the offered sizes or type "
                                 "width x height in pixels, e.g. 512x384.")
             fields["width"], fields["height"] = parsed
+        if fields.get("video"):  # a video is made of the previews: one every few steps
+            fields.setdefault("preview_every", video_preview_every(int(fields.get("steps") or DEFAULT_STEPS)))
+        elif fields.get("animation"):  # each frame is short: a preview at its end at least
+            fields.setdefault("preview_every", min(self.bot.settings.preview_every, int(fields["steps"])))
         fields.setdefault("preview_every", self.bot.settings.preview_every)
         # Autocomplete only suggests: a member can still send any text, or re-roll a picture whose
         # model has been removed since.
@@ -166,7 +226,7 @@ class Imagine(commands.Cog):
                     request = self.build_request({**fields, "init_image": paths.get("init_image"),
                                                   "image_prompts": prompts})
                 job = await self.bot.store.enqueue(
-                    NewJob(request_json=request.model_dump_json(), total_steps=request.steps,
+                    NewJob(request_json=request.model_dump_json(), total_steps=request.total_steps,
                            channel_id=interaction.channel_id, user_id=interaction.user.id,
                            guild_id=interaction.guild_id, application_id=interaction.application_id,
                            interaction_id=interaction.id, interaction_token=interaction.token,
@@ -300,6 +360,9 @@ async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, jo
     if fields.get("continue_from") and not await files.exists(fields["continue_from"]):
         raise UserError(f"Job #{job.id} went on from another picture whose saved state is gone (deleted "
                         "or expired), so it can't be retried.")
+    if action in ("vary", "continue") and fields.get("animation"):
+        raise UserError(f"Job #{job.id} is an animation: Variations and Continue make pictures. Re-roll or "
+                        "edit it for another animation.")
     if action in ("reroll", "vary"):
         fields["seed"] = None  # a new seed is drawn
     if action in ("vary", "continue"):  # going on from a finished story: towards where it ended

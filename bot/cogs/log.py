@@ -42,7 +42,8 @@ def log_line(job: Job) -> str:
     link = message_link(job)
     where = f" · [message]({link})" if link else ""
     lock = "🔒 " if job.private else ""  # shown only to its member
-    return (f"`#{job.id}` <t:{int(job.created_at)}:f> <@{job.user_id}> {lock}**{prompt}** — {status}, "
+    kind = "🎞️ " if request.animation else "📹 " if request.video else ""  # an animation; a video beside it
+    return (f"`#{job.id}` <t:{int(job.created_at)}:f> <@{job.user_id}> {lock}{kind}**{prompt}** — {status}, "
             f"{job.step}/{job.total_steps} steps, {format_duration(seconds)}{where}")
 
 

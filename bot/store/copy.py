@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy import Double, Integer, Table
 
-from bot.artifacts import artifact_name, files_of, thumbnail_of
+from bot.artifacts import artifact_name, files_of, frames_of, thumbnail_of
 from bot.store import Job, Store
 from bot.store.schema import jobs, metadata
 
@@ -65,13 +65,15 @@ async def _copy_files(jobs: list[Job], connection: asyncpg.Connection, output_di
     written = time.time()
     copied = missing = 0
     for job in jobs:
-        for path in files_of(job):
+        # A thumbnail is made when the web gallery first shows the picture, a video's frames are gone
+        # once the video is made: none of them is a loss.
+        optional = {thumbnail_of(job), *frames_of(job, output_dir)}
+        for path in files_of(job, output_dir):
             data = await asyncio.to_thread(_read_first, [path, output_dir / path.name,
                                                          output_dir / path.parent.name / path.name])
             if data is None:
                 # Retention and deletes remove files and say so in the row; other files went by hand.
-                # A thumbnail is made when the web gallery first shows the picture: none is no loss.
-                missing += job.expired_at is None and job.deleted_at is None and path != thumbnail_of(job)
+                missing += job.expired_at is None and job.deleted_at is None and path not in optional
                 continue
             await connection.execute(
                 "INSERT INTO artifacts (name, job_id, attempt, data, written_at) VALUES ($1, $2, $3, $4, $5) "

@@ -1,0 +1,126 @@
+"""Videos in the bot: `/imagine video:true` posts the previews as an MP4 (an animated WebP where the
+server's upload limit needs a smaller file), and `/animate` makes a zoom video as one queue job that
+goes on from its last finished frame after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import av
+import pytest
+from PIL import Image
+
+from bot.artifacts import animation_frame, preview_frame
+from bot.store import Store
+from engine import output
+from engine.animate import animate
+from engine.models import load_preset
+from engine.request import GenerationRequest
+from tests.botrunner import BotRunner, bot_settings, on, recipe_of, wait_for_reply
+from tests.fakediscord import FakeDiscord
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def distance(one: Image.Image, other: Image.Image) -> float:
+    return sum(abs(a - b) for a, b in zip(one.tobytes(), other.tobytes(), strict=True)) / len(one.tobytes())
+
+
+def decoded_frames(data: bytes) -> list[Image.Image]:
+    with av.open(io.BytesIO(data)) as video:
+        assert video.streams.video[0].codec_context.name == "h264"
+        return [frame.to_image() for frame in video.decode(video=0)]
+
+
+async def test_imagine_video_posts_an_mp4_of_the_previews_beside_the_png(fake: FakeDiscord, tmp_path: Path,
+                                                                        database: str) -> None:
+    """On each database (with PostgreSQL the frames and the video are rows, as every file)."""
+    async with BotRunner(bot_settings(fake, tmp_path, **on(database))) as bot:
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "video": True,
+                                                                "seed": 3})
+        final = await wait_for_reply(fake, interaction, "✅")
+        recipe = await fake.click_button("job:recipe:1", final)
+        await fake.wait_for_response(recipe)
+        job = await bot.store.get(1)
+        frames_left = [step for step in range(1, 7)
+                       if await bot.files.exists(preview_frame(bot.settings.output_dir, 1, step))]
+        kept_video = await bot.files.read(Path(job.output_path).with_suffix(".mp4"))
+
+    assert [a["filename"] for a in final.attachments] == ["job-1.png", "job-1.mp4"]
+    frames = decoded_frames(final.attachment_bytes(1))
+    # A preview every step (6 steps: fewer than a video's 60 frames), the last held a while.
+    assert len(frames) == 6 + output.HOLD_LAST - 1 and frames[0].size == (64, 64)
+    picture = Image.open(io.BytesIO(final.attachment_bytes(0))).convert("RGB")
+    # In order: the last frame is the picture (as H.264 keeps it: near, not equal), the first far from it.
+    assert distance(frames[-1], picture) < distance(frames[0], picture) / 2
+    assert recipe_of(final.attachment_bytes(0))["request"]["video"] is True
+    assert frames_left == [] and kept_video == final.attachment_bytes(1)  # frames go once the video is made
+    assert "video:true" in recipe.response_data["content"]
+    fields = {f["name"]: f["value"] for f in recipe.response_data["embeds"][0]["fields"]}
+    assert fields["Video"] == "a preview every 1 steps"
+
+
+async def test_a_video_over_the_upload_limit_goes_out_as_an_animated_webp_that_fits(
+        fake: FakeDiscord, tmp_path: Path) -> None:
+    async with BotRunner(bot_settings(fake, tmp_path, default_size="256x256", default_steps=12)) as bot:
+        big = await fake.send_slash_command("imagine", {"prompt": "a big one", "video": True})
+        mp4 = (await wait_for_reply(fake, big, "✅", timeout=90)).attachment_bytes(1)
+        png = len(await bot.files.read((await bot.store.get(1)).output_path))
+        # Room for the PNG and a video a little smaller than that MP4: the WebP must be made smaller.
+        limit = 64 * 1024 + png + len(mp4) * 2 // 3
+        small = await fake.send_slash_command("imagine", {"prompt": "a big one", "video": True},
+                                              attachment_size_limit=limit)
+        final = await wait_for_reply(fake, small, "✅", timeout=90)
+    assert [a["filename"] for a in final.attachments] == ["job-2.png", "job-2.webp"]
+    webp = final.attachment_bytes(1)
+    assert len(webp) + len(final.attachment_bytes(0)) <= limit - 64 * 1024
+    with Image.open(io.BytesIO(webp)) as animation:
+        assert animation.format == "WEBP" and animation.n_frames == 12
+    assert "an animated WebP: the MP4 is over this server's upload limit" in final.content
+
+
+def uninterrupted_last_frame(request_json: str) -> bytes:
+    request = GenerationRequest.model_validate_json(request_json)
+    frames: list[bytes] = []
+    animate(request, load_preset("tiny", device="cpu", precision="fp32"),
+            on_frame=lambda number, result: frames.append(output.png_bytes(result.image, result.recipe)))
+    return frames[-1]
+
+
+async def test_animate_is_one_job_that_goes_on_from_its_last_frame_after_a_restart(fake: FakeDiscord,
+                                                                                   tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path, max_steps=150)
+    options = {"prompt": "a surreal alien world", "frames": 4, "steps": 30, "zoom": 1.1, "rotate": 3,
+               "seed": 8}
+    async with BotRunner(settings):
+        too_long = await fake.send_slash_command("animate", {**options, "frames": 20})
+        await fake.wait_for_response(too_long)
+        interaction = await fake.send_slash_command("animate", options)
+        await wait_for_reply(fake, interaction, "frame 2/4")  # frame 1 is done
+    store = await Store.open(settings.database_path)
+    job = await store.get(1)
+    await store.close()
+    assert job.status == "queued" and job.total_steps == 120
+    kept = [number for number in range(1, 5) if animation_frame(settings.output_dir, 1, number).is_file()]
+    assert 1 <= len(kept) < 4 and kept == list(range(1, len(kept) + 1))
+    assert job.step >= len(kept) * 30
+
+    async with BotRunner(settings):
+        final = await wait_for_reply(fake, interaction, "✅", timeout=90)
+        reroll = await wait_for_reply(fake, await fake.click_button("job:reroll:1", final), "✅", timeout=90)
+    assert [a["filename"] for a in final.attachments] == ["job-1.png", "job-1.mp4"]
+    assert len(decoded_frames(final.attachment_bytes(1))) == 4 + output.HOLD_LAST - 1
+    # The restart went on from the kept frame: the last frame is the one a run without a stop makes.
+    assert final.attachment_bytes(0) == await asyncio.to_thread(uninterrupted_last_frame, job.request_json)
+    assert "4 frames × 30 steps, zoom 1.1, turn 3°" in final.content
+    assert final.custom_ids() == ["job:reroll:1", "job:edit:1", "job:recipe:1", "job:delete:1"]
+    assert not list((settings.output_dir / "frames").iterdir())  # the video is made: the frames go
+    again = recipe_of(reroll.attachment_bytes(0))["request"]
+    assert again["animation"] == {"frames": 4, "zoom": 1.1, "rotate": 3.0, "shift_x": 0.0, "shift_y": 0.0}
+    assert again["seed"] != 8 and again["learning_rate"] == 0.1
+
+    refusal = too_long.response_data["content"]
+    assert "20 frames × 30 steps is 600 steps, above this server's limit of 150" in refusal
+    assert "Ask for 5 frames or fewer at 30 steps each" in refusal and too_long.response_data["flags"] & 64
