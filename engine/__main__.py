@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from engine import output, weights
-from engine.animate import FRAME_LEARNING_RATE, FRAME_MS, FRAME_STEPS, animate
+from engine.animate import FRAME_LEARNING_RATE, FRAME_STEPS, animate
 from engine.checkpoints import UnsafeCheckpointError
 from engine.generate import GenerationError, GenerationResult, StepInfo, generate
 from engine.models import (
@@ -35,7 +35,7 @@ from engine.models import (
     load_preset,
     required_files,
 )
-from engine.output import TIMELAPSE_SUFFIXES
+from engine.output import FRAME_MS, TIMELAPSE_SUFFIXES
 from engine.request import (
     DEFAULT_STEPS,
     Animation,

@@ -25,7 +25,6 @@ from engine.request import Animation, GenerationRequest
 # keeps the one before it (at the notebook's 0.5 a frame repaints the picture and the video flickers).
 FRAME_STEPS = 25
 FRAME_LEARNING_RATE = 0.1
-FRAME_MS = 100  # 10 frames a second
 
 
 @dataclass

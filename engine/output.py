@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import av
 import torch
@@ -116,9 +116,10 @@ def load_state(source: Path | bytes) -> GenerationState:
 
 
 TIMELAPSE_SUFFIXES = (".mp4", ".webp", ".gif")
+FRAME_MS = 100  # videos run at 10 frames a second
 
 
-def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -> Path:
+def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = FRAME_MS) -> Path:
     """An MP4 (H.264), animated WebP or GIF (by suffix) of the previews; the last frame is held longer."""
     if not frames:
         raise ValueError("a timelapse needs at least one frame")
@@ -138,12 +139,24 @@ def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = 200) -
 HOLD_LAST = 5  # the last frame shows this many frames' time: the picture itself, not the last change
 
 
-def save_mp4(frames: Iterable[Image.Image], path: Path, frame_ms: int = 200) -> Path:
+def save_mp4(frames: Iterable[Image.Image], path: Path, frame_ms: int = FRAME_MS) -> Path:
     """H.264 in MP4 through PyAV (FFmpeg's libx264, in PyAV's wheel), yuv420p so every player shows it.
     Sides are multiples of 16 (the latent grid), as the encoder's 4:2:0 needs even ones. `frames` may be
     read lazily (a long animation's frames from disk): only one is held at a time."""
+    with open(path, "wb") as file:
+        write_mp4(frames, file, frame_ms)
+    return path
+
+
+def mp4_bytes(frames: Iterable[Image.Image], frame_ms: int = FRAME_MS) -> bytes:
+    buffer = io.BytesIO()
+    write_mp4(frames, buffer, frame_ms)
+    return buffer.getvalue()
+
+
+def write_mp4(frames: Iterable[Image.Image], file: BinaryIO, frame_ms: int) -> None:
     fps = Fraction(1000, frame_ms)
-    with av.open(str(path), "w") as container:
+    with av.open(file, "w", format="mp4") as container:
         stream = None
         last = None
         for image in frames:
@@ -159,4 +172,3 @@ def save_mp4(frames: Iterable[Image.Image], path: Path, frame_ms: int = 200) -> 
         for _ in range(HOLD_LAST - 1):
             container.mux(stream.encode(av.VideoFrame.from_image(last.to_image())))
         container.mux(stream.encode())  # flush the encoder's last frames
-    return path
