@@ -253,8 +253,8 @@ class Publisher:
             preview = discord.File(io.BytesIO(update.preview_jpeg), f"job-{job.id}-preview.jpg")
             fields["attachments"] = [preview]
         state = "started, " if update.kind == "started" else ""
-        if request.animation and update.step:
-            state += f"frame {min(request.animation.frames, (update.step - 1) // request.steps + 1)}/" \
+        if request.animation:  # the frame it works on (at a frame's last step: the next one's turn)
+            state += f"frame {min(request.animation.frames, update.step // request.steps + 1)}/" \
                      f"{request.animation.frames}, "
         await self.edit(job, content=self._content(
             f"🎨 **{quote(request.prompt)}** — {state}step {update.step}/{update.total} · {eta}"),

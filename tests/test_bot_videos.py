@@ -64,7 +64,7 @@ async def test_imagine_video_posts_an_mp4_of_the_previews_beside_the_png(fake: F
 
 async def test_a_video_over_the_upload_limit_goes_out_as_an_animated_webp_that_fits(
         fake: FakeDiscord, tmp_path: Path) -> None:
-    async with BotRunner(bot_settings(fake, tmp_path, default_size="256x256", default_steps=12)) as bot:
+    async with BotRunner(bot_settings(fake, tmp_path, default_size="128x128", default_steps=12)) as bot:
         big = await fake.send_slash_command("imagine", {"prompt": "a big one", "video": True})
         mp4 = (await wait_for_reply(fake, big, "✅", timeout=90)).attachment_bytes(1)
         png = len(await bot.files.read((await bot.store.get(1)).output_path))
@@ -103,23 +103,32 @@ async def test_animate_is_one_job_that_goes_on_from_its_last_frame_after_a_resta
     job = await store.get(1)
     await store.close()
     assert job.status == "queued" and job.total_steps == 120
+    job_request = GenerationRequest.stored(job.request_json)
+    assert job_request.animation.model_dump() == {"frames": 4, "zoom": 1.1, "rotate": 3.0, "shift_x": 0.0,
+                                                  "shift_y": 0.0}
     kept = [number for number in range(1, 5) if animation_frame(settings.output_dir, 1, number).is_file()]
     assert 1 <= len(kept) < 4 and kept == list(range(1, len(kept) + 1))
     assert job.step >= len(kept) * 30
 
-    async with BotRunner(settings):
+    before = len(fake.requests)
+    async with BotRunner(settings) as bot:
         final = await wait_for_reply(fake, interaction, "✅", timeout=90)
-        reroll = await wait_for_reply(fake, await fake.click_button("job:reroll:1", final), "✅", timeout=90)
+        shown = [r.json["content"] for r in fake.requests[before:]
+                 if isinstance(r.json, dict) and r.json.get("content")]
+        await fake.wait_for_response(await fake.click_button("job:reroll:1", final))
+        again = GenerationRequest.stored((await bot.store.get(2)).request_json)
     assert [a["filename"] for a in final.attachments] == ["job-1.png", "job-1.mp4"]
     assert len(decoded_frames(final.attachment_bytes(1))) == 4 + output.HOLD_LAST - 1
-    # The restart went on from the kept frame: the last frame is the one a run without a stop makes.
+    # The restart went on after the kept frames (its progress never showed a frame they hold), and the
+    # last frame is the one a run without a stop makes.
+    assert any(f"frame {len(kept) + 1}/4" in text for text in shown)
+    assert not any(f"frame {number}/4" in text for text in shown for number in kept)
     assert final.attachment_bytes(0) == await asyncio.to_thread(uninterrupted_last_frame, job.request_json)
     assert "4 frames × 30 steps, zoom 1.1, turn 3°" in final.content
     assert final.custom_ids() == ["job:reroll:1", "job:edit:1", "job:recipe:1", "job:delete:1"]
     assert not list((settings.output_dir / "frames").iterdir())  # the video is made: the frames go
-    again = recipe_of(reroll.attachment_bytes(0))["request"]
-    assert again["animation"] == {"frames": 4, "zoom": 1.1, "rotate": 3.0, "shift_x": 0.0, "shift_y": 0.0}
-    assert again["seed"] != 8 and again["learning_rate"] == 0.1
+    assert again.animation == job_request.animation and again.learning_rate == 0.1 and again.seed != 8
+    assert again.total_steps == 120
 
     refusal = too_long.response_data["content"]
     assert "20 frames × 30 steps is 600 steps, above this server's limit of 150" in refusal
