@@ -20,6 +20,7 @@ from engine.models import load_preset
 from engine.request import GenerationRequest
 from tests.botrunner import BotRunner, bot_settings, on, recipe_of, wait_for_reply
 from tests.fakediscord import FakeDiscord
+from tests.test_web_signin import client, link_for
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -37,7 +38,8 @@ def decoded_frames(data: bytes) -> list[Image.Image]:
 async def test_imagine_video_posts_an_mp4_of_the_previews_beside_the_png(fake: FakeDiscord, tmp_path: Path,
                                                                         database: str) -> None:
     """On each database (with PostgreSQL the frames and the video are rows, as every file)."""
-    async with BotRunner(bot_settings(fake, tmp_path, **on(database))) as bot:
+    settings = bot_settings(fake, tmp_path, web_enabled=True, web_port=0, **on(database))
+    async with BotRunner(settings) as bot, client() as http:
         interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "video": True,
                                                                 "seed": 3})
         final = await wait_for_reply(fake, interaction, "✅")
@@ -47,6 +49,18 @@ async def test_imagine_video_posts_an_mp4_of_the_previews_beside_the_png(fake: F
         frames_left = [step for step in range(1, 7)
                        if await bot.files.exists(preview_frame(bot.settings.output_dir, 1, step))]
         kept_video = await bot.files.read(Path(job.output_path).with_suffix(".mp4"))
+        # The web gallery shows it too, to its member signed in.
+        plain = await fake.send_slash_command("imagine", {"prompt": "no video"})
+        await wait_for_reply(fake, plain, "✅")
+        async with http.get((await link_for(fake, "history web", fake.default_member))[0]):
+            pass
+        async with http.get(bot.web_url + "/picture/1") as page, \
+                http.get(bot.web_url + "/picture/1/video.mp4") as served, \
+                http.get(bot.web_url + "/picture/2") as other, \
+                http.get(bot.web_url + "/picture/2/video.mp4") as none:
+            assert '<video class="full" src="/picture/1/video.mp4"' in await page.text()
+            assert served.headers["Content-Type"] == "video/mp4" and await served.read() == kept_video
+            assert "<video" not in await other.text() and none.status == 404
 
     assert [a["filename"] for a in final.attachments] == ["job-1.png", "job-1.mp4"]
     frames = decoded_frames(final.attachment_bytes(1))

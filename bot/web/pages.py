@@ -29,7 +29,7 @@ import jinja2
 from aiohttp import web
 from PIL import Image
 
-from bot.artifacts import thumbnail_of
+from bot.artifacts import thumbnail_of, video_of
 from bot.checks import RightsUnknown, current_rights
 from bot.export import EXPORT_ROWS, encode_export, export_rows
 from bot.jobs import MESSAGE_KEPT, remove_generation
@@ -52,8 +52,8 @@ SIGNIN_TRIES = 10  # per client per SIGNIN_WINDOW_S: links are random, guessing 
 SIGNIN_WINDOW_S = 60.0
 NAME_CACHE_S = 3600.0
 
-# No script at all, styles and images only from here, no framing, forms post only here.
-CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+# No script at all, styles, images and videos only from here, no framing, forms post only here.
+CSP = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 HEADERS = {
     "Content-Security-Policy": CSP,
@@ -325,7 +325,7 @@ def card(job: Job, names: dict[int, str]) -> dict[str, Any]:
     request = GenerationRequest.stored(job.request_json)
     return {"job": job, "request": request, "by": names.get(job.user_id, str(job.user_id)),
             "shown": "deleted" if job.deleted_at else "expired" if job.expired_at else job.status,
-            "picture": has_picture(job)}
+            "picture": has_picture(job), "video": has_picture(job) and video_of(job) is not None}
 
 
 async def names_of(bot: ImagineBot, user_ids: set[int]) -> dict[int, str]:
@@ -481,6 +481,19 @@ async def image(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "private, max-age=3600"})
 
 
+async def video(request: web.Request) -> web.Response:
+    """The MP4 of a picture made with video:true, or of an animation."""
+    bot = request.app[BOT]
+    session = await signed_in(request)
+    job = await job_for(request, session)
+    path = video_of(job) if has_picture(job) else None
+    data = await bot.files.read(path) if path is not None else None
+    if data is None:
+        raise Refused(404, "Not found", f"Picture #{job.id} has no video.")
+    return web.Response(body=data, content_type="video/mp4",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
 async def thumbnail(request: web.Request) -> web.Response:
     """A small WebP of the picture, made the first time it is asked for and kept beside it."""
     bot = request.app[BOT]
@@ -629,6 +642,7 @@ def make_app(bot: ImagineBot) -> web.Application:
         web.get(f"/picture/{job}", picture),
         web.get(f"/picture/{job}/image-{{number:\\d{{1,2}}}}.png", image),
         web.get(f"/picture/{job}/thumb.webp", thumbnail),
+        web.get(f"/picture/{job}/video.mp4", video),
         web.post(f"/picture/{job}/delete", delete),
         web.get("/queue", queue),
         web.get("/audit", audit),
