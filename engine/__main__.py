@@ -248,11 +248,12 @@ def _imagine(args: argparse.Namespace) -> int:
 
 def _animate(args: argparse.Namespace) -> int:
     request = _build_request(args)
-    target = args.output or _default_output(request).with_suffix(".mp4")
-    if target.suffix.lower() != ".mp4":
-        raise ValueError(f"an animation is written as an .mp4, not {target.name}")
+    if args.output and args.output.suffix.lower() != ".mp4":
+        raise ValueError(f"an animation is written as an .mp4, not {args.output.name}")
     folder = args.frames_dir or Path(tempfile.mkdtemp(prefix="animate-"))
     done, last_frame = _frames_done(folder, request, args.seed is not None) if args.frames_dir else (0, None)
+    # Named after going on from earlier frames: without --seed, their seed is the video's.
+    target = args.output or _default_output(request).with_suffix(".mp4")
     if done:
         print(f"going on after frame {done} in {folder}", file=sys.stderr)
     models = _load_models(args, request)
@@ -281,6 +282,7 @@ def _animate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     paths = [_frame_path(folder, number) for number in range(1, request.animation.frames + 1)]
+    target.parent.mkdir(parents=True, exist_ok=True)  # outputs/ by default
     print(output.save_mp4(_opened(paths), target, FRAME_MS))
     last = target.with_suffix(".png")
     last.write_bytes(paths[-1].read_bytes())

@@ -131,3 +131,17 @@ def test_animate_from_the_command_line_writes_the_video_and_goes_on_after_a_stop
     assert "holds the frames of an animation with other options" in capsys.readouterr().err
     assert main([*base, "-o", str(tmp_path / "zoom.gif")]) == 2
     assert "an animation is written as an .mp4" in capsys.readouterr().err
+
+
+def test_animate_without_output_writes_to_outputs_named_by_the_seed_of_its_frames(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default -o is outputs/<prompt>-<seed>.mp4: outputs/ is made, and a run that goes on after
+    earlier frames (without --seed) is named by their seed, not a new random one."""
+    monkeypatch.chdir(tmp_path)
+    base = ["animate", "red", "--preset", "tiny", "--size", "64x64", "--steps", "1", "--cutn", "2",
+            "--frames", "2", "--frames-dir", "frames", "-q"]
+    assert main([*base, "--seed", "5"]) == 0
+    assert (tmp_path / "outputs" / "red-5.mp4").is_file() and (tmp_path / "outputs" / "red-5.png").is_file()
+    (tmp_path / "outputs" / "red-5.mp4").unlink()
+    assert main(base) == 0  # all frames there already: only the video is made again
+    assert sorted(path.name for path in (tmp_path / "outputs").iterdir()) == ["red-5.mp4", "red-5.png"]
