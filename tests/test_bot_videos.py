@@ -147,3 +147,19 @@ async def test_animate_is_one_job_that_goes_on_from_its_last_frame_after_a_resta
     refusal = too_long.response_data["content"]
     assert "20 frames × 30 steps is 600 steps, above this server's limit of 150" in refusal
     assert "Ask for 5 frames or fewer at 30 steps each" in refusal and too_long.response_data["flags"] & 64
+
+
+async def test_continuing_a_video_takes_previews_spaced_for_its_own_steps(fake: FakeDiscord,
+                                                                         tmp_path: Path) -> None:
+    """A video of 6 steps takes a preview every step; continuing it for 600 more must not (600 previews,
+    a decode and a stored frame each, and a 600-frame video)."""
+    async with BotRunner(bot_settings(fake, tmp_path, max_steps=1000)) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "video": True})
+        final = await wait_for_reply(fake, first, "✅")
+        asking = await fake.click_button("job:continue:1", final)
+        await fake.wait_for_response(asking)
+        await fake.wait_for_response(await fake.submit_modal(asking, {"steps": "600"}))
+        parent, continued = [GenerationRequest.stored((await bot.store.get(n)).request_json) for n in (1, 2)]
+        await bot.store.request_cancel(2, 0)
+    assert parent.preview_every == 1
+    assert (continued.steps, continued.preview_every, continued.video) == (600, 10, True)

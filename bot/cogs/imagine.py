@@ -159,8 +159,9 @@ class Imagine(commands.Cog):
                 raise UserError(f"Size: {size!r} is not a size; pick one of the offered sizes or type "
                                 "width x height in pixels, e.g. 512x384.")
             fields["width"], fields["height"] = parsed
-        if fields.get("video"):  # a video is made of the previews: one every few steps
-            fields.setdefault("preview_every", video_preview_every(int(fields.get("steps") or DEFAULT_STEPS)))
+        if fields.get("video"):  # a video is made of the previews: one every few steps, for these steps
+            # (also when a Continue or Variations of a video changes them: not the parent's spacing)
+            fields["preview_every"] = video_preview_every(int(fields.get("steps") or DEFAULT_STEPS))
         elif fields.get("animation"):  # each frame is short: a preview at its end at least
             fields.setdefault("preview_every", min(self.bot.settings.preview_every, int(fields["steps"])))
         fields.setdefault("preview_every", self.bot.settings.preview_every)
