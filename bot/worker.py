@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import io
+import json
 import logging
 import os
 import sqlite3
@@ -344,9 +345,12 @@ class EngineWorker:
                 log.error("job %s: %s; the queue is paused until there is space again", job.id, self.paused)
             finished = await self.store.finish(job, "failed", error=reason)  # then say it, once it is so
             log.error("job %s: failed: %s", job.id, reason, exc_info=error)
-            if finished is not None and self.paused is None:  # a retry is a new job: the frames are no use
+            if finished is not None:  # a retry is a new job: what this run kept is no use to it (and a
+                # full disk wants the space). A failure while keeping the video comes after the PNG and
+                # state were written: a failed job names no output, so nothing else would remove them.
                 with contextlib.suppress(Exception):
-                    await self.files.remove(frames_of(job, self.settings.output_dir))
+                    await self.files.remove([*frames_of(job, self.settings.output_dir),
+                                             *_run_outputs(job, png_path, state_path)])
         finally:
             self.current = None
             heartbeat.cancel()
@@ -500,6 +504,14 @@ def _result_files(result: GenerationResult, png_path: Path, state_path: Path) ->
     files = [(png_path if index == 0 else png_path.with_stem(f"{png_path.stem}-{index + 1}"),
               output.png_bytes(image, result.recipe)) for index, image in enumerate(result.images)]
     return [*files, (state_path, output.state_bytes(result.state))]
+
+
+def _run_outputs(job: Job, png_path: Path, state_path: Path) -> list[Path]:
+    """What a run writes before the job is done: its PNGs (a batch's further ones too), final state and
+    video (not the member's init image or image prompts, which a retry copies)."""
+    batch = json.loads(job.request_json).get("batch_size", 1)  # raw: it may not pass today's checks
+    further = [png_path.with_stem(f"{png_path.stem}-{number}") for number in range(2, batch + 1)]
+    return [png_path, *further, state_path, png_path.with_suffix(".mp4")]
 
 
 def _frame_jpeg(image: Image.Image) -> bytes:

@@ -5,6 +5,7 @@ goes on from its last finished frame after a restart."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from engine import output
 from engine.animate import animate
 from engine.models import load_preset
 from engine.request import GenerationRequest
-from tests.botrunner import BotRunner, bot_settings, on, recipe_of, wait_for_reply
+from tests.botrunner import BotRunner, bot_settings, eventually, on, recipe_of, wait_for_reply
 from tests.fakediscord import FakeDiscord
 from tests.test_web_signin import client, link_for
 
@@ -163,3 +164,24 @@ async def test_continuing_a_video_takes_previews_spaced_for_its_own_steps(fake: 
         await bot.store.request_cancel(2, 0)
     assert parent.preview_every == 1
     assert (continued.steps, continued.preview_every, continued.video) == (600, 10, True)
+
+
+async def test_a_video_job_failed_by_a_full_disk_leaves_no_frames_or_pictures(fake: FakeDiscord,
+                                                                              tmp_path: Path) -> None:
+    """The video is kept after the PNG and state: a failure there left them, and the frames, with no
+    job naming them (a failed job has no output, so neither retention nor delete ever removed them)."""
+    async with BotRunner(bot_settings(fake, tmp_path)) as bot:
+        files, real = bot.worker.files, bot.worker.files.write
+
+        async def write(path: Path | str, data: bytes, job: object = None) -> bool:
+            if Path(path).name == "job-1.mp4":
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return await real(path, data, job)
+
+        files.write = write  # type: ignore[method-assign]
+        interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "video": True})
+        await wait_for_reply(fake, interaction, "❌", timeout=60)
+        await eventually(lambda: bot.worker.paused is None)
+        out = bot.settings.output_dir
+    assert not list((out / "frames").iterdir())
+    assert not (out / "job-1.png").exists() and not (out / "job-1.state.pt").exists()
