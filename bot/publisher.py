@@ -295,18 +295,22 @@ class Publisher:
             video_path = video_of(job)
             video = await self.files.read(video_path) if video_path else None
             limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT
-            files, note = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture, limit,
-                                                  video, video_path)
             what = animation_text(request) if request.animation else f"{request.steps} steps"
-            content = self._content(f"✅ **{prompt}** — {what} in {format_duration(job.seconds)}{note}")
-            card = result_embed(job, request, files[0].filename if files else None)
-            ok = await self.edit(job, content=content, embed=card, attachments=files, view=view)
+
+            async def post(limit: int, to_dm: bool = False) -> bool:
+                kept, note = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture,
+                                                     limit, video, video_path)
+                content = self._content(f"✅ **{prompt}** — {what} in {format_duration(job.seconds)}{note}")
+                card = result_embed(job, request, kept[0][0] if kept else None)
+                files = [discord.File(io.BytesIO(data), name) for name, data in kept]
+                return await self.edit(job, to_dm=to_dm, content=content, embed=card, attachments=files,
+                                       view=view)
+
+            ok = await post(limit)
             if ok and job.private and (await self.store.get(job.id) or job).dm_message_id is None:
-                # The ephemeral reply is gone when the member reloads Discord: they keep it in their DMs.
-                files, _ = await asyncio.to_thread(_final_files, Path(job.output_path).name, picture,
-                                                   limit, video, video_path)  # sent files close: new ones
-                ok = await self.edit(job, to_dm=True, content=content, embed=card, attachments=files,
-                                     view=view)
+                # The ephemeral reply is gone when the member reloads Discord: they keep it in their DMs,
+                # where the server's upload limit (a boosted one's, up to 100 MiB) does not hold.
+                ok = await post(min(limit, DEFAULT_UPLOAD_LIMIT), to_dm=True)
         elif job.status == "cancelled":
             who = f" by <@{job.cancelled_by}>" if job.cancelled_by else ""
             why = f" ({note})" if note else ""
@@ -481,34 +485,35 @@ def quote(text: str, limit: int = 300) -> str:
 
 
 def _final_files(name: str, picture: bytes | None, limit: int, video: bytes | None = None,
-                 video_path: Path | None = None) -> tuple[list[discord.File], str]:
+                 video_path: Path | None = None) -> tuple[list[tuple[str, bytes]], str]:
     """The PNG if the channel takes it, else a JPEG of it that fits; then the video (MP4, or a smaller
-    animated WebP) in the room left; and a note saying what was made smaller or left out."""
+    animated WebP) in the room left; and a note saying what was made smaller or left out. Each file as
+    its name and bytes."""
     files, note = _picture_file(name, picture, limit - 64 * 1024)  # the request around the files
     if video_path is None:
         return files, note
     if video is None:
         return files, note + " (its video is gone from the bot's storage)"
-    room = limit - 64 * 1024 - sum(len(file.fp.getbuffer()) for file in files)
+    room = limit - 64 * 1024 - sum(len(data) for _, data in files)
     fitted = bot_video.fit(video_path.name, video, room)
     if fitted is None:
         return files, note + " (the video is larger than this server's upload limit)"
     if fitted[0] != video_path.name:
         note += " (an animated WebP: the MP4 is over this server's upload limit)"
-    return [*files, discord.File(io.BytesIO(fitted[1]), fitted[0])], note
+    return [*files, fitted], note
 
 
-def _picture_file(name: str, picture: bytes | None, room: int) -> tuple[list[discord.File], str]:
+def _picture_file(name: str, picture: bytes | None, room: int) -> tuple[list[tuple[str, bytes]], str]:
     if picture is None:
         return [], " (its PNG is gone from the bot's storage)"
     if len(picture) <= room:
-        return [discord.File(io.BytesIO(picture), name)], ""
+        return [(name, picture)], ""
     with Image.open(io.BytesIO(picture)) as image:
         jpeg = encode_preview(image, room)
     if jpeg is None:
         return [], " (the picture is larger than this server's upload limit)"
-    return ([discord.File(io.BytesIO(jpeg), str(Path(name).with_suffix(".jpg")))],
-            " (a JPEG: the PNG is over this server's upload limit)")
+    note = " (a JPEG: the PNG is over this server's upload limit)"
+    return [(str(Path(name).with_suffix(".jpg")), jpeg)], note
 
 
 def _stored_request(job: Job) -> GenerationRequest | None:

@@ -13,6 +13,7 @@ import av
 import pytest
 from PIL import Image
 
+from bot import publisher
 from bot.artifacts import animation_frame, preview_frame
 from bot.store import Store
 from engine import output
@@ -185,3 +186,35 @@ async def test_a_video_job_failed_by_a_full_disk_leaves_no_frames_or_pictures(fa
         out = bot.settings.output_dir
     assert not list((out / "frames").iterdir())
     assert not (out / "job-1.png").exists() and not (out / "job-1.state.pt").exists()
+
+
+async def test_a_private_video_goes_to_the_members_dms_within_the_dms_upload_limit(
+        fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boosted server's upload limit is not a DM's: a video that fits the server's went to the DMs as it
+    was, was refused (413) there every time, and the delivery never ended."""
+    member = fake.add_member("member")
+    settings = bot_settings(fake, tmp_path, allow_private=True, default_size="128x128", default_steps=12)
+    async with BotRunner(settings) as bot:
+        first = await fake.send_slash_command("imagine", {"prompt": "a big one", "video": True})
+        mp4 = (await wait_for_reply(fake, first, "✅", timeout=90)).attachment_bytes(1)
+        png = len(await bot.files.read((await bot.store.get(1)).output_path))
+        # DMs (the bot token) take room for the PNG and a smaller video; this server takes 10 MiB.
+        dm_limit = 64 * 1024 + png + len(mp4) * 2 // 3
+        monkeypatch.setattr(publisher, "DEFAULT_UPLOAD_LIMIT", dm_limit)
+        fake.attachment_size_limit = dm_limit
+        private = await fake.send_slash_command("imagine", {"prompt": "a big one", "video": True,
+                                                            "private": True}, user=member,
+                                                attachment_size_limit=10 * 2**20)
+        done = await wait_for_reply(fake, private, "✅", timeout=90)
+        dm = fake.dm_channel(member.user)
+        kept = await fake.wait_until(lambda: fake.messages_in(dm), 20)
+        await eventually(lambda: _posted(bot.store), 20)
+        job = await bot.store.get(2)
+    assert [a["filename"] for a in done.attachments] == ["job-2.png", "job-2.mp4"]
+    assert [a["filename"] for a in kept[0].attachments] == ["job-2.png", "job-2.webp"]
+    assert job.final_posted and job.dm_message_id == kept[0].id
+
+
+async def _posted(store: Store) -> bool:
+    job = await store.get(2)
+    return bool(job and job.final_posted)
