@@ -247,6 +247,12 @@ class EngineWorker:
 
             out = self.settings.output_dir
             last_checkpoint = resume.step if resume else 0
+            # An animation goes on after the frames an earlier run of it kept (its progress and speed
+            # count from there, not from a step the job's row had reached inside the next frame).
+            kept = await self._frames_kept(job, request) if request.animation is not None else 0
+            first = resume.step if resume else kept * request.steps
+            if kept:
+                await self.store.save_progress(job, first)
 
             def on_step(info: StepInfo) -> None:  # runs in the engine thread
                 nonlocal last_checkpoint
@@ -261,7 +267,6 @@ class EngineWorker:
                     self._keep(job, checkpoint_path, output.state_bytes(info.state), loop)
                     last_checkpoint = info.step
                 preview = encode_preview(info.preview, self.settings.preview_max_bytes)
-                first = resume.step if resume else 0
                 speed = (time.monotonic() - started) / max(1, info.step - first)
                 self._pending.append(asyncio.run_coroutine_threadsafe(self._on_preview(
                     job, info.step, info.total, speed, preview, request.animation is None), loop))
@@ -278,7 +283,7 @@ class EngineWorker:
                                                                                                strict=True)]}
                 if request.animation is not None:
                     ran = await self._animate(job, request, request.model_copy(update=working), models,
-                                              on_step, should_stop, loop)
+                                              on_step, should_stop, loop, kept)
                     result = None
                 else:
                     result = await asyncio.to_thread(generate, request.model_copy(update=working),
@@ -361,14 +366,11 @@ class EngineWorker:
 
     async def _animate(self, job: Job, request: GenerationRequest, working: GenerationRequest,
                        models: Models, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool],
-                       loop: asyncio.AbstractEventLoop) -> AnimationResult:
-        """Run an animation's frames from after the last one kept (by an earlier run of this job), each
-        kept before the next starts."""
+                       loop: asyncio.AbstractEventLoop, done: int) -> AnimationResult:
+        """Run an animation's frames from after the last one kept (`done`, by an earlier run of this
+        job), each kept before the next starts."""
         out = self.settings.output_dir
-        done, last_frame = 0, None
-        frames = request.animation.frames
-        while done < frames and await self.files.exists(animation_frame(out, job.id, done + 1)):
-            done += 1
+        last_frame = None
         if done:
             data = await self.files.read(animation_frame(out, job.id, done))
             last_frame = await asyncio.to_thread(_open_rgb, data)
@@ -381,6 +383,14 @@ class EngineWorker:
 
         return await asyncio.to_thread(animate, working, models, on_step, should_stop, on_frame, done,
                                        last_frame, self.memory)
+
+    async def _frames_kept(self, job: Job, request: GenerationRequest) -> int:
+        """How many of an animation's frames, from the first, an earlier run of this job kept."""
+        done, frames = 0, request.animation.frames
+        while done < frames and await self.files.exists(animation_frame(self.settings.output_dir, job.id,
+                                                                        done + 1)):
+            done += 1
+        return done
 
     async def _keep_animation(self, job: Job, request: GenerationRequest, ran: AnimationResult,
                               png_path: Path, state_path: Path) -> bool:
