@@ -146,9 +146,10 @@ def check_request(limits: GuildLimits, request: GenerationRequest, channel_id: i
         places = " ".join(f"<#{c}>" for c in limits.allowed_channels)
         return f"/imagine and /animate work only in {places} on this server."
     if request.animation and request.total_steps > limits.max_steps:
-        most = max(0, limits.max_steps // request.steps)
+        most = limits.max_steps // request.steps
         fewer = f"Ask for {most} frames or fewer at {request.steps} steps each, or fewer steps per frame." \
-            if most >= 2 else f"Ask for {limits.max_steps // 2} steps per frame or fewer."
+            if most >= 2 else f"Ask for {limits.max_steps // 2} steps per frame or fewer." \
+            if limits.max_steps >= 2 else "An animation of 2 frames needs at least 2; ask a moderator."
         return (f"Steps: {request.animation.frames} frames × {request.steps} steps is {request.total_steps} "
                 f"steps, above this server's limit of {limits.max_steps}. {fewer}")
     if request.steps > limits.max_steps:

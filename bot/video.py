@@ -27,6 +27,8 @@ def fit(name: str, mp4: bytes, room: int) -> tuple[str, bytes] | None:
     that does (by name: `job-7.mp4` or `job-7.webp`); None when not even the smallest fits."""
     if len(mp4) <= room:
         return name, mp4
+    if room <= 0:  # no room at all: don't decode and encode for nothing
+        return None
     frames = frames_of(mp4)
     for scale, quality in WEBP_TRIES:
         size = (max(16, round(frames[0].width * scale)), max(16, round(frames[0].height * scale)))

@@ -72,7 +72,7 @@ VIDEO_FRAMES = 60  # a video of the previews has about this many
 
 def video_preview_every(steps: int) -> int:
     """How often to take a preview for a video of the run: about VIDEO_FRAMES frames in all."""
-    return max(1, steps // VIDEO_FRAMES)
+    return max(1, -(-steps // VIDEO_FRAMES))  # rounded up: never more than VIDEO_FRAMES frames
 
 
 STORY_SEPARATOR = "^"  # the anchor's story mode: "a lighthouse ^ a storm at sea ^ dawn"; "\\^" is a "^"
@@ -268,6 +268,8 @@ class GenerationRequest(BaseModel):
     def _animation_is_one_picture_at_a_time(self) -> GenerationRequest:
         if self.animation is None:
             return self
+        if self.video:
+            raise ValueError("an animation is a video already; leave video off")
         if self.batch_size > 1:
             raise ValueError("an animation makes one picture per frame; leave batch_size at 1")
         if self.continue_from is not None:

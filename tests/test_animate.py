@@ -16,7 +16,7 @@ from engine.__main__ import main
 from engine.animate import animate, next_start
 from engine.generate import GenerationResult, StepInfo
 from engine.models import Models
-from engine.request import Animation, GenerationRequest
+from engine.request import Animation, GenerationRequest, video_preview_every
 from tests.tiny_models import colour_prompt
 
 
@@ -97,6 +97,10 @@ def test_an_animation_takes_one_prompt_and_one_picture_at_a_time() -> None:
         small(prompt="a lighthouse ^ a storm")
     with pytest.raises(ValidationError, match="frames"):
         small(animation={"frames": 1})
+    with pytest.raises(ValidationError, match="an animation is a video already; leave video off"):
+        small(video=True)
+    # A video of the previews has at most VIDEO_FRAMES frames (60): 119 steps take one every 2.
+    assert [video_preview_every(steps) for steps in (1, 60, 61, 119, 120, 300)] == [1, 1, 2, 2, 2, 5]
     with pytest.raises(ValidationError, match="zoom"):
         small(animation={"frames": 4, "zoom": 3})
 

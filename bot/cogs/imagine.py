@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,6 +285,7 @@ class Imagine(commands.Cog):
             elif action == "recipe":
                 await self.show_recipe(interaction, job)
             elif action == "continue":
+                refuse_stills_of_animations(job, action)
                 await saved_latent(self.bot.files, job)
                 limits = await guild_limits(self.bot, interaction.guild_id)
                 await interaction.response.send_modal(views.continue_form(
@@ -361,9 +363,7 @@ async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, jo
     if fields.get("continue_from") and not await files.exists(fields["continue_from"]):
         raise UserError(f"Job #{job.id} went on from another picture whose saved state is gone (deleted "
                         "or expired), so it can't be retried.")
-    if action in ("vary", "continue") and fields.get("animation"):
-        raise UserError(f"Job #{job.id} is an animation: Variations and Continue make pictures. Re-roll or "
-                        "edit it for another animation.")
+    refuse_stills_of_animations(job, action)
     if action in ("reroll", "vary"):
         fields["seed"] = None  # a new seed is drawn
     if action in ("vary", "continue"):  # going on from a finished story: towards where it ended
@@ -392,6 +392,14 @@ async def follow_up_fields(files: JobFiles, interaction: discord.Interaction, jo
             raise UserError(f"Job #{job.id}'s {init_images.UPLOADS[option].lower()} is gone (deleted or "
                             "expired), so it can't be made again with it.")
     return fields, uploads
+
+
+def refuse_stills_of_animations(job: Job, action: str) -> None:
+    """Variations and Continue make pictures from a finished one's latent: not of an animation (a button
+    its message does not show, pressed through an old message or a forged interaction)."""
+    if action in ("vary", "continue") and json.loads(job.request_json).get("animation"):
+        raise UserError(f"Job #{job.id} is an animation: Variations and Continue make pictures. Re-roll or "
+                        "edit it for another animation.")
 
 
 async def saved_latent(files: JobFiles, job: Job) -> Path:
