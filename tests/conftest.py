@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -9,12 +10,21 @@ from pathlib import Path
 import asyncpg
 import discord
 import pytest
+import torch
 
 from engine.models import TINY_CLIP_ARCH, Models, load_models
 from tests.botrunner import TOKEN
 from tests.fakediscord import FakeDiscord
 from tests.postgres import Postgres, running_postgres
 from tests.tiny_models import save_tiny_weights
+
+# One intra-op thread for the tests and for every bot, worker and CLI they start (the variable is
+# inherited): on a 2-core machine the tiny models' ops gain nothing from a second thread, while
+# OpenMP's spin-waiting makes a step ten or more times slower whenever another process wants a core (a bot
+# subprocess beside the test, or another test run). In-process and subprocess runs also compute on
+# the same kernels then, so their pictures compare byte for byte. An explicit setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
