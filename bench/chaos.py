@@ -70,6 +70,7 @@ class Chaos:
     data: Path  # where the database and the pictures live (a tmpfs with --disk-fills)
     steps: int
     process: subprocess.Popen | None = None
+    spare: subprocess.Popen | None = None  # the next bot, past its imports (bench.slow_disk_bot)
     starts: int = 0
     kills: list[Kill] = field(default_factory=list)
 
@@ -81,14 +82,34 @@ class Chaos:
     def outputs(self) -> Path:
         return self.data / "outputs"
 
-    def start(self) -> None:
+    def spawn(self) -> subprocess.Popen:
+        """A bot's interpreter, which imports and then waits for `start` (bench.slow_disk_bot)."""
         env = {**os.environ, **SETTINGS, "DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": self.fake.api_base,
                "DISCORD_GATEWAY_URL": self.fake.gateway_url, "DATABASE_PATH": str(self.database),
-               "OUTPUT_DIR": str(self.outputs), "DEFAULT_STEPS": str(self.steps)}
+               "OUTPUT_DIR": str(self.outputs), "DEFAULT_STEPS": str(self.steps), "SPARE": "1"}
         self.starts += 1
         log = (self.directory / f"bot-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.slow_disk_bot"], cwd=ROOT, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "bench.slow_disk_bot"], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        """Start the bot: the spare if one is ready, else a new interpreter."""
+        process, self.spare = self.spare or self.spawn(), None
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.close()
+        self.process = process
+
+    def prepare_spare(self) -> None:
+        """Start the next bot's interpreter now, so its imports overlap this bot's work; it runs the
+        bot only when `start` (after the kill) says so."""
+        if self.spare is None:
+            self.spare = self.spawn()
+
+    def drop_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.communicate(timeout=60)  # closes its standard input: it exits without starting
+            self.spare = None
 
     def kill(self, kind: str, began: float, inside: bool) -> None:
         assert self.process is not None
@@ -196,6 +217,8 @@ async def run_chaos(jobs: int, kills: int, steps: int, seed: int, directory: Pat
         members = [fake.add_member(f"member{n}") for n in range(jobs)]
         chaos.start()
         await fake.wait_ready(timeout=60)
+        if kills:
+            chaos.prepare_spare()
         interactions = [await fake.send_slash_command("imagine", {"prompt": f"chaos {n}", "seed": 1000 + n},
                                                       user=member) for n, member in enumerate(members)]
         for interaction in interactions:
@@ -232,6 +255,9 @@ async def run_chaos(jobs: int, kills: int, steps: int, seed: int, directory: Pat
             if fault is not None:
                 fault.times = 0  # the next bot's post goes through
             chaos.start()
+            if index < len(plan) - 1:
+                chaos.prepare_spare()
+        chaos.drop_spare()  # the jobs settled before the last kills
         if disk:
             disk.free()
         settled = await until(lambda: chaos.settled(jobs), 600, 0.2)
