@@ -113,8 +113,15 @@ async def run_bot(settings: Settings, on_start: Callable[[ImagineBot], None] | N
 
 async def _run(settings: Settings, on_start: Callable[[ImagineBot], None] | None,
                handle_signals: bool) -> None:
+    from discord.webhook.async_ import AsyncWebhookAdapter, async_context
+
     from bot.app import ImagineBot
 
+    # This run's own webhook rate-limit state (a context variable, for the tasks this run starts).
+    # discord.py's default is one per process, and a task cancelled while it waits out a rate limit
+    # after an edit (a stop mid-edit) never releases that webhook's lock: a bot started again in the
+    # same process then waited on it forever, and its final post never went out.
+    async_context.set(AsyncWebhookAdapter())
     store = await Store.open(settings.database)
     bot = ImagineBot(settings, store)
     if handle_signals:

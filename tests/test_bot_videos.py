@@ -5,7 +5,6 @@ goes on from its last finished frame after a restart."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import io
 from pathlib import Path
 
@@ -171,15 +170,10 @@ async def test_a_video_job_failed_by_a_full_disk_leaves_no_frames_or_pictures(fa
                                                                               tmp_path: Path) -> None:
     """The video is kept after the PNG and state: a failure there left them, and the frames, with no
     job naming them (a failed job has no output, so neither retention nor delete ever removed them)."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "job-1.mp4.tmp").symlink_to("/dev/full")  # ENOSPC for real, for the video alone
     async with BotRunner(bot_settings(fake, tmp_path)) as bot:
-        files, real = bot.worker.files, bot.worker.files.write
-
-        async def write(path: Path | str, data: bytes, job: object = None) -> bool:
-            if Path(path).name == "job-1.mp4":
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return await real(path, data, job)
-
-        files.write = write  # type: ignore[method-assign]
         interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse", "video": True})
         await wait_for_reply(fake, interaction, "❌", timeout=60)
         await eventually(lambda: bot.worker.paused is None)
