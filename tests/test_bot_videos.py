@@ -106,24 +106,24 @@ def uninterrupted_last_frame(request_json: str) -> bytes:
 
 async def test_animate_is_one_job_that_goes_on_from_its_last_frame_after_a_restart(fake: FakeDiscord,
                                                                                    tmp_path: Path) -> None:
-    settings = bot_settings(fake, tmp_path, max_steps=150)
-    options = {"prompt": "a surreal alien world", "frames": 4, "steps": 30, "zoom": 1.1, "rotate": 3,
+    settings = bot_settings(fake, tmp_path, max_steps=100)
+    options = {"prompt": "a surreal alien world", "frames": 3, "steps": 20, "zoom": 1.1, "rotate": 3,
                "seed": 8}
     async with BotRunner(settings):
         too_long = await fake.send_slash_command("animate", {**options, "frames": 20})
         await fake.wait_for_response(too_long)
         interaction = await fake.send_slash_command("animate", options)
-        await wait_for_reply(fake, interaction, "frame 2/4")  # frame 1 is done
+        await wait_for_reply(fake, interaction, "frame 2/3")  # frame 1 is done
     store = await Store.open(settings.database_path)
     job = await store.get(1)
     await store.close()
-    assert job.status == "queued" and job.total_steps == 120
+    assert job.status == "queued" and job.total_steps == 60
     job_request = GenerationRequest.stored(job.request_json)
-    assert job_request.animation.model_dump() == {"frames": 4, "zoom": 1.1, "rotate": 3.0, "shift_x": 0.0,
+    assert job_request.animation.model_dump() == {"frames": 3, "zoom": 1.1, "rotate": 3.0, "shift_x": 0.0,
                                                   "shift_y": 0.0}
-    kept = [number for number in range(1, 5) if animation_frame(settings.output_dir, 1, number).is_file()]
-    assert 1 <= len(kept) < 4 and kept == list(range(1, len(kept) + 1))
-    assert job.step >= len(kept) * 30
+    kept = [number for number in range(1, 4) if animation_frame(settings.output_dir, 1, number).is_file()]
+    assert 1 <= len(kept) < 3 and kept == list(range(1, len(kept) + 1))
+    assert job.step >= len(kept) * 20
 
     before = len(fake.requests)
     async with BotRunner(settings) as bot:
@@ -133,21 +133,21 @@ async def test_animate_is_one_job_that_goes_on_from_its_last_frame_after_a_resta
         await fake.wait_for_response(await fake.click_button("job:reroll:1", final))
         again = GenerationRequest.stored((await bot.store.get(2)).request_json)
     assert [a["filename"] for a in final.attachments] == ["job-1.png", "job-1.mp4"]
-    assert len(decoded_frames(final.attachment_bytes(1))) == 4 + output.HOLD_LAST - 1
+    assert len(decoded_frames(final.attachment_bytes(1))) == 3 + output.HOLD_LAST - 1
     # The restart went on after the kept frames (its progress never showed a frame they hold), and the
     # last frame is the one a run without a stop makes.
-    assert any(f"frame {len(kept) + 1}/4" in text for text in shown)
-    assert not any(f"frame {number}/4" in text for text in shown for number in kept)
+    assert any(f"frame {len(kept) + 1}/3" in text for text in shown)
+    assert not any(f"frame {number}/3" in text for text in shown for number in kept)
     assert final.attachment_bytes(0) == await asyncio.to_thread(uninterrupted_last_frame, job.request_json)
-    assert "4 frames × 30 steps, zoom 1.1, turn 3°" in final.content
+    assert "3 frames × 20 steps, zoom 1.1, turn 3°" in final.content
     assert final.custom_ids() == ["job:reroll:1", "job:edit:1", "job:recipe:1", "job:delete:1"]
     assert not list((settings.output_dir / "frames").iterdir())  # the video is made: the frames go
     assert again.animation == job_request.animation and again.learning_rate == 0.1 and again.seed != 8
-    assert again.total_steps == 120
+    assert again.total_steps == 60
 
     refusal = too_long.response_data["content"]
-    assert "20 frames × 30 steps is 600 steps, above this server's limit of 150" in refusal
-    assert "Ask for 5 frames or fewer at 30 steps each" in refusal and too_long.response_data["flags"] & 64
+    assert "20 frames × 20 steps is 400 steps, above this server's limit of 100" in refusal
+    assert "Ask for 5 frames or fewer at 20 steps each" in refusal and too_long.response_data["flags"] & 64
 
 
 async def test_continuing_a_video_takes_previews_spaced_for_its_own_steps(fake: FakeDiscord,
