@@ -41,6 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# What /imagine's and /animate's options of the same name say.
+SHARED_OPTIONS = {
+    "negative": "What the picture should move away from",
+    "style": 'Style text mixed into the prompt, e.g. "oil painting"',
+    "model": "The VQGAN that paints it (the models installed on this bot)",
+    "private": "Only you see it (where the server allows): moderators still see it in their log",
+}
+
+
 class UserError(Exception):
     """Something the member can fix; the message says what and how."""
 
@@ -52,8 +61,7 @@ class Imagine(commands.Cog):
     @app_commands.command()
     @app_commands.describe(
         prompt='What to draw. Weight parts with ":": "a dog on the beach:1 | blurry:-0.5"',
-        negative="What the picture should move away from",
-        style='Style text mixed into the prompt, e.g. "oil painting"',
+        **SHARED_OPTIONS,
         steps="Optimisation steps: more is slower and more detailed",
         size="Picture size, e.g. 512x384: the offered sizes fit this server (or type your own)",
         seed="Random seed: the same seed and options give the same picture",
@@ -61,8 +69,6 @@ class Imagine(commands.Cog):
         image_prompt1="A picture the result should look like, beside the prompt (image prompt)",
         image_prompt2="Another image prompt",
         image_prompt3="A third image prompt",
-        model="The VQGAN that paints it (the models installed on this bot)",
-        private="Only you see it (where the server allows): moderators still see it in their log",
         video="Also post a video of the picture taking shape (its previews, every few steps)",
     )
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
@@ -109,13 +115,10 @@ class Imagine(commands.Cog):
         rotate="Degrees each frame turns, clockwise; negative turns anticlockwise (default 0)",
         shift_x="Pixels each frame moves right; negative moves left (default 0)",
         shift_y="Pixels each frame moves down; negative moves up (default 0)",
-        negative="What the picture should move away from",
-        style='Style text mixed into the prompt, e.g. "oil painting"',
+        **SHARED_OPTIONS,
         size="Picture size, e.g. 384x384: the offered sizes fit this server (or type your own)",
         seed="Random seed: the same seed and options give the same video",
         init_image="Start the first frame from this picture instead of noise",
-        model="The VQGAN that paints it (the models installed on this bot)",
-        private="Only you see it (where the server allows): moderators still see it in their log",
     )
     async def animate(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1000],
                       frames: app_commands.Range[int, 2, MAX_FRAMES],
