@@ -9,13 +9,13 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from engine.output import FRAME_MS, HOLD_LAST
+from engine.output import HOLD_LAST, animated_bytes
 
 # Each try makes a smaller WebP: its frames' scale of the video's size and their quality.
 WEBP_TRIES = ((1.0, 80), (0.75, 70), (0.5, 60), (0.35, 50), (0.25, 40))
 
 
-def frames_of(mp4: bytes) -> list[Image.Image]:
+def decode_frames(mp4: bytes) -> list[Image.Image]:
     """An MP4's frames, without the copies that hold its last frame."""
     with av.open(io.BytesIO(mp4)) as container:
         frames = [frame.to_image() for frame in container.decode(video=0)]
@@ -29,13 +29,11 @@ def fit(name: str, mp4: bytes, room: int) -> tuple[str, bytes] | None:
         return name, mp4
     if room <= 0:  # no room at all: don't decode and encode for nothing
         return None
-    frames = frames_of(mp4)
+    frames = decode_frames(mp4)
     for scale, quality in WEBP_TRIES:
         size = (max(16, round(frames[0].width * scale)), max(16, round(frames[0].height * scale)))
         smaller = [frame.resize(size, Image.Resampling.LANCZOS) for frame in frames] if scale < 1 else frames
-        buffer = io.BytesIO()
-        smaller[0].save(buffer, format="WEBP", save_all=True, append_images=smaller[1:], loop=0,
-                        duration=[FRAME_MS] * (len(smaller) - 1) + [FRAME_MS * HOLD_LAST], quality=quality)
-        if buffer.tell() <= room:
-            return str(Path(name).with_suffix(".webp")), buffer.getvalue()
+        webp = animated_bytes(smaller, quality=quality)
+        if len(webp) <= room:
+            return str(Path(name).with_suffix(".webp")), webp
     return None

@@ -129,11 +129,19 @@ def save_timelapse(frames: list[Image.Image], path: Path, frame_ms: int = FRAME_
         return save_mp4(frames, path, frame_ms)
     if path.suffix.lower() not in TIMELAPSE_SUFFIXES:
         raise ValueError(f"a timelapse is an .mp4, .webp or .gif, not {path.name}")
-    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 5]
-    options = {"lossless": False, "quality": 80} if path.suffix.lower() == ".webp" else {}
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   **options)
+    kind = "WEBP" if path.suffix.lower() == ".webp" else "GIF"
+    path.write_bytes(animated_bytes(frames, kind, frame_ms))
     return path
+
+
+def animated_bytes(frames: list[Image.Image], kind: str = "WEBP", frame_ms: int = FRAME_MS,
+                   quality: int = 80) -> bytes:
+    """An animated WebP or GIF of the frames, the last held HOLD_LAST frames' time, as an MP4 holds it."""
+    buffer = io.BytesIO()
+    options = {"lossless": False, "quality": quality} if kind == "WEBP" else {}
+    frames[0].save(buffer, format=kind, save_all=True, append_images=frames[1:], loop=0,
+                   duration=[frame_ms] * (len(frames) - 1) + [frame_ms * HOLD_LAST], **options)
+    return buffer.getvalue()
 
 
 HOLD_LAST = 5  # the last frame shows this many frames' time: the picture itself, not the last change
@@ -158,17 +166,17 @@ def write_mp4(frames: Iterable[Image.Image], file: BinaryIO, frame_ms: int) -> N
     fps = Fraction(1000, frame_ms)
     with av.open(file, "w", format="mp4") as container:
         stream = None
-        last = None
+        last: Image.Image | None = None
         for image in frames:
             if stream is None:
                 stream = container.add_stream("libx264", rate=fps)
                 stream.width, stream.height = image.size
                 stream.pix_fmt = "yuv420p"
                 stream.options = {"crf": "20", "preset": "medium"}
-            last = av.VideoFrame.from_image(image.convert("RGB"))
-            container.mux(stream.encode(last))
+            last = image.convert("RGB")
+            container.mux(stream.encode(av.VideoFrame.from_image(last)))
         if stream is None or last is None:
             raise ValueError("a video needs at least one frame")
         for _ in range(HOLD_LAST - 1):
-            container.mux(stream.encode(av.VideoFrame.from_image(last.to_image())))
+            container.mux(stream.encode(av.VideoFrame.from_image(last)))
         container.mux(stream.encode())  # flush the encoder's last frames
